@@ -1,0 +1,290 @@
+"""The config schema (nested dataclasses), loading (YAML + dotted overrides via OmegaConf) and
+validation.
+
+Every check here runs before any process group exists, on every rank, so a bad config ends each
+rank with the same one-line message and exit code 2 instead of a hang in a collective.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """One line naming the key, the value and what is allowed."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 256
+    dim: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    max_seq_len: int = 256
+    ffn_hidden: int = 384          # hidden size of a dense SwiGLU FFN
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+    tie_embeddings: bool = False
+
+
+ROUTERS = ("topk", "switch")
+OVERFLOW = ("residual",)
+
+
+@dataclass
+class MoEConfig:
+    num_experts: int = 8           # 0 = dense model
+    top_k: int = 2
+    router: str = "topk"
+    capacity_factor: Optional[float] = 1.25   # null = dropless
+    min_capacity: int = 4
+    every: int = 1                 # layer i has an MoE FFN when (i + 1) % every == 0
+    shared_experts: int = 0
+    expert_hidden: Optional[int] = None       # null = model.ffn_hidden // top_k (same active params)
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.001
+    norm_topk_prob: bool = True    # renormalize the k selected gates to sum to 1
+    router_jitter: float = 0.0
+    grouped_mm: str = "auto"       # auto | loop | bmm | grouped (torch._grouped_mm, CUDA bf16)
+    overlap: bool = True           # overlap the all-to-all with shared-expert compute
+
+
+@dataclass
+class ParallelConfig:
+    dp: Optional[int] = None       # null = world // tp
+    tp: int = 1
+    ep: int = 1
+
+
+ENGINES = ("native",)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 600
+    global_batch_size: int = 16    # sequences per optimizer step, over all ranks
+    micro_batch_size: int = 8      # sequences per rank per forward/backward
+    seq_len: int = 256
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    seed: int = 1234
+    grad_clip: float = 1.0         # 0 disables clipping
+    engine: str = "native"
+    device: str = "auto"           # auto | cpu | cuda
+    eval_every: int = 100
+    eval_batches: int = 8
+    num_threads: int = 0           # 0 = cores / local ranks
+    progress: bool = True
+
+
+DATA_SOURCES = ("stdlib", "memmap")
+
+
+@dataclass
+class DataConfig:
+    source: str = "stdlib"
+    path: Optional[str] = None
+    cache_dir: Optional[str] = None
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "checkpoints"
+    every: int = 0                 # 0 = only at the end when steps > 0 and enabled
+    keep_last: int = 3
+    resume: str = "none"           # auto | none | <path>
+
+
+@dataclass
+class LoggingConfig:
+    dir: str = "runs"
+    run_name: str = "tiny"
+    every: int = 10
+    tensorboard: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def expert_hidden(self) -> int:
+        if self.moe.expert_hidden is not None:
+            return self.moe.expert_hidden
+        return max(1, self.model.ffn_hidden // max(1, self.moe.top_k))
+
+
+def _one_line(exc: OmegaConfBaseException) -> str:
+    """OmegaConf messages span lines (full_key/object_type footers); keep the essential one."""
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    key = getattr(exc, "full_key", None)
+    if key and key not in msg:
+        msg = f"{key}: {msg}"
+    return msg
+
+
+def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
+    """Schema defaults <- YAML file <- dotted `key=value` overrides, then validate()."""
+    schema = OmegaConf.structured(Config)
+    try:
+        merged = schema
+        if path is not None:
+            if not os.path.isfile(path):
+                raise ConfigError(f"config file {path!r} not found")
+            try:
+                loaded = OmegaConf.load(path)
+            except Exception as exc:  # yaml.YAMLError and friends
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise ConfigError(f"config file {path!r} is not valid YAML: {first}") from None
+            if loaded is None:
+                loaded = OmegaConf.create({})
+            if not isinstance(loaded, type(OmegaConf.create({}))):
+                raise ConfigError(f"config file {path!r} must hold a mapping of groups, got a list")
+            merged = OmegaConf.merge(merged, loaded)
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} must look like group.key=value")
+            key = item.split("=", 1)[0]
+            if OmegaConf.select(schema, key, default="__missing__") == "__missing__" and not _is_group_key(key):
+                raise ConfigError(f"unknown config key {key!r} (from override {item!r})")
+        if overrides:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_one_line(exc)) from None
+    validate(cfg)
+    return cfg
+
+
+def _is_group_key(key: str) -> bool:
+    parts = key.split(".")
+    node: Any = Config
+    for part in parts:
+        if not dataclasses.is_dataclass(node):
+            return False
+        fields = {f.name: f for f in dataclasses.fields(node)}
+        if part not in fields:
+            return False
+        f = fields[part]
+        node = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        node = type(node) if dataclasses.is_dataclass(node) else node
+    return True
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _need(cond: bool, key: str, value: Any, allowed: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+def validate(cfg: Config) -> None:
+    """Range and cross-key checks that need no process group."""
+    m, e, t, p = cfg.model, cfg.moe, cfg.train, cfg.parallel
+    for key in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "ffn_hidden"):
+        _need(getattr(m, key) >= 1, f"model.{key}", getattr(m, key), "must be >= 1")
+    _need(m.vocab_size <= 65536, "model.vocab_size", m.vocab_size, "must be <= 65536 (uint16 token files)")
+    _need(m.dim % m.n_heads == 0, "model.dim", m.dim, f"must be divisible by model.n_heads={m.n_heads}")
+    _need((m.dim // m.n_heads) % 2 == 0, "model.n_heads", m.n_heads, "dim/n_heads must be even (RoPE)")
+    _need(m.init_std > 0, "model.init_std", m.init_std, "must be > 0")
+
+    _need(e.num_experts >= 0, "moe.num_experts", e.num_experts, "must be >= 0 (0 = dense model)")
+    if e.num_experts > 0:
+        _need(e.router in ROUTERS, "moe.router", e.router, f"one of {', '.join(ROUTERS)}")
+        _need(1 <= e.top_k <= e.num_experts, "moe.top_k", e.top_k,
+              f"must be between 1 and moe.num_experts={e.num_experts}")
+        if e.router == "switch":
+            _need(e.top_k == 1, "moe.top_k", e.top_k, "router 'switch' is top-1: set moe.top_k=1")
+        _need(e.capacity_factor is None or e.capacity_factor > 0, "moe.capacity_factor", e.capacity_factor,
+              "must be > 0, or null for dropless")
+        _need(e.min_capacity >= 0, "moe.min_capacity", e.min_capacity, "must be >= 0")
+        _need(e.every >= 1, "moe.every", e.every, "must be >= 1")
+        _need(e.every <= m.n_layers, "moe.every", e.every, f"must be <= model.n_layers={m.n_layers}")
+        _need(e.shared_experts >= 0, "moe.shared_experts", e.shared_experts, "must be >= 0")
+        _need(e.expert_hidden is None or e.expert_hidden >= 1, "moe.expert_hidden", e.expert_hidden,
+              "must be >= 1 or null")
+        _need(e.aux_loss_coef >= 0, "moe.aux_loss_coef", e.aux_loss_coef, "must be >= 0")
+        _need(e.z_loss_coef >= 0, "moe.z_loss_coef", e.z_loss_coef, "must be >= 0")
+        _need(e.router_jitter >= 0, "moe.router_jitter", e.router_jitter, "must be >= 0")
+        _need(e.grouped_mm in ("auto", "loop", "bmm", "grouped"), "moe.grouped_mm", e.grouped_mm,
+              "one of auto, loop, bmm, grouped")
+
+    _need(p.tp == 1, "parallel.tp", p.tp, "tensor parallelism is not implemented yet: use 1")
+    _need(p.ep >= 1, "parallel.ep", p.ep, "must be >= 1")
+    _need(p.dp is None or p.dp >= 1, "parallel.dp", p.dp, "must be >= 1 or null (= world / tp)")
+    if e.num_experts > 0:
+        _need(e.num_experts % p.ep == 0, "parallel.ep", p.ep,
+              f"must divide moe.num_experts={e.num_experts}")
+    else:
+        _need(p.ep == 1, "parallel.ep", p.ep, "a dense model (moe.num_experts=0) needs parallel.ep=1")
+    if p.dp is not None:
+        _need(p.dp % p.ep == 0, "parallel.ep", p.ep, f"must divide parallel.dp={p.dp}")
+
+    _need(t.steps >= 0, "train.steps", t.steps, "must be >= 0")
+    _need(t.seq_len >= 1, "train.seq_len", t.seq_len, "must be >= 1")
+    _need(t.seq_len <= m.max_seq_len, "train.seq_len", t.seq_len, f"must be <= model.max_seq_len={m.max_seq_len}")
+    _need(t.global_batch_size >= 1, "train.global_batch_size", t.global_batch_size, "must be >= 1")
+    _need(t.micro_batch_size >= 1, "train.micro_batch_size", t.micro_batch_size, "must be >= 1")
+    _need(t.lr > 0, "train.lr", t.lr, "must be > 0")
+    _need(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
+    _need(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, "must be >= 0")
+    _need(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
+    _need(0 <= t.beta1 < 1, "train.beta1", t.beta1, "must be in [0, 1)")
+    _need(0 <= t.beta2 < 1, "train.beta2", t.beta2, "must be in [0, 1)")
+    _need(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "must be >= 0 (0 disables)")
+    _need(t.engine in ENGINES, "train.engine", t.engine, f"one of {', '.join(ENGINES)}")
+    _need(t.device in ("auto", "cpu", "cuda"), "train.device", t.device, "one of auto, cpu, cuda")
+    _need(t.eval_every >= 0, "train.eval_every", t.eval_every, "must be >= 0 (0 = only at the end)")
+    _need(t.eval_batches >= 1, "train.eval_batches", t.eval_batches, "must be >= 1")
+    _need(t.num_threads >= 0, "train.num_threads", t.num_threads, "must be >= 0")
+
+    _need(cfg.data.source in DATA_SOURCES, "data.source", cfg.data.source, f"one of {', '.join(DATA_SOURCES)}")
+    if cfg.data.source == "memmap":
+        _need(bool(cfg.data.path), "data.path", cfg.data.path,
+              "a directory written by tools/prepare_data.py is required with data.source=memmap")
+
+    c = cfg.checkpoint
+    _need(c.every >= 0, "checkpoint.every", c.every, "must be >= 0 (0 = never periodically)")
+    _need(c.keep_last >= 1, "checkpoint.keep_last", c.keep_last, "must be >= 1")
+    _need(bool(c.resume), "checkpoint.resume", c.resume, "auto, none or a checkpoint path")
+
+    lg = cfg.logging
+    _need(lg.every >= 1, "logging.every", lg.every, "must be >= 1")
+    _need(bool(lg.run_name) and "/" not in lg.run_name, "logging.run_name", lg.run_name,
+          "a non-empty name without '/'")
+
+
+def validate_layout(cfg: Config, world_size: int) -> tuple[int, int, int]:
+    """Resolve (dp, tp, ep) against the world size; also needs no process group."""
+    p, t = cfg.parallel, cfg.train
+    _need(world_size % p.tp == 0, "parallel.tp", p.tp, f"must divide the world size {world_size}")
+    dp = p.dp if p.dp is not None else world_size // p.tp
+    _need(dp * p.tp == world_size, "parallel.dp", p.dp,
+          f"dp*tp must equal the world size {world_size} (tp={p.tp})")
+    _need(dp % p.ep == 0, "parallel.ep", p.ep, f"must divide parallel.dp={dp} (world {world_size} / tp {p.tp})")
+    per_step = dp * t.micro_batch_size
+    _need(t.global_batch_size % per_step == 0, "train.global_batch_size", t.global_batch_size,
+          f"must be a multiple of dp*micro_batch_size = {dp}*{t.micro_batch_size} = {per_step}")
+    return dp, p.tp, p.ep

@@ -1,0 +1,152 @@
+"""Decoder-only LM (RMSNorm, RoPE, causal SDPA attention, SwiGLU), MoE FFN every `moe.every` layers.
+
+The model knows nothing of parallelism (DESIGN habit 2): apply_ep/apply_* in moetrain.parallel
+reshape it after construction. Weights are created uninitialized; `init_weights(seed)` fills every
+parameter from a generator keyed by (seed, parameter name[, global expert id]), so the values do
+not depend on the layout, the device, or which rank holds the expert.
+
+Shape legend: B batch, S sequence, D dim, V vocab, Hh heads, Dh head dim.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moetrain.config import Config
+from moetrain.moe.experts import GroupedExperts, SwiGLU
+from moetrain.moe.layer import MoEAux, MoELayer
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    ang = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv)
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x_BHSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x_BHSD[..., 0::2].float(), x_BHSD[..., 1::2].float()
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    return out.type_as(x_BHSD)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, n_heads: int):
+        super().__init__()
+        self.n_heads, self.head_dim = n_heads, dim // n_heads
+        self.wqkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.wo = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x_BSD, cos, sin):
+        B, S, D = x_BSD.shape
+        q, k, v = self.wqkv(x_BSD).view(B, S, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(q, cos[:S], sin[:S]), apply_rope(k, cos[:S], sin[:S])
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.wo(y.transpose(1, 2).reshape(B, S, D))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Config, layer_id: int):
+        super().__init__()
+        m, e = cfg.model, cfg.moe
+        self.attn_norm = RMSNorm(m.dim, m.norm_eps)
+        self.attn = Attention(m.dim, m.n_heads)
+        self.ffn_norm = RMSNorm(m.dim, m.norm_eps)
+        self.is_moe = e.num_experts > 0 and (layer_id + 1) % e.every == 0
+        if self.is_moe:
+            self.ffn = MoELayer(m.dim, e.num_experts, e.top_k, cfg.expert_hidden, e.capacity_factor,
+                                e.min_capacity, e.router, e.shared_experts, e.norm_topk_prob,
+                                e.router_jitter, e.grouped_mm, e.overlap)
+        else:
+            self.ffn = SwiGLU(m.dim, m.ffn_hidden)
+
+    def forward(self, x, cos, sin):
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        h = self.ffn_norm(x)
+        if self.is_moe:
+            y, aux = self.ffn(h)
+            return x + y, aux
+        return x + self.ffn(h), None
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        m = cfg.model
+        self.cfg = cfg
+        self.embed = nn.Embedding(m.vocab_size, m.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(m.n_layers))
+        self.norm = RMSNorm(m.dim, m.norm_eps)
+        self.head = nn.Linear(m.dim, m.vocab_size, bias=False)
+        if m.tie_embeddings:
+            self.head.weight = self.embed.weight
+        cos, sin = rope_tables(m.max_seq_len, m.dim // m.n_heads, m.rope_theta, "cpu")
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, tokens_BS: torch.Tensor) -> tuple[torch.Tensor, list[MoEAux]]:
+        x = self.embed(tokens_BS)
+        auxes: list[MoEAux] = []
+        for layer in self.layers:
+            x, aux = layer(x, self.rope_cos, self.rope_sin)
+            if aux is not None:
+                auxes.append(aux)
+        return self.head(self.norm(x)), auxes
+
+    def moe_layers(self) -> list[MoELayer]:
+        return [b.ffn for b in self.layers if b.is_moe]
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """Layout-independent init: each tensor (each expert slice) from its own keyed generator."""
+        std = self.cfg.model.init_std
+        out_std = std / math.sqrt(2 * self.cfg.model.n_layers)
+        experts = {id(mod): mod for mod in self.modules() if isinstance(mod, GroupedExperts)}
+        for mod_name, mod in self.named_modules():
+            for p_name, p in mod.named_parameters(recurse=False):
+                name = f"{mod_name}.{p_name}" if mod_name else p_name
+                if isinstance(mod, RMSNorm):
+                    p.fill_(1.0)
+                    continue
+                scale = out_std if p_name == "w2" or name.endswith(("wo.weight", "w2.weight")) else std
+                if id(mod) in experts:
+                    for i in range(p.shape[0]):
+                        g = _generator(seed, f"{name}[{mod.expert_offset + i}]")
+                        p[i].copy_(torch.randn(p.shape[1:], generator=g) * scale)
+                else:
+                    g = _generator(seed, name)
+                    p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def _generator(seed: int, key: str) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(key.encode())) % (2 ** 63))
+
+
+def count_params(model: Transformer, cfg: Config) -> tuple[int, int]:
+    """(total, active per token) parameters of the full model, whatever is held locally."""
+    e = cfg.moe
+    total = active = 0
+    for mod in model.modules():
+        for p_name, p in mod.named_parameters(recurse=False):
+            if isinstance(mod, GroupedExperts):
+                per_expert = p[0].numel()
+                total += per_expert * e.num_experts
+                active += per_expert * e.top_k
+            else:
+                total += p.numel()
+                active += p.numel()
+    return total, active

@@ -1,0 +1,105 @@
+"""Move token copies to their experts and back.
+
+`dispatch(x_TD, routing)` returns the rows this rank's experts must process, grouped by local
+expert, their per-expert counts, and a frozen `DispatchMeta`; `combine(y, meta)` undoes it and
+applies the gate weights. Dispatchers hold no per-step state (DESIGN habit 4).
+
+LocalDispatcher: all experts in this process. AllToAllDispatcher: experts sharded over an EP
+group; copies travel by two uneven all-to-alls (dispatch and combine), both differentiable.
+
+Shape legend: T tokens, D model dim, N kept copies sent, M rows received by this rank.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from moetrain.moe.permute import invert_permutation, rank_splits, regroup_by_expert, sort_by_expert
+from moetrain.moe.routing import Routing
+from moetrain.parallel.comm import CommTimer, all_to_all, all_to_all_start, exchange_counts
+
+
+@dataclass(frozen=True)
+class DispatchMeta:
+    num_tokens: int
+    token_idx_N: torch.Tensor
+    weights_N: torch.Tensor
+    # expert parallel only:
+    send_splits: Optional[list] = None      # rows sent to each rank (= rows that come back)
+    recv_splits: Optional[list] = None      # rows received from each rank
+    regroup_M: Optional[torch.Tensor] = None  # received order -> expert-major order
+    timer: CommTimer = field(default_factory=CommTimer)
+
+
+def _combine_local(y_ND: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
+    """out[t] = sum over kept copies of t of weight * y; tokens with no kept copy get 0."""
+    weighted = y_ND * meta.weights_N.to(y_ND.dtype).unsqueeze(1)
+    out = y_ND.new_zeros((meta.num_tokens, y_ND.shape[1]))
+    return out.index_add(0, meta.token_idx_N, weighted)
+
+
+class LocalDispatcher:
+    """All E experts live in this process."""
+
+    def __init__(self, num_experts: int):
+        self.num_experts = num_experts
+        self.num_local_experts = num_experts
+
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing,
+                 overlap: Optional[Callable[[], object]] = None):
+        token_idx, copy_idx, counts_E = sort_by_expert(routing.expert_idx_TK, routing.kept_TK, self.num_experts)
+        weights = routing.weights_TK.reshape(-1)[copy_idx]
+        meta = DispatchMeta(x_TD.shape[0], token_idx, weights)
+        overlapped = overlap() if overlap is not None else None
+        return x_TD[token_idx], counts_E.tolist(), meta, overlapped
+
+    def combine(self, y_ND: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
+        return _combine_local(y_ND, meta)
+
+
+class AllToAllDispatcher:
+    """Experts sharded over `group` (the EP group): rank r holds experts [r*L, (r+1)*L).
+
+    Steps: sort copies by global expert (= by destination rank, local expert); exchange the
+    per-expert counts (one small all-to-all; its `.tolist()` is the one host sync every uneven
+    all-to-all needs); send the rows; regroup what arrived from (source, expert) to
+    (expert, source) order so every local expert sees one contiguous slice. Combine runs the
+    same steps backwards. Capacity was applied on the source rank, per local batch (GShard).
+    """
+
+    def __init__(self, num_experts: int, group, ep_rank: int, ep_size: int):
+        assert num_experts % ep_size == 0
+        self.num_experts = num_experts
+        self.group = group
+        self.ep_rank = ep_rank
+        self.ep_size = ep_size
+        self.num_local_experts = num_experts // ep_size
+
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing,
+                 overlap: Optional[Callable[[], object]] = None):
+        token_idx, copy_idx, counts_E = sort_by_expert(routing.expert_idx_TK, routing.kept_TK, self.num_experts)
+        weights = routing.weights_TK.reshape(-1)[copy_idx]
+        R, L = self.ep_size, self.num_local_experts
+        timer = CommTimer()
+        start = timer.start(x_TD.device)
+        recv_counts_RL = exchange_counts(counts_E.view(R, L), self.group)
+        counts_cpu = torch.stack([counts_E.view(R, L), recv_counts_RL]).cpu()  # one device->host copy
+        timer.stop("counts", start, x_TD.device, counts_E.numel() * 8)
+        send_splits = counts_cpu[0].sum(1).tolist()
+        recv_splits = counts_cpu[1].sum(1).tolist()
+        x_send = x_TD[token_idx]
+        pending = all_to_all_start(x_send, recv_splits, send_splits, self.group, timer, "dispatch")
+        overlapped = overlap() if overlap is not None else None
+        x_recv = pending.wait(x_send)
+        regroup = regroup_by_expert(recv_counts_RL)
+        local_counts = counts_cpu[1].sum(0).tolist()
+        meta = DispatchMeta(x_TD.shape[0], token_idx, weights, send_splits, recv_splits, regroup, timer)
+        return x_recv[regroup], local_counts, meta, overlapped
+
+    def combine(self, y_MD: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
+        y_recv_order = y_MD[invert_permutation(meta.regroup_M)]
+        y_back = all_to_all(y_recv_order, meta.send_splits, meta.recv_splits, self.group, meta.timer, "combine")
+        return _combine_local(y_back, meta)

@@ -1,0 +1,105 @@
+"""Experts as stacked SwiGLU weights, computed over contiguous per-expert slices.
+
+Weights: w1, w3 [L, D, H] and w2 [L, H, D] for the L experts held by this process; `expert_offset`
+is the global id of local expert 0 (set by apply_ep, used by deterministic init and checkpoints).
+
+Three ways to run the grouped matmul on rows sorted by expert (counts_L gives slice lengths):
+  loop    - one matmul per non-empty slice; no padding waste, Python overhead ~ L.
+  bmm     - pad every slice to the largest one and use one batched matmul; waste = padding.
+  grouped - torch._grouped_mm with cumulative offsets (CUDA, bf16): one kernel, no waste.
+`auto` picks grouped on CUDA when available, else loop (tools/bench_moe.py measures the choice).
+
+Shape legend: N rows (token copies), D model dim, H expert hidden, L local experts.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class GroupedExperts(nn.Module):
+    def __init__(self, num_experts: int, dim: int, hidden: int, impl: str = "auto"):
+        super().__init__()
+        self.num_experts = num_experts     # experts held here (local)
+        self.dim, self.hidden = dim, hidden
+        self.impl = impl
+        self.expert_offset = 0
+        self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        self.w3 = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
+
+    def shard_(self, offset: int, count: int) -> None:
+        """Keep experts [offset, offset+count) of the current set (expert parallelism)."""
+        for name in ("w1", "w3", "w2"):
+            full = getattr(self, name)
+            setattr(self, name, nn.Parameter(full.detach()[offset:offset + count].clone()))
+        self.expert_offset += offset
+        self.num_experts = count
+
+    def forward(self, x_ND: torch.Tensor, counts_L: list[int]) -> torch.Tensor:
+        impl = self._pick_impl(x_ND)
+        if impl == "grouped":
+            return self._forward_grouped(x_ND, counts_L)
+        if impl == "bmm":
+            return self._forward_bmm(x_ND, counts_L)
+        return self._forward_loop(x_ND, counts_L)
+
+    def _pick_impl(self, x_ND: torch.Tensor) -> str:
+        if self.impl != "auto":
+            return self.impl
+        if x_ND.is_cuda and x_ND.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
+            return "grouped"
+        return "loop"
+
+    def _forward_loop(self, x_ND, counts_L):
+        outs = []
+        start = 0
+        for e, n in enumerate(counts_L):
+            if n == 0:
+                continue
+            x = x_ND[start:start + n]
+            h = F.silu(x @ self.w1[e]) * (x @ self.w3[e])
+            outs.append(h @ self.w2[e])
+            start += n
+        if not outs:
+            # keep every weight in the graph so gradient buffers exist (zeros) on idle ranks
+            return x_ND @ self.w1.new_zeros(self.dim, self.dim) + 0.0 * self._touch()
+        return torch.cat(outs, 0)
+
+    def _touch(self):
+        return self.w1.sum() + self.w2.sum() + self.w3.sum()
+
+    def _forward_bmm(self, x_ND, counts_L):
+        L, C = len(counts_L), max(counts_L) if counts_L else 0
+        if C == 0:
+            return x_ND @ self.w1.new_zeros(self.dim, self.dim) + 0.0 * self._touch()
+        counts = torch.tensor(counts_L, device=x_ND.device)
+        expert_of_row = torch.repeat_interleave(torch.arange(L, device=x_ND.device), counts)
+        starts = torch.cumsum(counts, 0) - counts
+        slot = torch.arange(x_ND.shape[0], device=x_ND.device) - starts[expert_of_row]
+        x_LCD = x_ND.new_zeros(L, C, self.dim)
+        x_LCD[expert_of_row, slot] = x_ND
+        h = F.silu(torch.bmm(x_LCD, self.w1)) * torch.bmm(x_LCD, self.w3)
+        y_LCD = torch.bmm(h, self.w2)
+        return y_LCD[expert_of_row, slot]
+
+    def _forward_grouped(self, x_ND, counts_L):
+        offs = torch.cumsum(torch.tensor(counts_L, device=x_ND.device, dtype=torch.int32), 0, dtype=torch.int32)
+        dt = x_ND.dtype
+        w1, w3, w2 = self.w1.to(dt), self.w3.to(dt), self.w2.to(dt)
+        h = F.silu(torch._grouped_mm(x_ND, w1, offs=offs)) * torch._grouped_mm(x_ND, w3, offs=offs)
+        return torch._grouped_mm(h, w2, offs=offs)
+
+
+class SwiGLU(nn.Module):
+    """Dense FFN: w2(silu(w1 x) * w3 x). Used for dense layers and shared experts."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))

@@ -1,0 +1,52 @@
+"""Pure index math for dispatch: group token copies by expert, and regroup received blocks.
+
+Shape legend: T tokens, K choices, N kept copies, E experts (global), R ranks of the EP group,
+L = E / R local experts per rank.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def sort_by_expert(expert_idx_TK: torch.Tensor, kept_TK: torch.Tensor,
+                   num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Kept copies ordered by expert id (stable, so token order inside an expert is preserved).
+
+    Returns (token_idx_N, copy_idx_N, counts_E): x[token_idx_N] is the expert-sorted input,
+    copy_idx_N indexes the flattened [T*K] choices (to pick each copy's weight), and counts_E[e]
+    is the length of expert e's contiguous slice. Sorting by global expert id also sorts by
+    destination rank, because rank r owns experts [r*L, (r+1)*L).
+    """
+    K = expert_idx_TK.shape[1]
+    flat_expert = expert_idx_TK.reshape(-1)
+    copy_idx = torch.nonzero(kept_TK.reshape(-1), as_tuple=False).squeeze(1)
+    order = torch.argsort(flat_expert[copy_idx], stable=True)
+    copy_idx_N = copy_idx[order]
+    token_idx_N = torch.div(copy_idx_N, K, rounding_mode="floor")
+    counts_E = torch.bincount(flat_expert[copy_idx_N], minlength=num_experts)
+    return token_idx_N, copy_idx_N, counts_E
+
+
+def rank_splits(counts_E: torch.Tensor, num_ranks: int) -> torch.Tensor:
+    """Copies going to each rank: counts_E summed over each rank's L experts -> [R]."""
+    return counts_E.view(num_ranks, -1).sum(dim=1)
+
+
+def regroup_by_expert(counts_RL: torch.Tensor) -> torch.Tensor:
+    """Permutation that turns the received (source rank, local expert) block order into
+    (local expert, source rank) order, so each local expert's rows are contiguous.
+
+    counts_RL[r, l]: rows that source rank r sent for local expert l, laid out r-major after the
+    all-to-all. recv[perm] is l-major. The inverse is `invert_permutation(perm)`.
+    """
+    R, L = counts_RL.shape
+    block_id = torch.arange(R * L, device=counts_RL.device)
+    rows_block = torch.repeat_interleave(block_id, counts_RL.reshape(-1))
+    src_rank, local_expert = rows_block // L, rows_block % L
+    return torch.argsort(local_expert * R + src_rank, stable=True)
+
+
+def invert_permutation(perm: torch.Tensor) -> torch.Tensor:
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel(), device=perm.device)
+    return inv

@@ -1,0 +1,131 @@
+"""Pure routing math: router logits -> which experts, with what weights, in which buffer slot.
+
+No process groups, no module state: every function maps tensors and ints to tensors, so each
+formula can be checked against hand-worked values (tests/moe/test_routing.py).
+
+Shape legend: T tokens (local batch, flattened), E experts, K choices per token.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Routing:
+    """What the router decided for T tokens.
+
+    expert_idx_TK: chosen global expert ids, column 0 is the first choice.
+    weights_TK:    combine weights (gate values) for each choice.
+    kept_TK:       False where the copy overflowed its expert's capacity (it then rides the residual).
+    counts_E:      copies routed to each expert before the capacity cut.
+    kept_E:        copies each expert actually receives.
+    """
+    expert_idx_TK: torch.Tensor
+    weights_TK: torch.Tensor
+    kept_TK: torch.Tensor
+    counts_E: torch.Tensor
+    kept_E: torch.Tensor
+    capacity: Optional[int]
+
+    @property
+    def num_experts(self) -> int:
+        return self.counts_E.numel()
+
+
+def expert_capacity(num_tokens: int, num_experts: int, top_k: int,
+                    capacity_factor: Optional[float], min_capacity: int) -> Optional[int]:
+    """C = max(min_capacity, ceil(capacity_factor * k * T / E)); None (dropless) when factor is None."""
+    if capacity_factor is None:
+        return None
+    return max(min_capacity, math.ceil(capacity_factor * top_k * num_tokens / num_experts))
+
+
+def topk_gates(logits_TE: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """probs = softmax(logits) over all E (in fp32); pick the k largest (ties: lowest expert id).
+
+    Returns (probs_TE, expert_idx_TK, weights_TK). With `normalize` the k weights are divided by
+    their sum (GShard/Mixtral); without it they are the raw softmax probabilities (Switch).
+    """
+    probs_TE = torch.softmax(logits_TE.float(), dim=-1)
+    # torch.topk breaks ties by position on CPU but not on every backend; a tiny index-based
+    # offset makes ties deterministic (lowest id wins) without changing any non-tied order.
+    weights_TK, expert_idx_TK = _stable_topk(probs_TE, top_k)
+    if normalize and top_k > 1:
+        weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+    return probs_TE, expert_idx_TK, weights_TK
+
+
+def _stable_topk(scores_TE: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """top-k with ties broken toward the lower index, on every device."""
+    order = torch.argsort(scores_TE, dim=-1, descending=True, stable=True)[:, :k]
+    return scores_TE.gather(1, order), order
+
+
+def assign_slots(expert_idx_TK: torch.Tensor, num_experts: int,
+                 capacity: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slot of each copy in its expert's buffer, first choices before second choices (GShard).
+
+    Priority order is choice-major: all k=0 copies in token order, then all k=1 copies, ...
+    slot(t, k) = number of copies to the same expert that come earlier in that order.
+    Returns (slot_TK, kept_TK) with kept = slot < capacity (all True when capacity is None).
+    """
+    T, K = expert_idx_TK.shape
+    flat = expert_idx_TK.t().reshape(-1)                        # choice-major order, [K*T]
+    slot_flat = _slots_by_sort(flat, num_experts)
+    slot_TK = slot_flat.view(K, T).t()
+    if capacity is None:
+        kept_TK = torch.ones_like(slot_TK, dtype=torch.bool)
+    else:
+        kept_TK = slot_TK < capacity
+    return slot_TK, kept_TK
+
+
+def _slots_by_sort(flat: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Rank of each entry among equal expert ids, in order: a stable sort, O(N log N), no [N, E] one-hot."""
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts)
+    starts = torch.cumsum(counts, 0) - counts
+    rank_sorted = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]
+    slot = torch.empty_like(flat)
+    slot[order] = rank_sorted
+    return slot
+
+
+def route_topk(logits_TE: torch.Tensor, top_k: int, capacity: Optional[int],
+               normalize: bool = True) -> tuple[Routing, torch.Tensor]:
+    """Softmax top-k routing with a per-expert capacity. Returns (routing, probs_TE)."""
+    num_experts = logits_TE.shape[-1]
+    probs_TE, expert_idx_TK, weights_TK = topk_gates(logits_TE, top_k, normalize)
+    _, kept_TK = assign_slots(expert_idx_TK, num_experts, capacity)
+    counts_E = torch.bincount(expert_idx_TK.reshape(-1), minlength=num_experts)
+    kept_E = torch.bincount(expert_idx_TK[kept_TK], minlength=num_experts)
+    return Routing(expert_idx_TK, weights_TK, kept_TK, counts_E, kept_E, capacity), probs_TE
+
+
+def load_balancing_loss(probs_TE: torch.Tensor, expert_idx_TK: torch.Tensor) -> torch.Tensor:
+    """Switch/GShard balance loss  E * sum_e f_e * P_e.
+
+    f_e = (copies routed to e, before capacity) / (T * K)   -- not differentiable
+    P_e = mean over tokens of probs[:, e]                    -- carries the gradient
+    Equals 1 for perfectly uniform routing, E when everything goes to one expert.
+    """
+    T, E = probs_TE.shape
+    counts_E = torch.bincount(expert_idx_TK.reshape(-1), minlength=E).to(probs_TE.dtype)
+    f_E = counts_E / max(1, expert_idx_TK.numel())
+    P_E = probs_TE.mean(dim=0)
+    return E * torch.sum(f_E * P_E)
+
+
+def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
+    """ST-MoE z-loss: mean over tokens of logsumexp(logits)^2 (keeps router logits small)."""
+    return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
+
+
+def router_entropy(probs_TE: torch.Tensor) -> torch.Tensor:
+    """Mean per-token entropy of the router distribution, in nats (log E = undecided)."""
+    return -(probs_TE * torch.log(probs_TE.clamp_min(1e-20))).sum(-1).mean()

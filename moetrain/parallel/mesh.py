@@ -1,0 +1,195 @@
+"""Launch environment -> process group -> one DeviceMesh with named axes. The ONLY place groups
+are made; everything else receives them as arguments.
+
+Rank layout (tp innermost, so a TP group sits on neighbouring GPUs of one node):
+    rank = (edp_idx * ep + ep_idx) * tp + tp_idx        dp_idx = edp_idx * ep + ep_idx
+Mesh axes: ("edp", "ep", "tp"); "dp" is "edp" x "ep" flattened.
+  dp  : ranks holding the same dense weights (dense gradients are summed here)
+  ep  : ranks that share out the experts (tokens travel here by all-to-all)
+  edp : ranks holding the same experts (expert gradients are summed here)
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+class LaunchError(RuntimeError):
+    """One line: which environment variable is missing or wrong."""
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    launcher: str          # single | torchrun | slurm | mpi
+
+
+def _int_env(name: str) -> Optional[int]:
+    v = os.environ.get(name)
+    if v is None or v == "":
+        return None
+    try:
+        return int(v)
+    except ValueError:
+        raise LaunchError(f"environment variable {name}={v!r} is not an integer") from None
+
+
+def read_launch_env() -> LaunchEnv:
+    """torchrun's variables first (inside a Slurm allocation torchrun workers still see
+    SLURM_PROCID=0), then Slurm's srun, then MPI (Open MPI, MPICH/Hydra), else a single process."""
+    candidates = [
+        ("torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"),
+        ("slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE"),
+        ("mpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
+         "OMPI_COMM_WORLD_LOCAL_SIZE"),
+        ("mpi", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+    ]
+    for launcher, r_key, w_key, lr_key, lw_key in candidates:
+        rank = _int_env(r_key)
+        if rank is None:
+            continue
+        world = _int_env(w_key)
+        if world is None:
+            raise LaunchError(f"{r_key} is set but {w_key} is not: incomplete {launcher} environment")
+        if world < 1 or not 0 <= rank < world:
+            raise LaunchError(f"{r_key}={rank} is outside 0..{w_key}-1 ({w_key}={world})")
+        local_rank = _int_env(lr_key)
+        local_world = _int_env(lw_key) if launcher != "slurm" else _slurm_tasks_per_node()
+        if local_rank is None:
+            local_rank = rank
+        if local_world is None:
+            local_world = world
+        return LaunchEnv(rank, world, local_rank, max(1, local_world), launcher)
+    return LaunchEnv(0, 1, 0, 1, "single")
+
+
+def _slurm_tasks_per_node() -> Optional[int]:
+    v = os.environ.get("SLURM_TASKS_PER_NODE", "")     # e.g. "4(x2)" or "2"
+    head = v.split("(")[0].split(",")[0]
+    return int(head) if head.isdigit() else None
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    dp: int
+    tp: int
+    ep: int
+
+    @property
+    def world(self) -> int:
+        return self.dp * self.tp
+
+    @property
+    def edp(self) -> int:
+        return self.dp // self.ep
+
+
+@dataclass(frozen=True)
+class Parallel:
+    """Everything a rank knows about the layout. Groups are None at world size 1."""
+    dims: ParallelDims
+    rank: int
+    device: torch.device
+    mesh: object = None
+    world_group: object = None
+    dp_group: object = None
+    ep_group: object = None
+    edp_group: object = None
+    tp_group: object = None
+
+    @property
+    def world(self) -> int:
+        return self.dims.world
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.dims.tp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.dims.tp
+
+    @property
+    def ep_rank(self) -> int:
+        return self.dp_rank % self.dims.ep
+
+    @property
+    def edp_rank(self) -> int:
+        return self.dp_rank // self.dims.ep
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def pick_device(kind: str, local_rank: int) -> torch.device:
+    if kind == "cuda" or (kind == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise LaunchError("train.device=cuda but CUDA is not available on this machine")
+        if local_rank >= torch.cuda.device_count():
+            raise LaunchError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} GPUs are visible")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def _ensure_rendezvous(env: LaunchEnv) -> None:
+    """torchrun sets MASTER_ADDR/PORT; srun and mpiexec may not. Under MPI, rank 0 shares its
+    address and a free port through mpi4py; under Slurm the batch script exports them."""
+    if os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT"):
+        return
+    if env.launcher == "mpi":
+        try:
+            from mpi4py import MPI
+        except ImportError:
+            raise LaunchError("launched by MPI without MASTER_ADDR/MASTER_PORT and mpi4py is not "
+                              "installed: pip install mpi4py, or use launch/mpirun.sh") from None
+        comm = MPI.COMM_WORLD
+        addr_port = None
+        if comm.Get_rank() == 0:
+            with socket.socket() as s:
+                s.bind(("", 0))
+                port = s.getsockname()[1]
+            addr_port = (os.environ.get("MASTER_ADDR") or socket.gethostname(), port)
+        addr, port = comm.bcast(addr_port, root=0)
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = str(addr), str(port)
+        return
+    raise LaunchError(f"launched by {env.launcher} (world {env.world_size}) but MASTER_ADDR/MASTER_PORT "
+                      "are not set: use launch/slurm.sbatch or export them")
+
+
+def init_parallel(dp: int, tp: int, ep: int, env: LaunchEnv, device_kind: str = "auto",
+                  timeout_s: Optional[float] = None) -> Parallel:
+    """Create the process group and mesh. Call only after the config was validated against
+    env.world_size, so a bad layout never reaches a collective."""
+    dims = ParallelDims(dp, tp, ep)
+    device = pick_device(device_kind, env.local_rank)
+    if env.world_size == 1:
+        return Parallel(dims, 0, device)
+    _ensure_rendezvous(env)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = timedelta(seconds=timeout_s or float(os.environ.get("MOETRAIN_DIST_TIMEOUT", "600")))
+    if not dist.is_initialized():
+        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timeout,
+                                device_id=device if device.type == "cuda" else None)
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh(device.type, (dims.edp, ep, tp), mesh_dim_names=("edp", "ep", "tp"))
+    dp_mesh = mesh["edp", "ep"]._flatten("dp")
+    return Parallel(dims, env.rank, device, mesh, dist.group.WORLD,
+                    dp_group=dp_mesh.get_group(), ep_group=mesh["ep"].get_group(),
+                    edp_group=mesh["edp"].get_group(), tp_group=mesh["tp"].get_group())
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

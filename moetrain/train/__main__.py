@@ -1,0 +1,3 @@
+from moetrain.train.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,62 @@
+"""Command line: python -m moetrain.train --config configs/X.yaml [group.key=value ...]
+
+Everything that can be wrong with the input (config, launch environment, data files) is checked
+here on every rank BEFORE the first collective, so each rank exits 2 with the same single line.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+EXIT_BAD_INPUT = 2
+
+
+def _parse(argv):
+    ap = argparse.ArgumentParser(prog="moetrain-train", description=__doc__.splitlines()[0])
+    ap.add_argument("--config", "-c", default=None, help="YAML config (default: built-in tiny CPU config)")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. moe.num_experts=16 parallel.ep=2")
+    return ap.parse_args(argv)
+
+
+def _fail(msg: str) -> int:
+    print(f"moetrain: error: {msg}", file=sys.stderr, flush=True)
+    return EXIT_BAD_INPUT
+
+
+def main(argv=None) -> int:
+    args = _parse(sys.argv[1:] if argv is None else argv)
+    # imports after argparse so `--help` is instant
+    from moetrain.config import ConfigError, load_config, validate_layout
+    from moetrain.data import DataError, load_token_data
+    from moetrain.parallel.mesh import LaunchError, init_parallel, read_launch_env, shutdown
+
+    try:
+        env = read_launch_env()
+        cfg = load_config(args.config, args.overrides)
+        dp, tp, ep = validate_layout(cfg, env.world_size)
+        data = load_token_data(cfg.data.source, cfg.data.path, cfg.model.vocab_size, cfg.data.cache_dir)
+        if len(data.train) <= cfg.train.seq_len or len(data.val) <= cfg.train.seq_len:
+            raise DataError(f"data split shorter than train.seq_len+1={cfg.train.seq_len + 1} tokens "
+                            f"(train {len(data.train)}, val {len(data.val)})")
+    except (ConfigError, LaunchError, DataError) as exc:
+        return _fail(str(exc))
+
+    import torch
+    from moetrain.train.loop import run_training
+
+    threads = cfg.train.num_threads or max(1, (os.cpu_count() or 1) // env.local_world_size)
+    torch.set_num_threads(threads)
+    try:
+        par = init_parallel(dp, tp, ep, env, cfg.train.device)
+    except LaunchError as exc:
+        return _fail(str(exc))
+    try:
+        run_training(cfg, par, data, log=lambda m: print(m, flush=True))
+    finally:
+        shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,231 @@
+"""The training loop: one optimizer step = the global batch, split over dp ranks and micro-steps.
+
+Loss scaling that makes every layout compute the same gradients as world size 1:
+    micro-step loss = CE_sum / tokens_in_global_batch
+                    + (aux_coef * sum_layers aux + z_coef * sum_layers z) / micro_batches_in_global_batch
+Gradients are then SUMMED over dp (dense) and edp (experts). The balance loss of a micro batch is
+computed over the same sequences whatever the layout, because the global batch is cut into
+contiguous rank slices and then contiguous micro batches.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from moetrain.config import Config, to_yaml
+from moetrain.data import TokenData, eval_batches, sample_batch
+from moetrain.metrics import GpuStats, RunWriter, StepStats, gather_stats, summarize
+from moetrain.model.transformer import Transformer, count_params
+from moetrain.parallel.apply import apply_ep, split_params
+from moetrain.parallel.grads import clip_grad_norm, sync_gradients
+from moetrain.parallel.mesh import Parallel
+from moetrain.train.lr import lr_at
+from moetrain.train.optim import build_optimizer, set_lr
+
+
+@dataclass
+class TrainState:
+    step: int = 0             # optimizer steps completed
+    tokens_seen: int = 0
+
+
+@dataclass
+class Trainer:
+    cfg: Config
+    par: Parallel
+    data: TokenData
+    model: Transformer
+    opt: torch.optim.Optimizer
+    dense_params: list
+    expert_params: list
+    state: TrainState
+
+    @property
+    def local_batch(self) -> int:
+        return self.cfg.train.global_batch_size // self.par.dims.dp
+
+    @property
+    def micro_batches_global(self) -> int:
+        return self.cfg.train.global_batch_size // self.cfg.train.micro_batch_size
+
+    def autocast(self):
+        if self.par.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def local_rows(self, batch: torch.Tensor) -> torch.Tensor:
+        """This dp rank's contiguous slice of the global batch (TP ranks share one slice)."""
+        lo = self.par.dp_rank * self.local_batch
+        return batch[lo:lo + self.local_batch]
+
+    def forward_loss(self, rows: torch.Tensor):
+        """CE summed over tokens (fp32) and the per-layer aux results of one micro batch."""
+        rows = rows.to(self.par.device, non_blocking=True)
+        inp, tgt = rows[:, :-1], rows[:, 1:]
+        with self.autocast():
+            logits, auxes = self.model(inp)
+        ce_sum = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="sum")
+        return ce_sum, auxes
+
+    def train_step(self, step: int, stats: Optional[StepStats]) -> torch.Tensor:
+        """Forward/backward over this rank's micro batches, sync, clip, update.
+        Returns local sums [ce_sum, aux_sum, z_sum, grad_norm] (ce not yet reduced over dp)."""
+        t, m = self.cfg.train, self.cfg.moe
+        self.model.train()
+        set_lr(self.opt, lr_at(step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio))
+        rows = self.local_rows(sample_batch(self.data.train, t.seed, step, t.global_batch_size, t.seq_len))
+        global_tokens = t.global_batch_size * t.seq_len
+        sums = torch.zeros(3)
+        for lo in range(0, rows.shape[0], t.micro_batch_size):
+            ce_sum, auxes = self.forward_loss(rows[lo:lo + t.micro_batch_size])
+            loss = ce_sum / global_tokens
+            if auxes:
+                aux = torch.stack([a.aux_loss for a in auxes]).sum()
+                z = torch.stack([a.z_loss for a in auxes]).sum()
+                loss = loss + (m.aux_loss_coef * aux + m.z_loss_coef * z) / self.micro_batches_global
+                sums[1] += float(aux.detach()) / len(auxes)
+                sums[2] += float(z.detach()) / len(auxes)
+            loss.backward()
+            sums[0] += float(ce_sum.detach())
+            if stats is not None:
+                stats.add(auxes)
+        d = self.par.dims
+        sync_gradients(self.dense_params, self.expert_params, self.par.dp_group, self.par.edp_group, d.dp, d.edp)
+        norm = clip_grad_norm(self.dense_params, self.expert_params, t.grad_clip, self.par.ep_group, d.ep)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.state.step = step + 1
+        self.state.tokens_seen += global_tokens
+        return torch.cat([sums, torch.tensor([norm])])
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean CE (nats/token) over fixed validation windows, identical for every layout."""
+        t = self.cfg.train
+        self.model.eval()
+        total = torch.zeros(2, dtype=torch.float64)
+        for batch in eval_batches(self.data.val, t.eval_batches, t.global_batch_size, t.seq_len):
+            rows = self.local_rows(batch)
+            for lo in range(0, rows.shape[0], t.micro_batch_size):
+                ce_sum, _ = self.forward_loss(rows[lo:lo + t.micro_batch_size])
+                total[0] += float(ce_sum)
+                total[1] += rows[lo:lo + t.micro_batch_size, 1:].numel()
+        total = self.reduce_dp(total)
+        self.model.train()
+        return float(total[0] / total[1])
+
+    def reduce_dp(self, x: torch.Tensor) -> torch.Tensor:
+        if self.par.dims.dp == 1:
+            return x
+        x = x.to(self.par.device)
+        dist.all_reduce(x, group=self.par.dp_group)
+        return x.cpu()
+
+
+def build_trainer(cfg: Config, par: Parallel, data: TokenData) -> Trainer:
+    model = Transformer(cfg)
+    apply_ep(model, par)
+    model.init_weights(cfg.train.seed)
+    model.to(par.device)
+    dense, expert = split_params(model)
+    opt = build_optimizer(model, cfg.train)
+    return Trainer(cfg, par, data, model, opt, dense, expert, TrainState())
+
+
+def _open_run_dir(cfg: Config) -> str:
+    run_dir = os.path.join(cfg.logging.dir, cfg.logging.run_name)
+    os.makedirs(run_dir, exist_ok=True)
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    if os.path.exists(metrics) and cfg.checkpoint.resume == "none":
+        # a fresh run never appends to (or overwrites) an older run's metrics: keep them aside
+        n = 1
+        while os.path.exists(os.path.join(run_dir, f"metrics.{n}.jsonl")):
+            n += 1
+        os.replace(metrics, os.path.join(run_dir, f"metrics.{n}.jsonl"))
+    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+        f.write(to_yaml(cfg))
+    return run_dir
+
+
+def run_training(cfg: Config, par: Parallel, data: TokenData, log=print) -> dict:
+    """Train cfg.train.steps steps. Returns the last logged record (rank 0) or {}."""
+    t, lg = cfg.train, cfg.logging
+    trainer = build_trainer(cfg, par, data)
+    total_params, active_params = count_params(trainer.model, cfg)
+    writer = RunWriter(_open_run_dir(cfg), lg.tensorboard) if par.is_main else None
+    gpu = GpuStats(par.device)
+    if par.is_main:
+        log(f"moetrain: world {par.world} (dp {par.dims.dp}, tp {par.dims.tp}, ep {par.dims.ep}) on "
+            f"{par.device}; {total_params / 1e6:.2f}M params, {active_params / 1e6:.2f}M active; data {data.source}")
+        if gpu.reason and par.device.type == "cuda":
+            log(f"moetrain: {gpu.reason}")
+    num_layers = len(trainer.model.moe_layers())
+    progress = _progress(par.is_main and t.progress, t.steps, trainer.state.step)
+    last: dict = {}
+    window_s, window_tokens = 0.0, 0
+    for step in range(trainer.state.step, t.steps):
+        logged = (step + 1) % lg.every == 0 or step + 1 == t.steps or step == 0
+        stats = StepStats(num_layers, cfg.moe.num_experts) if logged else None
+        if step == 0 and t.eval_every > 0:
+            val0 = trainer.evaluate()
+            if writer is not None:
+                writer.write({"step": 0, "val_loss": val0})
+                log(f"step 0 val_loss {val0:.4f}")
+        step_start = time.perf_counter()
+        sums = trainer.train_step(step, stats)
+        if logged and par.device.type == "cuda":
+            torch.cuda.synchronize(par.device)
+        step_ms = (time.perf_counter() - step_start) * 1e3
+        window_s += step_ms / 1e3
+        window_tokens += t.global_batch_size * t.seq_len
+        evaluate = (t.eval_every > 0 and (step + 1) % t.eval_every == 0) or step + 1 == t.steps
+        val_loss = trainer.evaluate() if evaluate else None
+        if progress is not None:
+            progress.update(1)
+        if not logged:
+            continue
+        reduced = trainer.reduce_dp(sums[:3].clone())
+        rows = gather_stats(stats, step_ms, par.world_group, par.world)
+        if writer is not None:
+            rec = {"step": step + 1, "loss": float(reduced[0]) / (t.global_batch_size * t.seq_len),
+                   "lr": trainer.opt.param_groups[0]["lr"],
+                   "tokens_per_s": window_tokens / max(1e-9, window_s),
+                   "aux_loss": float(reduced[1]) / max(1, trainer.micro_batches_global),
+                   "z_loss": float(reduced[2]) / max(1, trainer.micro_batches_global),
+                   "grad_norm": float(sums[3]), "tokens": trainer.state.tokens_seen, "step_ms": step_ms}
+            if val_loss is not None:
+                rec["val_loss"] = val_loss
+            rec.update(summarize(rows, num_layers, cfg.moe.num_experts, par.dims.tp))
+            rec.update(gpu.read())
+            writer.write(rec)
+            last = rec
+            msg = (f"step {step + 1} loss {rec['loss']:.4f} lr {rec['lr']:.2e} tok/s {rec['tokens_per_s']:.0f} "
+                   f"drop {rec['drop_frac']:.3f} a2a {rec['a2a_ms']:.1f}ms")
+            if val_loss is not None:
+                msg += f" val_loss {val_loss:.4f}"
+            (progress.write if progress is not None else log)(msg)
+            if progress is not None:
+                progress.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+        window_s, window_tokens = 0.0, 0
+    if progress is not None:
+        progress.close()
+    if writer is not None:
+        writer.close()
+    return last
+
+
+def _progress(enabled: bool, total: int, initial: int):
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, mininterval=2.0)

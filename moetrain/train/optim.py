@@ -1,0 +1,22 @@
+"""AdamW with weight decay on matrices only (norm gains are not decayed)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from moetrain.config import TrainConfig
+
+
+def build_optimizer(model: nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": t.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    # foreach=False: identical per-tensor math whatever the sharding, so expert shards update
+    # exactly like the same slices of the unsharded stack (the cross-layout property).
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, foreach=False)
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr
