@@ -74,12 +74,11 @@ class Trainer:
         ce_sum = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="sum")
         return ce_sum, auxes
 
-    def train_step(self, step: int, stats: Optional[StepStats]) -> torch.Tensor:
-        """Forward/backward over this rank's micro batches, sync, clip, update.
-        Returns local sums [ce_sum, aux_sum, z_sum, grad_norm] (ce not yet reduced over dp)."""
+    def compute_gradients(self, step: int, stats: Optional[StepStats] = None) -> torch.Tensor:
+        """Forward/backward over this rank's micro batches of global batch `step`, then sync the
+        gradients over the mesh. Returns local sums [ce_sum, aux_mean_sum, z_mean_sum]."""
         t, m = self.cfg.train, self.cfg.moe
         self.model.train()
-        set_lr(self.opt, lr_at(step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio))
         rows = self.local_rows(sample_batch(self.data.train, t.seed, step, t.global_batch_size, t.seq_len))
         global_tokens = t.global_batch_size * t.seq_len
         sums = torch.zeros(3)
@@ -98,11 +97,18 @@ class Trainer:
                 stats.add(auxes)
         d = self.par.dims
         sync_gradients(self.dense_params, self.expert_params, self.par.dp_group, self.par.edp_group, d.dp, d.edp)
-        norm = clip_grad_norm(self.dense_params, self.expert_params, t.grad_clip, self.par.ep_group, d.ep)
+        return sums
+
+    def train_step(self, step: int, stats: Optional[StepStats] = None) -> torch.Tensor:
+        """One optimizer step. Returns [ce_sum, aux_sum, z_sum, grad_norm] (ce not reduced over dp)."""
+        t = self.cfg.train
+        set_lr(self.opt, lr_at(step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio))
+        sums = self.compute_gradients(step, stats)
+        norm = clip_grad_norm(self.dense_params, self.expert_params, t.grad_clip, self.par.ep_group, self.par.dims.ep)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.state.step = step + 1
-        self.state.tokens_seen += global_tokens
+        self.state.tokens_seen += t.global_batch_size * t.seq_len
         return torch.cat([sums, torch.tensor([norm])])
 
     @torch.no_grad()
