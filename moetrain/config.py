@@ -33,8 +33,28 @@ class ModelConfig:
     tie_embeddings: bool = False
 
 
-ROUTERS = ("topk", "switch")
-OVERFLOW = ("residual",)
+ROUTERS = ("topk", "switch", "gshard", "noisy_topk", "expert_choice", "aux_free")
+OVERFLOW = ("residual", "reroute")
+AUX_SCOPES = ("micro_batch", "sequence", "global_batch")
+LAYER_KINDS = ("moe", "peer")
+
+
+@dataclass
+class ZeroExpertsConfig:
+    """MoE++ zero-computation experts (never sent through the all-to-all)."""
+    zero: int = 0
+    copy: int = 0
+    constant: int = 0
+
+
+@dataclass
+class PeerConfig:
+    """PEER (He 2024): N = num_keys^2 single-neuron experts retrieved by product keys."""
+    num_keys: int = 64             # n; N = n^2 experts
+    heads: int = 4
+    top_k: int = 8
+    key_dim: int = 64              # query size per head (split into two halves)
+    query_bn: bool = True
 
 
 @dataclass
@@ -53,6 +73,14 @@ class MoEConfig:
     router_jitter: float = 0.0
     grouped_mm: str = "auto"       # auto | loop | bmm | grouped (torch._grouped_mm, CUDA bf16)
     overlap: bool = True           # overlap the all-to-all with shared-expert compute
+    layer: str = "moe"             # moe | peer
+    expert_granularity: int = 1    # DeepSeekMoE fine-grained: m narrower experts per expert, top_k*m
+    zero_experts: ZeroExpertsConfig = field(default_factory=ZeroExpertsConfig)
+    gated_residual: bool = False   # MoE++: routing logits += W * previous MoE layer's logits
+    overflow: str = "residual"     # residual | reroute (overflowed copy -> next-best expert with room)
+    aux_loss_scope: str = "micro_batch"   # micro_batch | sequence | global_batch
+    aux_free_gamma: float = 0.001  # aux_free bias update speed
+    peer: PeerConfig = field(default_factory=PeerConfig)
 
 
 @dataclass
@@ -124,10 +152,30 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     @property
-    def expert_hidden(self) -> int:
+    def base_expert_hidden(self) -> int:
+        """Hidden size of one coarse expert (before fine-grained segmentation)."""
         if self.moe.expert_hidden is not None:
             return self.moe.expert_hidden
         return max(1, self.model.ffn_hidden // max(1, self.moe.top_k))
+
+    @property
+    def expert_hidden(self) -> int:
+        return self.base_expert_hidden // self.moe.expert_granularity
+
+    @property
+    def num_ffn_experts(self) -> int:
+        """Experts actually built: num_experts * expert_granularity."""
+        return self.moe.num_experts * self.moe.expert_granularity
+
+    @property
+    def num_router_outputs(self) -> int:
+        """FFN experts plus MoE++ zero-computation experts: the width of routing statistics."""
+        z = self.moe.zero_experts
+        return self.num_ffn_experts + z.zero + z.copy + z.constant
+
+    @property
+    def routed_top_k(self) -> int:
+        return self.moe.top_k * self.moe.expert_granularity
 
 
 def _one_line(exc: OmegaConfBaseException) -> str:
@@ -156,11 +204,17 @@ def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[st
                 loaded = OmegaConf.create({})
             if not isinstance(loaded, type(OmegaConf.create({}))):
                 raise ConfigError(f"config file {path!r} must hold a mapping of groups, got a list")
+            for group, val in loaded.items():
+                if group in _GROUPS and val is not None and not OmegaConf.is_dict(val):
+                    raise ConfigError(f"{group}={OmegaConf.to_container(val) if OmegaConf.is_config(val) else val!r} "
+                                      f"is not allowed: must be a mapping of {group}.* keys (in {path!r})")
             merged = OmegaConf.merge(merged, loaded)
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} must look like group.key=value")
             key = item.split("=", 1)[0]
+            if key in _GROUPS:
+                raise ConfigError(f"override {item!r} is not allowed: {key} is a group; set {key}.<key>=value")
             if OmegaConf.select(schema, key, default="__missing__") == "__missing__" and not _is_group_key(key):
                 raise ConfigError(f"unknown config key {key!r} (from override {item!r})")
         if overrides:
@@ -170,6 +224,9 @@ def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[st
         raise ConfigError(_one_line(exc)) from None
     validate(cfg)
     return cfg
+
+
+_GROUPS = ("model", "moe", "parallel", "train", "data", "checkpoint", "logging")
 
 
 def _is_group_key(key: str) -> bool:
@@ -213,8 +270,9 @@ def validate(cfg: Config) -> None:
     _need(e.num_experts >= 0, "moe.num_experts", e.num_experts, "must be >= 0 (0 = dense model)")
     if e.num_experts > 0:
         _need(e.router in ROUTERS, "moe.router", e.router, f"one of {', '.join(ROUTERS)}")
-        _need(1 <= e.top_k <= e.num_experts, "moe.top_k", e.top_k,
-              f"must be between 1 and moe.num_experts={e.num_experts}")
+        _need(e.top_k >= 1, "moe.top_k", e.top_k, "must be >= 1")
+        _need(e.top_k <= e.num_experts or e.zero_experts.zero + e.zero_experts.copy + e.zero_experts.constant > 0,
+              "moe.top_k", e.top_k, f"must be between 1 and moe.num_experts={e.num_experts}")
         if e.router == "switch":
             _need(e.top_k == 1, "moe.top_k", e.top_k, "router 'switch' is top-1: set moe.top_k=1")
         _need(e.capacity_factor is None or e.capacity_factor > 0, "moe.capacity_factor", e.capacity_factor,
@@ -230,13 +288,41 @@ def validate(cfg: Config) -> None:
         _need(e.router_jitter >= 0, "moe.router_jitter", e.router_jitter, "must be >= 0")
         _need(e.grouped_mm in ("auto", "loop", "bmm", "grouped"), "moe.grouped_mm", e.grouped_mm,
               "one of auto, loop, bmm, grouped")
+        _need(e.layer in LAYER_KINDS, "moe.layer", e.layer, f"one of {', '.join(LAYER_KINDS)}")
+        _need(e.overflow in OVERFLOW, "moe.overflow", e.overflow, f"one of {', '.join(OVERFLOW)}")
+        _need(e.aux_loss_scope in AUX_SCOPES, "moe.aux_loss_scope", e.aux_loss_scope, f"one of {', '.join(AUX_SCOPES)}")
+        _need(e.expert_granularity >= 1, "moe.expert_granularity", e.expert_granularity, "must be >= 1")
+        _need(cfg.base_expert_hidden % e.expert_granularity == 0, "moe.expert_granularity", e.expert_granularity,
+              f"must divide the expert hidden size {cfg.base_expert_hidden}")
+        z = e.zero_experts
+        for key in ("zero", "copy", "constant"):
+            _need(getattr(z, key) >= 0, f"moe.zero_experts.{key}", getattr(z, key), "must be >= 0")
+        num_zero = z.zero + z.copy + z.constant
+        if num_zero:
+            _need(e.router not in ("expert_choice",), "moe.zero_experts", f"{num_zero} experts",
+                  "zero-computation experts need a token-choice router (not expert_choice)")
+        if e.router == "gshard":
+            _need(e.top_k == 2, "moe.top_k", e.top_k, "router 'gshard' is top-2: set moe.top_k=2")
+        _need(e.top_k <= e.num_experts + num_zero, "moe.top_k", e.top_k,
+              f"must be <= moe.num_experts + zero-computation experts = {e.num_experts + num_zero}")
+        _need(e.aux_free_gamma >= 0, "moe.aux_free_gamma", e.aux_free_gamma, "must be >= 0")
+        if e.layer == "peer":
+            pc = e.peer
+            for key in ("num_keys", "heads", "top_k", "key_dim"):
+                _need(getattr(pc, key) >= 1, f"moe.peer.{key}", getattr(pc, key), "must be >= 1")
+            _need(pc.key_dim % 2 == 0, "moe.peer.key_dim", pc.key_dim, "must be even (two product-key halves)")
+            _need(pc.top_k <= pc.num_keys, "moe.peer.top_k", pc.top_k, f"must be <= moe.peer.num_keys={pc.num_keys}")
 
     _need(p.tp == 1, "parallel.tp", p.tp, "tensor parallelism is not implemented yet: use 1")
     _need(p.ep >= 1, "parallel.ep", p.ep, "must be >= 1")
     _need(p.dp is None or p.dp >= 1, "parallel.dp", p.dp, "must be >= 1 or null (= world / tp)")
     if e.num_experts > 0:
-        _need(e.num_experts % p.ep == 0, "parallel.ep", p.ep,
-              f"must divide moe.num_experts={e.num_experts}")
+        if e.layer == "peer":
+            _need(e.peer.num_keys ** 2 % p.ep == 0, "parallel.ep", p.ep,
+                  f"must divide the PEER expert count moe.peer.num_keys^2={e.peer.num_keys ** 2}")
+        else:
+            _need(e.num_experts % p.ep == 0, "parallel.ep", p.ep,
+                  f"must divide moe.num_experts={e.num_experts}")
     else:
         _need(p.ep == 1, "parallel.ep", p.ep, "a dense model (moe.num_experts=0) needs parallel.ep=1")
     if p.dp is not None:

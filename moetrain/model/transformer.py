@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from moetrain.config import Config
 from moetrain.moe.experts import GroupedExperts, SwiGLU
 from moetrain.moe.layer import MoEAux, MoELayer
+from moetrain.moe.peer import PEERLayer
 
 
 class RMSNorm(nn.Module):
@@ -67,18 +68,27 @@ class Block(nn.Module):
         self.attn = Attention(m.dim, m.n_heads)
         self.ffn_norm = RMSNorm(m.dim, m.norm_eps)
         self.is_moe = e.num_experts > 0 and (layer_id + 1) % e.every == 0
-        if self.is_moe:
-            self.ffn = MoELayer(m.dim, e.num_experts, e.top_k, cfg.expert_hidden, e.capacity_factor,
+        self.is_peer = self.is_moe and e.layer == "peer"
+        if self.is_peer:
+            p = e.peer
+            self.ffn = PEERLayer(m.dim, p.num_keys, p.heads, p.top_k, p.key_dim, p.query_bn)
+        elif self.is_moe:
+            z = e.zero_experts
+            self.ffn = MoELayer(m.dim, cfg.num_ffn_experts, cfg.routed_top_k, cfg.expert_hidden, e.capacity_factor,
                                 e.min_capacity, e.router, e.shared_experts, e.norm_topk_prob,
-                                e.router_jitter, e.grouped_mm, e.overlap)
+                                e.router_jitter, e.grouped_mm, e.overlap, (z.zero, z.copy, z.constant),
+                                e.gated_residual, e.overflow, e.aux_loss_scope, e.aux_free_gamma,
+                                shared_hidden=cfg.base_expert_hidden * e.shared_experts)
         else:
             self.ffn = SwiGLU(m.dim, m.ffn_hidden)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, prev_logits=None):
         x = x + self.attn(self.attn_norm(x), cos, sin)
         h = self.ffn_norm(x)
+        if self.is_peer:
+            return x + self.ffn(h), None
         if self.is_moe:
-            y, aux = self.ffn(h)
+            y, aux = self.ffn(h, prev_logits)
             return x + y, aux
         return x + self.ffn(h), None
 
@@ -101,14 +111,16 @@ class Transformer(nn.Module):
     def forward(self, tokens_BS: torch.Tensor) -> tuple[torch.Tensor, list[MoEAux]]:
         x = self.embed(tokens_BS)
         auxes: list[MoEAux] = []
+        prev_logits = None
         for layer in self.layers:
-            x, aux = layer(x, self.rope_cos, self.rope_sin)
+            x, aux = layer(x, self.rope_cos, self.rope_sin, prev_logits)
             if aux is not None:
                 auxes.append(aux)
+                prev_logits = aux.logits
         return self.head(self.norm(x)), auxes
 
     def moe_layers(self) -> list[MoELayer]:
-        return [b.ffn for b in self.layers if b.is_moe]
+        return [b.ffn for b in self.layers if b.is_moe and not b.is_peer]
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
@@ -119,17 +131,34 @@ class Transformer(nn.Module):
         for mod_name, mod in self.named_modules():
             for p_name, p in mod.named_parameters(recurse=False):
                 name = f"{mod_name}.{p_name}" if mod_name else p_name
-                if isinstance(mod, RMSNorm):
-                    p.fill_(1.0)
+                if isinstance(mod, (RMSNorm, nn.BatchNorm1d)):
+                    p.fill_(1.0 if p_name == "weight" else 0.0)
                     continue
                 scale = out_std if p_name == "w2" or name.endswith(("wo.weight", "w2.weight")) else std
                 if id(mod) in experts:
                     for i in range(p.shape[0]):
                         g = _generator(seed, f"{name}[{mod.expert_offset + i}]")
                         p[i].copy_(torch.randn(p.shape[1:], generator=g) * scale)
+                elif isinstance(mod, PEERLayer) and p_name.startswith("expert_"):
+                    # PEER tables: rows generated in fixed blocks keyed by global row, so any
+                    # EP shard of the table gets the same values without building all N rows
+                    _init_rows(p, mod.row_offset, seed, name, scale)
                 else:
                     g = _generator(seed, name)
                     p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+_ROW_BLOCK = 4096
+
+
+def _init_rows(p: torch.Tensor, row_offset: int, seed: int, name: str, scale: float) -> None:
+    rows = p.shape[0]
+    first_block, last_block = row_offset // _ROW_BLOCK, (row_offset + rows - 1) // _ROW_BLOCK
+    for b in range(first_block, last_block + 1):
+        g = _generator(seed, f"{name}[rows {b}]")
+        block = torch.randn((_ROW_BLOCK,) + tuple(p.shape[1:]), generator=g) * scale
+        lo, hi = max(b * _ROW_BLOCK, row_offset), min((b + 1) * _ROW_BLOCK, row_offset + rows)
+        p[lo - row_offset:hi - row_offset].copy_(block[lo - b * _ROW_BLOCK:hi - b * _ROW_BLOCK])
 
 
 def _generator(seed: int, key: str) -> torch.Generator:
@@ -140,12 +169,16 @@ def count_params(model: Transformer, cfg: Config) -> tuple[int, int]:
     """(total, active per token) parameters of the full model, whatever is held locally."""
     e = cfg.moe
     total = active = 0
+    seen: set = set()
     for mod in model.modules():
         for p_name, p in mod.named_parameters(recurse=False):
+            if id(p) in seen:       # tied embeddings count once
+                continue
+            seen.add(id(p))
             if isinstance(mod, GroupedExperts):
                 per_expert = p[0].numel()
-                total += per_expert * e.num_experts
-                active += per_expert * e.top_k
+                total += per_expert * cfg.num_ffn_experts
+                active += per_expert * cfg.routed_top_k
             else:
                 total += p.numel()
                 active += p.numel()

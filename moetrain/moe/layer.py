@@ -1,12 +1,18 @@
-"""MoELayer = router + dispatcher + grouped experts (+ shared experts). Returns (y, MoEAux).
+"""MoELayer = gate + dispatcher + grouped experts (+ shared experts, + zero-computation experts).
+Returns (y, MoEAux).
 
 The layer adds nothing to the residual itself: a copy dropped for capacity contributes zero, so
 a token with every copy dropped leaves the block with only its residual stream.
 
-Shape legend: B batch, S sequence, T = B*S tokens, D dim, E experts, K choices.
+MoE++ zero-computation experts (ids F.. after the F FFN experts) live on every rank and never
+enter the all-to-all: zero -> 0, copy -> x, constant j -> a1*x + a2*v_j with
+[a1, a2] = softmax(W_j x).
+
+Shape legend: B batch, S sequence, T = B*S tokens, D dim, E experts, F FFN experts, K choices.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -15,8 +21,7 @@ import torch.nn as nn
 
 from moetrain.moe.dispatch import LocalDispatcher
 from moetrain.moe.experts import GroupedExperts, SwiGLU
-from moetrain.moe.routing import (expert_capacity, load_balancing_loss, route_topk, router_entropy,
-                                  router_z_loss)
+from moetrain.moe.gate import Gate
 from moetrain.parallel.comm import CommTimer
 
 
@@ -25,9 +30,10 @@ class MoEAux:
     """Per-layer, per-micro-step results that are not the hidden states.
 
     aux_loss, z_loss: differentiable scalars (unscaled; the trainer applies the coefficients).
-    counts_E / kept_E: copies routed to / kept by each global expert from this rank's tokens.
-    recv_tokens: rows this rank's experts processed. timer: all-to-all timings (filled in
-    backward too, so read it after loss.backward()).
+    counts_E / kept_E: copies routed to / kept by each expert (FFN and zero-computation) from
+    this rank's tokens. recv_tokens: rows this rank's experts processed. logits: for the next
+    layer's gated residual. timer: all-to-all timings (backward records land during
+    loss.backward(), so read it after).
     """
     aux_loss: torch.Tensor
     z_loss: torch.Tensor
@@ -36,6 +42,7 @@ class MoEAux:
     entropy: torch.Tensor
     recv_tokens: int
     num_copies: int
+    logits: Optional[torch.Tensor] = None
     timer: CommTimer = field(default_factory=CommTimer)
 
 
@@ -43,49 +50,62 @@ class MoELayer(nn.Module):
     def __init__(self, dim: int, num_experts: int, top_k: int, expert_hidden: int,
                  capacity_factor: Optional[float], min_capacity: int = 4, router: str = "topk",
                  shared_experts: int = 0, norm_topk_prob: bool = True, router_jitter: float = 0.0,
-                 grouped_mm: str = "auto", overlap: bool = True):
+                 grouped_mm: str = "auto", overlap: bool = True, zero_experts: tuple = (0, 0, 0),
+                 gated_residual: bool = False, overflow: str = "residual", aux_scope: str = "micro_batch",
+                 aux_free_gamma: float = 1e-3, shared_hidden: Optional[int] = None):
         super().__init__()
         self.num_experts, self.top_k = num_experts, top_k
-        self.capacity_factor, self.min_capacity = capacity_factor, min_capacity
-        self.router_kind = router
-        self.normalize = norm_topk_prob and router != "switch"
-        self.router_jitter = router_jitter
+        self.num_zero, self.num_copy, self.num_const = zero_experts
         self.overlap = overlap
-        self.router = nn.Linear(dim, num_experts, bias=False)
+        self.router = Gate(dim, num_experts, sum(zero_experts), top_k, router, capacity_factor, min_capacity,
+                           norm_topk_prob, router_jitter, gated_residual, overflow == "reroute", aux_scope,
+                           aux_free_gamma)
         self.experts = GroupedExperts(num_experts, dim, expert_hidden, grouped_mm)
-        self.shared = SwiGLU(dim, expert_hidden * shared_experts) if shared_experts > 0 else None
+        hidden = shared_hidden if shared_hidden is not None else expert_hidden * shared_experts
+        self.shared = SwiGLU(dim, hidden) if shared_experts > 0 else None
+        if self.num_const > 0:
+            self.const_w = nn.Parameter(torch.empty(self.num_const, 2, dim))
+            self.const_v = nn.Parameter(torch.empty(self.num_const, dim))
         self.dispatcher = LocalDispatcher(num_experts)
 
-    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
+    def forward(self, x_BSD: torch.Tensor, prev_logits: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, MoEAux]:
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
-        router_in = x_TD
-        if self.training and self.router_jitter > 0:
-            # Switch-style multiplicative jitter on the router input only (experts see clean x)
-            noise = torch.empty_like(x_TD).uniform_(1 - self.router_jitter, 1 + self.router_jitter)
-            router_in = x_TD * noise
-        logits_TE = self.router(router_in).float()
-        capacity = expert_capacity(B * S, self.num_experts, self.top_k, self.capacity_factor, self.min_capacity)
-        routing, probs_TE = route_topk(logits_TE, self.top_k, capacity, self.normalize)
+        g = self.router(x_TD, prev_logits, B)
+        routing = g.routing
+        ffn_routing = routing
+        if self.num_zero + self.num_copy + self.num_const > 0:
+            ffn_routing = dataclasses.replace(routing, kept_TK=routing.kept_TK & (routing.expert_idx_TK < self.num_experts))
 
-        shared_fn = (lambda: self.shared(x_TD)) if (self.shared is not None) else None
+        shared_fn = (lambda: self.shared(x_TD)) if self.shared is not None else None
         x_local, counts_local, meta, shared_out = self.dispatcher.dispatch(
-            x_TD, routing, shared_fn if self.overlap else None)
+            x_TD, ffn_routing, shared_fn if self.overlap else None)
         if shared_fn is not None and shared_out is None:
             shared_out = shared_fn()
         y_local = self.experts(x_local, counts_local)
         y_TD = self.dispatcher.combine(y_local, meta)
         if shared_out is not None:
             y_TD = y_TD + shared_out
+        if self.num_zero + self.num_copy + self.num_const > 0:
+            y_TD = y_TD + self._zero_compute(x_TD, routing)
 
-        aux = MoEAux(
-            aux_loss=load_balancing_loss(probs_TE, routing.expert_idx_TK),
-            z_loss=router_z_loss(logits_TE),
-            counts_E=routing.counts_E.detach(),
-            kept_E=routing.kept_E.detach(),
-            entropy=router_entropy(probs_TE.detach()),
-            recv_tokens=int(sum(counts_local)),
-            num_copies=routing.expert_idx_TK.numel(),
-            timer=meta.timer,
-        )
+        aux = MoEAux(aux_loss=g.aux_loss, z_loss=g.z_loss, counts_E=routing.counts_E.detach(),
+                     kept_E=routing.kept_E.detach(), entropy=g.entropy, recv_tokens=int(sum(counts_local)),
+                     num_copies=routing.expert_idx_TK.numel(), logits=g.logits_TE, timer=meta.timer)
         return y_TD.view(B, S, D).to(x_BSD.dtype), aux
+
+    def _zero_compute(self, x_TD: torch.Tensor, routing) -> torch.Tensor:
+        """Weighted outputs of the copy and constant experts (zero experts add nothing)."""
+        F_, Z, Cp = self.num_experts, self.num_zero, self.num_copy
+        idx, w, kept = routing.expert_idx_TK, routing.weights_TK.to(x_TD.dtype), routing.kept_TK
+        is_copy = kept & (idx >= F_ + Z) & (idx < F_ + Z + Cp)
+        out = (w * is_copy).sum(1, keepdim=True) * x_TD
+        if self.num_const > 0:
+            first_const = F_ + Z + Cp
+            is_const = kept & (idx >= first_const)
+            w_TC = x_TD.new_zeros(x_TD.shape[0], self.num_const)
+            w_TC.scatter_add_(1, torch.where(is_const, idx - first_const, 0), w * is_const)
+            alpha_TC2 = torch.softmax(torch.einsum("td,cjd->tcj", x_TD, self.const_w), dim=-1)
+            const_TCD = alpha_TC2[..., :1] * x_TD[:, None, :] + alpha_TC2[..., 1:] * self.const_v[None]
+            out = out + torch.einsum("tc,tcd->td", w_TC, const_TCD)
+        return out

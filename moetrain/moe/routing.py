@@ -42,14 +42,16 @@ def expert_capacity(num_tokens: int, num_experts: int, top_k: int,
     """C = max(min_capacity, ceil(capacity_factor * k * T / E)); None (dropless) when factor is None."""
     if capacity_factor is None:
         return None
-    return max(min_capacity, math.ceil(capacity_factor * top_k * num_tokens / num_experts))
+    # the epsilon keeps an exact product (1.1 * 100 / 2 = 55.000000000000007) from rounding up
+    return max(min_capacity, math.ceil(capacity_factor * top_k * num_tokens / num_experts - 1e-9))
 
 
 def topk_gates(logits_TE: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """probs = softmax(logits) over all E (in fp32); pick the k largest (ties: lowest expert id).
 
     Returns (probs_TE, expert_idx_TK, weights_TK). With `normalize` the k weights are divided by
-    their sum (GShard/Mixtral); without it they are the raw softmax probabilities (Switch).
+    their sum (GShard/Mixtral); without it, and always for k = 1, they are the raw softmax
+    probabilities (Switch: a top-1 weight of 1.0 would leave the router without a gradient).
     """
     probs_TE = torch.softmax(logits_TE.float(), dim=-1)
     # torch.topk breaks ties by position on CPU but not on every backend; a tiny index-based

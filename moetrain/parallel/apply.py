@@ -5,7 +5,9 @@ import torch.nn as nn
 
 from moetrain.moe.dispatch import AllToAllDispatcher
 from moetrain.moe.experts import GroupedExperts
+from moetrain.moe.gate import Gate
 from moetrain.moe.layer import MoELayer
+from moetrain.moe.peer import PEERLayer
 from moetrain.parallel.mesh import Parallel
 
 
@@ -23,11 +25,25 @@ def apply_ep(model: nn.Module, par: Parallel) -> None:
             local = mod.num_experts // ep
             mod.experts.shard_(par.ep_rank * local, local)
             mod.dispatcher = AllToAllDispatcher(mod.num_experts, par.ep_group, par.ep_rank, ep)
+        elif isinstance(mod, PEERLayer):
+            rows = mod.num_experts // ep
+            mod.shard_(par.ep_rank * rows, rows)
+            mod.ep_group, mod.ep_size = par.ep_group, ep
+
+
+def apply_routing_groups(model: nn.Module, par: Parallel) -> None:
+    """Give gates that balance over the global batch (moe.aux_loss_scope=global_batch) the
+    data-parallel group their load counts are summed over."""
+    for mod in model.modules():
+        if isinstance(mod, Gate) and mod.aux_scope == "global_batch" and par.dims.dp > 1:
+            mod.balance_group, mod.balance_group_size = par.dp_group, par.dims.dp
 
 
 def is_expert_param(name: str, module_of: dict[str, nn.Module]) -> bool:
-    owner = name.rsplit(".", 1)[0]
-    return isinstance(module_of.get(owner), GroupedExperts)
+    """Params sharded over EP (synced over edp): grouped experts and PEER expert tables."""
+    owner, leaf = name.rsplit(".", 1)
+    mod = module_of.get(owner)
+    return isinstance(mod, GroupedExperts) or (isinstance(mod, PEERLayer) and leaf.startswith("expert_"))
 
 
 def split_params(model: nn.Module) -> tuple[list, list]:

@@ -44,14 +44,16 @@ def _int_env(name: str) -> Optional[int]:
 
 
 def read_launch_env() -> LaunchEnv:
-    """torchrun's variables first (inside a Slurm allocation torchrun workers still see
-    SLURM_PROCID=0), then Slurm's srun, then MPI (Open MPI, MPICH/Hydra), else a single process."""
+    """torchrun's variables first, then MPI (Open MPI, MPICH/Hydra), then Slurm's srun, else a
+    single process. Slurm comes last because its variables leak into every process started inside
+    an allocation: torchrun workers and `mpiexec` ranks in a batch script all see the batch
+    step's SLURM_PROCID=0 / SLURM_NTASKS, while their own launcher's variables are right."""
     candidates = [
         ("torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"),
-        ("slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE"),
         ("mpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
          "OMPI_COMM_WORLD_LOCAL_SIZE"),
         ("mpi", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+        ("slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE"),
     ]
     for launcher, r_key, w_key, lr_key, lw_key in candidates:
         rank = _int_env(r_key)

@@ -23,7 +23,7 @@ from moetrain.config import Config, to_yaml
 from moetrain.data import TokenData, eval_batches, sample_batch
 from moetrain.metrics import GpuStats, RunWriter, StepStats, gather_stats, summarize
 from moetrain.model.transformer import Transformer, count_params
-from moetrain.parallel.apply import apply_ep, split_params
+from moetrain.parallel.apply import apply_ep, apply_routing_groups, split_params
 from moetrain.parallel.grads import clip_grad_norm, sync_gradients
 from moetrain.parallel.mesh import Parallel
 from moetrain.train.lr import lr_at
@@ -82,6 +82,8 @@ class Trainer:
         rows = self.local_rows(sample_batch(self.data.train, t.seed, step, t.global_batch_size, t.seq_len))
         global_tokens = t.global_batch_size * t.seq_len
         sums = torch.zeros(3)
+        load = torch.zeros(len(self.model.moe_layers()), self.cfg.num_router_outputs)
+        self._step_load = load
         for lo in range(0, rows.shape[0], t.micro_batch_size):
             ce_sum, auxes = self.forward_loss(rows[lo:lo + t.micro_batch_size])
             loss = ce_sum / global_tokens
@@ -95,6 +97,9 @@ class Trainer:
             sums[0] += float(ce_sum.detach())
             if stats is not None:
                 stats.add(auxes)
+            if self.bias_gates:
+                for i, a in enumerate(auxes):
+                    load[i] += a.counts_E.float().cpu()
         d = self.par.dims
         sync_gradients(self.dense_params, self.expert_params, self.par.dp_group, self.par.edp_group, d.dp, d.edp)
         return sums
@@ -107,9 +112,23 @@ class Trainer:
         norm = clip_grad_norm(self.dense_params, self.expert_params, t.grad_clip, self.par.ep_group, self.par.dims.ep)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        if self.bias_gates:
+            self.update_router_biases(self._step_load)
         self.state.step = step + 1
         self.state.tokens_seen += t.global_batch_size * t.seq_len
         return torch.cat([sums, torch.tensor([norm])])
+
+    @property
+    def bias_gates(self) -> list:
+        return [layer.router for layer in self.model.moe_layers() if layer.router.kind == "aux_free"]
+
+    def update_router_biases(self, load_LE: torch.Tensor) -> None:
+        """Aux-loss-free balancing (DeepSeek-V3), as an optimizer-step hook: every rank applies
+        the same update from the global batch's expert load, so biases never diverge."""
+        load_LE = self.reduce_dp(load_LE)
+        layers = self.model.moe_layers()
+        for i, layer in enumerate(layers):
+            layer.router.update_bias(load_LE[i])
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -135,11 +154,27 @@ class Trainer:
         return x.cpu()
 
 
+def seed_rank_rngs(seed: int, rank: int, device: torch.device) -> None:
+    """Per-rank streams for everything random at run time (GShard's uniform draws, noisy top-k
+    noise, router jitter). Weights never use these: init_weights has its own keyed generators."""
+    import random
+
+    import numpy as np
+    s = (seed * 1_000_003 + 7919 * rank) % (2 ** 31)
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)
+    if device.type == "cuda":
+        torch.cuda.manual_seed(s)
+
+
 def build_trainer(cfg: Config, par: Parallel, data: TokenData) -> Trainer:
     model = Transformer(cfg)
     apply_ep(model, par)
+    apply_routing_groups(model, par)
     model.init_weights(cfg.train.seed)
     model.to(par.device)
+    seed_rank_rngs(cfg.train.seed, par.rank, par.device)
     dense, expert = split_params(model)
     opt = build_optimizer(model, cfg.train)
     return Trainer(cfg, par, data, model, opt, dense, expert, TrainState())
@@ -178,7 +213,7 @@ def run_training(cfg: Config, par: Parallel, data: TokenData, log=print) -> dict
     window_s, window_tokens = 0.0, 0
     for step in range(trainer.state.step, t.steps):
         logged = (step + 1) % lg.every == 0 or step + 1 == t.steps or step == 0
-        stats = StepStats(num_layers, cfg.moe.num_experts) if logged else None
+        stats = StepStats(num_layers, cfg.num_router_outputs) if logged else None
         if step == 0 and t.eval_every > 0:
             val0 = trainer.evaluate()
             if writer is not None:
@@ -208,7 +243,7 @@ def run_training(cfg: Config, par: Parallel, data: TokenData, log=print) -> dict
                    "grad_norm": float(sums[3]), "tokens": trainer.state.tokens_seen, "step_ms": step_ms}
             if val_loss is not None:
                 rec["val_loss"] = val_loss
-            rec.update(summarize(rows, num_layers, cfg.moe.num_experts, par.dims.tp))
+            rec.update(summarize(rows, num_layers, cfg.num_router_outputs, par.dims.tp))
             rec.update(gpu.read())
             writer.write(rec)
             last = rec

@@ -1,0 +1,103 @@
+"""PEER (He 2024, "Mixture of A Million Experts"): N = n^2 single-neuron experts
+e_i(x) = gelu(u_i . x) v_i, retrieved by product keys.
+
+Per head h: query q = BN(W_q x) split in halves q1, q2; scores s1 = q1 K1^T, s2 = q2 K2^T over
+two sub-key tables of n keys; take the top-k of each half, then the top-k of the k*k candidate
+sums s1[i] + s2[j] (expert id i*n + j). That equals the top-k over all n^2 full keys, at cost
+O(n) = O(sqrt N) per token instead of O(N). Weights = softmax over the k scores; heads share
+the expert pool and their outputs are summed.
+
+Expert tables can be sharded over an EP group (rank r holds rows [r*N/ep, (r+1)*N/ep)): tokens
+and their retrieved ids are all-gathered in the group, each rank adds the contributions of the
+rows it holds, and a reduce-scatter returns every rank its own tokens' sums. Retrieval (queries,
+keys) stays replicated.
+
+Shape legend: T tokens, D dim, H heads, K retrieved experts per head, n sub-keys, N = n^2.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def product_key_topk(q1_THd: torch.Tensor, q2_THd: torch.Tensor, keys1_Hnd: torch.Tensor,
+                     keys2_Hnd: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores_THK, expert_ids_THK): top-k of s1[i] + s2[j] over all (i, j), via k x k candidates."""
+    n = keys1_Hnd.shape[1]
+    s1 = torch.einsum("thd,hnd->thn", q1_THd, keys1_Hnd)
+    s2 = torch.einsum("thd,hnd->thn", q2_THd, keys2_Hnd)
+    v1, i1 = torch.topk(s1, k, dim=-1)
+    v2, i2 = torch.topk(s2, k, dim=-1)
+    cand = (v1.unsqueeze(-1) + v2.unsqueeze(-2)).flatten(-2)          # [T, H, k*k]
+    scores, flat = torch.topk(cand, k, dim=-1)
+    ids = i1.gather(-1, flat // k) * n + i2.gather(-1, flat % k)
+    return scores, ids
+
+
+class PEERLayer(nn.Module):
+    def __init__(self, dim: int, num_keys: int, heads: int, top_k: int, key_dim: int, query_bn: bool = True):
+        super().__init__()
+        self.dim, self.num_keys, self.heads, self.top_k, self.key_dim = dim, num_keys, heads, top_k, key_dim
+        self.num_experts = num_keys * num_keys
+        self.query = nn.Linear(dim, heads * key_dim, bias=False)
+        self.query_bn = nn.BatchNorm1d(heads * key_dim) if query_bn else None
+        self.keys1 = nn.Parameter(torch.empty(heads, num_keys, key_dim // 2))
+        self.keys2 = nn.Parameter(torch.empty(heads, num_keys, key_dim // 2))
+        self.expert_down = nn.Parameter(torch.empty(self.num_experts, dim))   # u_i
+        self.expert_up = nn.Parameter(torch.empty(self.num_experts, dim))     # v_i
+        self.row_offset = 0            # global id of local row 0 (EP sharding)
+        self.ep_group = None
+        self.ep_size = 1
+
+    def shard_(self, offset: int, count: int) -> None:
+        for name in ("expert_down", "expert_up"):
+            full = getattr(self, name)
+            setattr(self, name, nn.Parameter(full.detach()[offset:offset + count].clone()))
+        self.row_offset = offset
+
+    def retrieve(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        T = x_TD.shape[0]
+        q = self.query(x_TD)
+        if self.query_bn is not None:
+            q = self.query_bn(q)
+        q = q.view(T, self.heads, 2, self.key_dim // 2)
+        scores, ids = product_key_topk(q[:, :, 0], q[:, :, 1], self.keys1, self.keys2, self.top_k)
+        return torch.softmax(scores.float(), dim=-1).to(x_TD.dtype), ids
+
+    def _experts(self, x_TD, w_THK, ids_THK):
+        """sum_h sum_k w * gelu(u_id . x) v_id over the rows held here (others contribute 0)."""
+        local = ids_THK - self.row_offset
+        rows = self.expert_down.shape[0]
+        mine = (local >= 0) & (local < rows)
+        local = local.clamp(0, rows - 1)
+        u = F.embedding(local, self.expert_down)                         # [T, H, K, D]
+        a = F.gelu(torch.einsum("thkd,td->thk", u, x_TD)) * w_THK * mine
+        v = F.embedding(local, self.expert_up)
+        return torch.einsum("thk,thkd->td", a, v)
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        B, S, D = x_BSD.shape
+        x_TD = x_BSD.reshape(B * S, D)
+        w, ids = self.retrieve(x_TD)
+        if self.ep_group is None or self.ep_size == 1:
+            return self._experts(x_TD, w, ids).view(B, S, D)
+        from torch.distributed.nn import functional as dnn
+        xs = torch.cat(dnn.all_gather(x_TD, group=self.ep_group))
+        ws = torch.cat(dnn.all_gather(w, group=self.ep_group))
+        ids_all = [torch.empty_like(ids) for _ in range(self.ep_size)]
+        torch.distributed.all_gather(ids_all, ids.contiguous(), group=self.ep_group)
+        partial = self._experts(xs, ws, torch.cat(ids_all))
+        out = torch.empty_like(x_TD)
+        out = dnn.reduce_scatter(out, list(partial.chunk(self.ep_size)), group=self.ep_group)
+        return out.view(B, S, D)
+
+
+def brute_force_topk(q1_THd, q2_THd, keys1_Hnd, keys2_Hnd, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference: score all n^2 full keys [k1_i, k2_j] and take the top-k (tests use this)."""
+    n = keys1_Hnd.shape[1]
+    s1 = torch.einsum("thd,hnd->thn", q1_THd, keys1_Hnd)
+    s2 = torch.einsum("thd,hnd->thn", q2_THd, keys2_Hnd)
+    full = (s1.unsqueeze(-1) + s2.unsqueeze(-2)).reshape(*s1.shape[:2], n * n)
+    return torch.topk(full, k, dim=-1)
+

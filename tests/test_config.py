@@ -1,0 +1,207 @@
+"""Config loading (YAML + dotted overrides), validation and layout resolution (moetrain.config)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moetrain.config import Config, ConfigError, load_config, validate, validate_layout
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = str(REPO / "configs" / "tiny_cpu.yaml")
+
+
+def config_error(path, overrides=()) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, list(overrides))
+    msg = str(info.value)
+    assert "\n" not in msg.strip(), f"not one line: {msg!r}"
+    assert msg.strip(), "empty message"
+    return msg
+
+
+def test_load_tiny_config():
+    cfg = load_config(TINY)
+    assert isinstance(cfg, Config)
+    assert (cfg.model.vocab_size, cfg.model.dim, cfg.model.n_layers) == (256, 128, 4)
+    assert (cfg.moe.num_experts, cfg.moe.top_k, cfg.moe.capacity_factor) == (8, 2, 1.25)
+    assert cfg.data.source == "stdlib" and cfg.data.path is None
+    assert cfg.train.lr == pytest.approx(3e-3)
+    assert cfg.parallel.dp is None and cfg.parallel.ep == 1
+
+
+def test_no_file_gives_schema_defaults():
+    assert load_config(None) == Config()
+
+
+def test_overrides_apply():
+    cfg = load_config(TINY, ["moe.num_experts=16", "moe.capacity_factor=null", "train.lr=1e-3",
+                             "parallel.ep=2", "logging.tensorboard=false", "data.path=/x/y"])
+    assert cfg.moe.num_experts == 16
+    assert cfg.moe.capacity_factor is None
+    assert cfg.train.lr == pytest.approx(1e-3)
+    assert cfg.parallel.ep == 2
+    assert cfg.logging.tensorboard is False
+    assert cfg.data.path == "/x/y"
+    # later overrides win; untouched keys keep the YAML value
+    cfg = load_config(TINY, ["train.steps=5", "train.steps=7"])
+    assert cfg.train.steps == 7 and cfg.train.seq_len == 256
+
+
+def test_yaml_values_override_schema_defaults(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("moe:\n  top_k: 1\n  capacity_factor: null\ntrain:\n  steps: 3\n")
+    cfg = load_config(str(p))
+    assert cfg.moe.top_k == 1 and cfg.moe.capacity_factor is None and cfg.train.steps == 3
+    assert cfg.model == Config().model                       # groups not in the file: defaults
+
+
+def test_empty_yaml_is_the_defaults(tmp_path):
+    p = tmp_path / "empty.yaml"
+    p.write_text("")
+    assert load_config(str(p)) == Config()
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["moe.foo=1"], "moe.foo"),
+    (["foo=1"], "foo"),
+    (["train.steps=abc"], "train.steps"),
+    (["model.dim=abc"], "model.dim"),
+    (["logging.tensorboard=maybe"], "logging.tensorboard"),
+    (["moe.top_k=99"], "moe.top_k"),
+    (["moe.top_k=0"], "moe.top_k"),
+    (["moe.capacity_factor=0"], "moe.capacity_factor"),
+    (["moe.capacity_factor=-1.5"], "moe.capacity_factor"),
+    (["train.seq_len=512"], "train.seq_len"),
+    (["parallel.ep=3"], "parallel.ep"),
+    (["moe.num_experts=0", "parallel.ep=2"], "parallel.ep"),
+    (["parallel.dp=2", "parallel.ep=4"], "parallel.ep"),
+    (["moe.router=nope"], "moe.router"),
+    (["moe.router=switch"], "moe.top_k"),                 # switch is top-1, tiny has top_k=2
+    (["moe.grouped_mm=fast"], "moe.grouped_mm"),
+    (["data.source=s3"], "data.source"),
+    (["moe.top_k"], "moe.top_k"),                         # no '='
+])
+def test_bad_override_names_the_key_in_one_line(overrides, key):
+    msg = config_error(TINY, overrides)
+    assert key in msg
+
+
+def test_override_values_are_in_the_message():
+    assert "99" in config_error(TINY, ["moe.top_k=99"])
+    assert "512" in config_error(TINY, ["train.seq_len=512"])
+
+
+def test_unknown_key_in_yaml(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("moe:\n  num_experts: 4\n  foo: 1\n")
+    assert "foo" in config_error(str(p))
+    p.write_text("bogus:\n  x: 1\n")
+    assert "bogus" in config_error(str(p))
+
+
+def test_wrong_type_in_yaml(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("train:\n  steps: abc\n")
+    assert "train.steps" in config_error(str(p))
+
+
+def test_missing_config_file(tmp_path):
+    missing = str(tmp_path / "nope.yaml")
+    assert missing in config_error(missing)
+
+
+@pytest.mark.parametrize("text", ["moe: {top_k: 2\n", "moe:\n  top_k: [1\n", "a: b: c\n"])
+def test_invalid_yaml(tmp_path, text):
+    p = tmp_path / "broken.yaml"
+    p.write_text(text)
+    msg = config_error(str(p))
+    assert str(p) in msg and "YAML" in msg
+
+
+def test_yaml_list_at_top_level(tmp_path):
+    p = tmp_path / "list.yaml"
+    p.write_text("- 1\n- 2\n")
+    assert str(p) in config_error(str(p))
+
+
+@pytest.mark.parametrize("source", ["override", "yaml"])
+def test_scalar_for_a_group_names_the_group(tmp_path, source):
+    if source == "yaml":
+        p = tmp_path / "g.yaml"
+        p.write_text("moe: 3\n")
+        msg = config_error(str(p))
+    else:
+        msg = config_error(TINY, ["moe=3"])
+    assert "moe" in msg
+
+
+def test_validate_accepts_the_defaults_and_dense():
+    validate(Config())
+    validate(load_config(None, ["moe.num_experts=0"]))
+
+
+# --------------------------------------------------------------------------- validate_layout
+
+def layout_error(cfg, world) -> str:
+    with pytest.raises(ConfigError) as info:
+        validate_layout(cfg, world)
+    msg = str(info.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_validate_layout_resolves_dp():
+    cfg = load_config(TINY, ["train.global_batch_size=16", "train.micro_batch_size=8"])
+    assert validate_layout(cfg, 1) == (1, 1, 1)
+    assert validate_layout(cfg, 2) == (2, 1, 1)
+    cfg = load_config(TINY, ["parallel.ep=2", "train.micro_batch_size=2"])
+    assert validate_layout(cfg, 4) == (4, 1, 2)
+    cfg = load_config(TINY, ["parallel.dp=2", "parallel.ep=2"])
+    assert validate_layout(cfg, 2) == (2, 1, 2)
+
+
+def test_validate_layout_world_not_divisible():
+    cfg = Config()
+    cfg.parallel.tp = 2                      # validate() refuses tp != 1 today; layout is checked alone
+    assert "parallel.tp" in layout_error(cfg, 3)
+    cfg = load_config(TINY, ["parallel.dp=2"])
+    msg = layout_error(cfg, 3)               # dp * tp != world
+    assert "parallel.dp" in msg and "3" in msg
+
+
+def test_validate_layout_dp_not_multiple_of_ep():
+    cfg = load_config(TINY, ["parallel.ep=2", "train.micro_batch_size=1", "train.global_batch_size=3"])
+    assert "parallel.ep" in layout_error(cfg, 3)
+
+
+def test_validate_layout_global_batch_not_multiple_of_dp_times_micro():
+    cfg = load_config(TINY, ["train.global_batch_size=16", "train.micro_batch_size=8"])
+    msg = layout_error(cfg, 4)               # 16 % (4 * 8) != 0
+    assert "train.global_batch_size" in msg and "32" in msg
+    cfg = load_config(TINY, ["train.global_batch_size=12", "train.micro_batch_size=4"])
+    assert "train.global_batch_size" in layout_error(cfg, 2)   # 12 % 8 != 0
+    assert validate_layout(cfg, 3) == (3, 1, 1)                 # 12 % 12 == 0
+
+
+# --------------------------------------------------------------------------- CLI
+
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+LAUNCH_PREFIXES = ("SLURM_", "OMPI_", "PMI_", "PMIX_", "MPI_LOCALRANKID", "MV2_", "TORCHELASTIC_")
+
+
+def test_cli_bad_config_exits_2_with_one_line():
+    env = {k: v for k, v in os.environ.items()
+           if k not in LAUNCH_VARS and not k.startswith(LAUNCH_PREFIXES)}
+    env["PYTHONPATH"] = str(REPO)
+    proc = subprocess.run([sys.executable, "-m", "moetrain.train", "--config", "configs/tiny_cpu.yaml",
+                           "moe.top_k=99"], cwd=str(REPO), env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("moetrain: error:")
+    assert "moe.top_k" in lines[0]
