@@ -22,7 +22,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
-import numpy as np  # noqa: E402
 
 from moetrain.data import DOC_SEPARATOR, DataError, byte_tokenize, write_token_dir  # noqa: E402
 

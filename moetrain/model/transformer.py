@@ -167,7 +167,6 @@ def _generator(seed: int, key: str) -> torch.Generator:
 
 def count_params(model: Transformer, cfg: Config) -> tuple[int, int]:
     """(total, active per token) parameters of the full model, whatever is held locally."""
-    e = cfg.moe
     total = active = 0
     seen: set = set()
     for mod in model.modules():
@@ -179,6 +178,10 @@ def count_params(model: Transformer, cfg: Config) -> tuple[int, int]:
                 per_expert = p[0].numel()
                 total += per_expert * cfg.num_ffn_experts
                 active += per_expert * cfg.routed_top_k
+            elif isinstance(mod, PEERLayer) and p_name.startswith("expert_"):
+                per_expert = p[0].numel()
+                total += per_expert * mod.num_experts
+                active += per_expert * mod.heads * mod.top_k
             else:
                 total += p.numel()
                 active += p.numel()

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
-import torch.distributed as dist
 
 from moetrain.moe.permute import invert_permutation, rank_splits, regroup_by_expert, sort_by_expert
 from moetrain.moe.routing import Routing
@@ -88,7 +87,7 @@ class AllToAllDispatcher:
         recv_counts_RL = exchange_counts(counts_E.view(R, L), self.group)
         counts_cpu = torch.stack([counts_E.view(R, L), recv_counts_RL]).cpu()  # one device->host copy
         timer.stop("counts", start, x_TD.device, counts_E.numel() * 8)
-        send_splits = counts_cpu[0].sum(1).tolist()
+        send_splits = rank_splits(counts_cpu[0].reshape(-1), R).tolist()
         recv_splits = counts_cpu[1].sum(1).tolist()
         x_send = x_TD[token_idx]
         pending = all_to_all_start(x_send, recv_splits, send_splits, self.group, timer, "dispatch")

@@ -48,7 +48,9 @@ class GroupedExperts(nn.Module):
     def _pick_impl(self, x_ND: torch.Tensor) -> str:
         if self.impl != "auto":
             return self.impl
-        if x_ND.is_cuda and x_ND.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
+        if x_ND.is_cuda and hasattr(torch, "_grouped_mm") and (
+                x_ND.dtype == torch.bfloat16 or torch.get_autocast_dtype("cuda") == torch.bfloat16
+                and torch.is_autocast_enabled("cuda")):
             return "grouped"
         return "loop"
 
@@ -86,10 +88,13 @@ class GroupedExperts(nn.Module):
 
     def _forward_grouped(self, x_ND, counts_L):
         offs = torch.cumsum(torch.tensor(counts_L, device=x_ND.device, dtype=torch.int32), 0, dtype=torch.int32)
-        dt = x_ND.dtype
+        # the grouped kernel is bf16-only; under autocast the residual stream arrives in fp32
+        dt = torch.bfloat16
+        in_dtype = x_ND.dtype
+        x_ND = x_ND.to(dt)
         w1, w3, w2 = self.w1.to(dt), self.w3.to(dt), self.w2.to(dt)
         h = F.silu(torch._grouped_mm(x_ND, w1, offs=offs)) * torch._grouped_mm(x_ND, w3, offs=offs)
-        return torch._grouped_mm(h, w2, offs=offs)
+        return torch._grouped_mm(h, w2, offs=offs).to(in_dtype)
 
 
 class SwiGLU(nn.Module):

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from moetrain.checkpoint import Checkpointer
 from moetrain.config import Config, to_yaml
 from moetrain.data import TokenData, eval_batches, sample_batch
 from moetrain.metrics import GpuStats, RunWriter, StepStats, gather_stats, summarize
@@ -67,7 +68,9 @@ class Trainer:
 
     def forward_loss(self, rows: torch.Tensor):
         """CE summed over tokens (fp32) and the per-layer aux results of one micro batch."""
-        rows = rows.to(self.par.device, non_blocking=True)
+        if self.par.device.type == "cuda":
+            # pinned host memory lets the copy run asynchronously with the previous micro-step
+            rows = rows.pin_memory().to(self.par.device, non_blocking=True)
         inp, tgt = rows[:, :-1], rows[:, 1:]
         with self.autocast():
             logits, auxes = self.model(inp)
@@ -199,6 +202,8 @@ def run_training(cfg: Config, par: Parallel, data: TokenData, log=print) -> dict
     """Train cfg.train.steps steps. Returns the last logged record (rank 0) or {}."""
     t, lg = cfg.train, cfg.logging
     trainer = build_trainer(cfg, par, data)
+    ckpt = Checkpointer(cfg, par, log)
+    ckpt.resume(trainer)          # checkpoint.resume: sets trainer.state.step, model, optimizer, RNG
     total_params, active_params = count_params(trainer.model, cfg)
     writer = RunWriter(_open_run_dir(cfg), lg.tensorboard) if par.is_main else None
     gpu = GpuStats(par.device)
@@ -212,6 +217,7 @@ def run_training(cfg: Config, par: Parallel, data: TokenData, log=print) -> dict
     last: dict = {}
     window_s, window_tokens = 0.0, 0
     for step in range(trainer.state.step, t.steps):
+        ckpt.on_step(trainer)     # saves when step % checkpoint.every == 0 (previous step fully logged)
         logged = (step + 1) % lg.every == 0 or step + 1 == t.steps or step == 0
         stats = StepStats(num_layers, cfg.num_router_outputs) if logged else None
         if step == 0 and t.eval_every > 0:
@@ -255,6 +261,7 @@ def run_training(cfg: Config, par: Parallel, data: TokenData, log=print) -> dict
             if progress is not None:
                 progress.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
         window_s, window_tokens = 0.0, 0
+    ckpt.finish(trainer)          # final save when checkpointing is on; waits for an async write
     if progress is not None:
         progress.close()
     if writer is not None:
