@@ -128,9 +128,10 @@ class DataConfig:
 @dataclass
 class CheckpointConfig:
     dir: str = "checkpoints"
-    every: int = 0                 # 0 = only at the end when steps > 0 and enabled
+    every: int = 0                 # > 0 enables saving: every N steps and after the last; 0 = never
     keep_last: int = 3
     resume: str = "none"           # auto | none | <path>
+    async_save: bool = False       # overlap checkpoint writing with training (`async` is a keyword)
 
 
 @dataclass
@@ -301,6 +302,12 @@ def validate(cfg: Config) -> None:
         if num_zero:
             _need(e.router not in ("expert_choice",), "moe.zero_experts", f"{num_zero} experts",
                   "zero-computation experts need a token-choice router (not expert_choice)")
+        if e.router in ("gshard", "noisy_topk", "expert_choice"):
+            _need(e.aux_loss_scope == "micro_batch", "moe.aux_loss_scope", e.aux_loss_scope,
+                  f"router '{e.router}' has its own balance loss over the micro batch: use micro_batch")
+        if e.router == "expert_choice":
+            _need(e.overflow == "residual", "moe.overflow", e.overflow,
+                  "expert_choice never overflows (each expert takes exactly C tokens): use residual")
         if e.router == "gshard":
             _need(e.top_k == 2, "moe.top_k", e.top_k, "router 'gshard' is top-2: set moe.top_k=2")
         _need(e.top_k <= e.num_experts + num_zero, "moe.top_k", e.top_k,
@@ -352,7 +359,7 @@ def validate(cfg: Config) -> None:
               "a directory written by tools/prepare_data.py is required with data.source=memmap")
 
     c = cfg.checkpoint
-    _need(c.every >= 0, "checkpoint.every", c.every, "must be >= 0 (0 = never periodically)")
+    _need(c.every >= 0, "checkpoint.every", c.every, "must be >= 0 (0 = never save)")
     _need(c.keep_last >= 1, "checkpoint.keep_last", c.keep_last, "must be >= 1")
     _need(bool(c.resume), "checkpoint.resume", c.resume, "auto, none or a checkpoint path")
 

@@ -100,7 +100,7 @@ class Gate(nn.Module):
         else:   # topk, switch
             sel = R.select_topk(logits, self.top_k, self.normalize)
 
-        pref = torch.argsort(sel.probs_TE, dim=-1, descending=True, stable=True) if self.reroute else None
+        pref = sel.preference_TE() if self.reroute else None
         routing = R.apply_capacity(sel, self.num_ffn, capacity, pref)
         aux = aux_override if aux_override is not None else self._balance_loss(sel, batch)
         return GateOut(routing, aux, z_loss, router_entropy(sel.probs_TE.detach()), logits)

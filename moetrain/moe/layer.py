@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+from torch.profiler import record_function
 
 from moetrain.moe.dispatch import LocalDispatcher
 from moetrain.moe.experts import GroupedExperts, SwiGLU
@@ -71,19 +72,24 @@ class MoELayer(nn.Module):
     def forward(self, x_BSD: torch.Tensor, prev_logits: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, MoEAux]:
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
-        g = self.router(x_TD, prev_logits, B)
+        with record_function("moe/router"):
+            g = self.router(x_TD, prev_logits, B)
         routing = g.routing
         ffn_routing = routing
         if self.num_zero + self.num_copy + self.num_const > 0:
             ffn_routing = dataclasses.replace(routing, kept_TK=routing.kept_TK & (routing.expert_idx_TK < self.num_experts))
 
         shared_fn = (lambda: self.shared(x_TD)) if self.shared is not None else None
-        x_local, counts_local, meta, shared_out = self.dispatcher.dispatch(
-            x_TD, ffn_routing, shared_fn if self.overlap else None)
+        # profiler labels (tools/profile_step.py); all-to-alls inside carry "moe/a2a/*" labels
+        with record_function("moe/dispatch"):
+            x_local, counts_local, meta, shared_out = self.dispatcher.dispatch(
+                x_TD, ffn_routing, shared_fn if self.overlap else None)
         if shared_fn is not None and shared_out is None:
             shared_out = shared_fn()
-        y_local = self.experts(x_local, counts_local)
-        y_TD = self.dispatcher.combine(y_local, meta)
+        with record_function("moe/experts"):
+            y_local = self.experts(x_local, counts_local)
+        with record_function("moe/combine"):
+            y_TD = self.dispatcher.combine(y_local, meta)
         if shared_out is not None:
             y_TD = y_TD + shared_out
         if self.num_zero + self.num_copy + self.num_const > 0:

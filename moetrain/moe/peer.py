@@ -41,7 +41,10 @@ class PEERLayer(nn.Module):
         self.dim, self.num_keys, self.heads, self.top_k, self.key_dim = dim, num_keys, heads, top_k, key_dim
         self.num_experts = num_keys * num_keys
         self.query = nn.Linear(dim, heads * key_dim, bias=False)
-        self.query_bn = nn.BatchNorm1d(heads * key_dim) if query_bn else None
+        # batch statistics in training AND eval (no running averages): a micro batch holds the same
+        # sequences under every layout, so this keeps PEER layout-deterministic, while running
+        # averages would depend on which micro batches each rank happened to see
+        self.query_bn = nn.BatchNorm1d(heads * key_dim, affine=True, track_running_stats=False) if query_bn else None
         self.keys1 = nn.Parameter(torch.empty(heads, num_keys, key_dim // 2))
         self.keys2 = nn.Parameter(torch.empty(heads, num_keys, key_dim // 2))
         self.expert_down = nn.Parameter(torch.empty(self.num_experts, dim))   # u_i

@@ -32,6 +32,12 @@ class Selection:
     weights_TK: torch.Tensor
     active_TK: torch.Tensor
     probs_TE: torch.Tensor
+    scores_TE: Optional[torch.Tensor] = None   # what the method ranks experts by (default: probs)
+
+    def preference_TE(self) -> torch.Tensor:
+        """Each token's experts, best first, by the method's own ranking score (for reroute)."""
+        scores = self.scores_TE if self.scores_TE is not None else self.probs_TE
+        return torch.argsort(scores, dim=-1, descending=True, stable=True)
 
 
 def select_topk(logits_TE: torch.Tensor, top_k: int, normalize: bool) -> Selection:
@@ -72,7 +78,7 @@ def select_noisy_topk(clean_TE: torch.Tensor, noise_std_TE: torch.Tensor, normal
     top_vals, idx = _stable_topk(noisy, top_k)
     w = torch.softmax(top_vals, dim=-1)
     gates_TE = torch.zeros_like(noisy).scatter(1, idx, w)
-    return Selection(idx, w, torch.ones_like(idx, dtype=torch.bool), gates_TE), noisy
+    return Selection(idx, w, torch.ones_like(idx, dtype=torch.bool), gates_TE, noisy), noisy
 
 
 def cv_squared(x: torch.Tensor) -> torch.Tensor:
@@ -109,10 +115,11 @@ def select_biased(logits_TE: torch.Tensor, bias_E: torch.Tensor, top_k: int) -> 
     """DeepSeek-V3 aux-loss-free: s = sigmoid(logits); choose top-k of s + b; weights = the
     chosen s (without b) normalized to sum 1. The bias steers selection only, never the output."""
     scores = torch.sigmoid(logits_TE.float())
-    _, idx = _stable_topk(scores + bias_E.float(), top_k)
+    biased = scores + bias_E.float()
+    _, idx = _stable_topk(biased, top_k)
     w = scores.gather(1, idx)
     w = w / w.sum(-1, keepdim=True).clamp_min(1e-20)
-    return Selection(idx, w, torch.ones_like(idx, dtype=torch.bool), torch.softmax(logits_TE.float(), -1))
+    return Selection(idx, w, torch.ones_like(idx, dtype=torch.bool), torch.softmax(logits_TE.float(), -1), biased)
 
 
 def aux_free_bias_update(bias_E: torch.Tensor, load_E: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -176,9 +183,8 @@ def _reroute(idx, kept, counted, pref_TE, F_, capacity):
     used.scatter_(1, torch.where(idx < F_, idx, F_), True)
     pref = torch.where(pref_TE < F_, pref_TE, torch.full_like(pref_TE, F_))
     ptr = torch.zeros(T, K, dtype=torch.long, device=idx.device)
-    for _ in range(F_):
-        if not bool(pending.any()):
-            break
+    # terminates: every round each token with a pending copy advances a pointer or settles a copy
+    while bool(pending.any()):
         t_ids, k_ids = torch.nonzero(pending, as_tuple=True)
         # advance each pending copy's pointer past experts the token already uses or that are full
         cand = pref[t_ids, ptr[t_ids, k_ids].clamp_max(pref.shape[1] - 1)]
