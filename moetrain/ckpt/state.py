@@ -15,6 +15,14 @@ Keys (tensor values unless noted):
 
 Because experts are addressed by global id, an ep=4 rank holding experts 4..5 and an ep=2 rank
 holding 4..7 name the same keys, and DCP maps them to whatever was written.
+
+Tensors sharded along another dim are stored whole under their key and handed to DCP as a
+DTensor over the device mesh, so DCP records each rank's slice and reshards on load:
+  - PEER expert tables ([num_keys^2, D] single-neuron experts, row-sharded over "ep"; per-expert
+    keys would be far too many),
+  - tensor-parallel shards (parameters carrying `tp_shard_dim`, see parallel/tp.py: chunks along
+    that dim over "tp"), including each expert's slice of an etp-sharded expert weight.
+Optimizer state shaped like its parameter follows the parameter's placement.
 """
 from __future__ import annotations
 
@@ -29,6 +37,7 @@ import torch.nn as nn
 
 from moetrain.ckpt.store import CheckpointError
 from moetrain.moe.experts import GroupedExperts
+from moetrain.moe.peer import PEERLayer
 
 _MODEL_RE = re.compile(r"^model/(?P<name>[^/]+)(?:/expert_(?P<g>\d+))?$")
 _OPTIM_RE = re.compile(r"^optim/(?P<name>[^/]+?)(?:/expert_(?P<g>\d+))?/(?P<k>[^/]+)$")
@@ -62,18 +71,79 @@ def _expert_owner(name: str, modules: dict[str, nn.Module]) -> Optional[GroupedE
     return owner if isinstance(owner, GroupedExperts) else None
 
 
-def model_entries(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Local tensors (views sharing storage with the model, so loading writes into it)."""
+def _is_peer_table(name: str, modules: dict[str, nn.Module]) -> bool:
+    """PEER expert tables: row-sharded over ep (same rule as parallel.apply.is_expert_param)."""
+    if "." not in name:
+        return False
+    owner, leaf = name.rsplit(".", 1)
+    return isinstance(modules.get(owner), PEERLayer) and leaf.startswith("expert_")
+
+
+class _Placement:
+    """How one model tensor maps to checkpoint keys: split by GroupedExperts along dim 0 (owner),
+    and which dims of each key's tensor are sharded over which mesh axis (splits)."""
+
+    def __init__(self, name: str, t: torch.Tensor, modules: dict[str, nn.Module], sizes: dict[str, int]):
+        self.owner = _expert_owner(name, modules)
+        self.splits: dict[str, int] = {}
+        tp_dim = getattr(t, "tp_shard_dim", None)
+        if tp_dim is not None and sizes.get("tp", 1) > 1:
+            self.splits["tp"] = tp_dim - 1 if self.owner is not None else tp_dim
+        if _is_peer_table(name, modules) and sizes.get("ep", 1) > 1 and t.shape[0] != modules[name.rsplit(".", 1)[0]].num_experts:
+            self.splits["ep"] = 0
+        self.sizes = sizes
+
+    def keys(self, base: str, local_shape: tuple) -> list[tuple[str, Optional[int]]]:
+        if self.owner is None:
+            return [(base, None)]
+        return [(f"{base}/expert_{self.owner.expert_offset + i}", i) for i in range(local_shape[0])]
+
+    def global_shape(self, local: tuple) -> tuple:
+        """Shape of one key's global tensor from this rank's local tensor (expert dim dropped)."""
+        shape = list(local[1:] if self.owner is not None else local)
+        for axis, dim in self.splits.items():
+            shape[dim] *= self.sizes[axis]
+        return tuple(shape)
+
+    def local_shape(self, global_: tuple) -> tuple:
+        shape = list(global_)
+        for axis, dim in self.splits.items():
+            shape[dim] //= self.sizes[axis]
+        return tuple(shape)
+
+    def wrap(self, local: torch.Tensor, mesh) -> torch.Tensor:
+        """One key's local tensor as DCP should see it: a DTensor when sharded across ranks."""
+        if not self.splits:
+            return local
+        if mesh is None:
+            raise CheckpointError("a sharded tensor needs the device mesh to be checkpointed")
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+        placements = [Shard(self.splits[n]) if n in self.splits else Replicate() for n in mesh.mesh_dim_names]
+        shape = list(local.shape)
+        for axis, dim in self.splits.items():
+            shape[dim] *= mesh.size(mesh.mesh_dim_names.index(axis))
+        stride = torch.empty(shape, device="meta").stride()
+        return DTensor.from_local(local, mesh, placements, run_check=False, shape=torch.Size(shape), stride=stride)
+
+
+def mesh_sizes(mesh) -> dict[str, int]:
+    if mesh is None:
+        return {}
+    return {n: mesh.size(i) for i, n in enumerate(mesh.mesh_dim_names)}
+
+
+def _placements(model: nn.Module, sizes: dict[str, int]) -> dict[str, tuple[torch.Tensor, _Placement]]:
     modules = dict(model.named_modules())
+    return {name: (t, _Placement(name, t, modules, sizes)) for name, t in model.state_dict(keep_vars=True).items()}
+
+
+def model_entries(model: nn.Module, mesh=None) -> dict[str, torch.Tensor]:
+    """Local tensors (views sharing storage with the model, so loading writes into it)."""
     out = {}
-    for name, t in model.state_dict(keep_vars=True).items():
+    for name, (t, pl) in _placements(model, mesh_sizes(mesh)).items():
         t = t.detach()
-        owner = _expert_owner(name, modules)
-        if owner is None:
-            out[model_key(name)] = t
-        else:
-            for i in range(t.shape[0]):
-                out[model_key(name, owner.expert_offset + i)] = t[i]
+        for key, i in pl.keys(model_key(name), tuple(t.shape)):
+            out[key] = pl.wrap(t if i is None else t[i], mesh)
     return out
 
 
@@ -82,16 +152,23 @@ def expert_tensor_names(model: nn.Module) -> list[str]:
     return [n for n in model.state_dict(keep_vars=True) if _expert_owner(n, modules) is not None]
 
 
-def expected_model(model: nn.Module, ep: int) -> dict[str, tuple[tuple, torch.dtype]]:
-    """Every model key of the GLOBAL model (all experts), with shape and dtype."""
-    modules = dict(model.named_modules())
+def buffer_names(model: nn.Module) -> list[str]:
+    """Persistent buffers (state_dict entries that are not parameters, e.g. aux-free biases)."""
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    return [n for n in model.state_dict(keep_vars=True) if n not in params]
+
+
+def expected_model(model: nn.Module, sizes: dict[str, int]) -> dict[str, tuple[tuple, torch.dtype]]:
+    """Every model key of the GLOBAL model (all experts, whole TP tensors), with shape and dtype.
+    sizes: the mesh axis sizes ({"ep": .., "tp": ..})."""
     out = {}
-    for name, t in model.state_dict(keep_vars=True).items():
-        if _expert_owner(name, modules) is None:
-            out[model_key(name)] = (tuple(t.shape), t.dtype)
+    for name, (t, pl) in _placements(model, sizes).items():
+        shape = pl.global_shape(tuple(t.shape))
+        if pl.owner is None:
+            out[model_key(name)] = (shape, t.dtype)
         else:
-            for g in range(t.shape[0] * ep):
-                out[model_key(name, g)] = (tuple(t.shape[1:]), t.dtype)
+            for g in range(t.shape[0] * sizes.get("ep", 1)):
+                out[model_key(name, g)] = (shape, t.dtype)
     return out
 
 
@@ -99,25 +176,31 @@ def _param_names(model: nn.Module) -> dict[int, str]:
     return {id(p): n for n, p in model.named_parameters()}
 
 
-def optim_entries(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, object]:
-    """The optimizer's current state under global keys (views where split by expert)."""
-    modules = dict(model.named_modules())
+def _like_param(v, p: torch.Tensor) -> bool:
+    return torch.is_tensor(v) and tuple(v.shape) == tuple(p.shape) and v.dim() >= 1
+
+
+def optim_entries(model: nn.Module, opt: torch.optim.Optimizer, mesh=None) -> dict[str, object]:
+    """The optimizer's current state under global keys: state shaped like its parameter is split
+    and sharded like the parameter; anything else (AdamW's scalar step) is stored whole."""
     names = _param_names(model)
+    placements = _placements(model, mesh_sizes(mesh))
     out: dict[str, object] = {}
     for p, st in opt.state.items():
         name = names[id(p)]
-        owner = _expert_owner(name, modules)
+        pl = placements[name][1]
         for k, v in st.items():
-            if owner is not None and torch.is_tensor(v) and v.dim() >= 1 and v.shape[0] == p.shape[0]:
-                for i in range(v.shape[0]):
-                    out[optim_key(name, k, owner.expert_offset + i)] = v.detach()[i]
+            if _like_param(v, p):
+                for key, i in pl.keys(f"optim/{name}", tuple(v.shape)):
+                    key = f"{key}/{k}"
+                    out[key] = pl.wrap(v.detach() if i is None else v.detach()[i], mesh)
             else:
                 out[optim_key(name, k)] = v.detach() if torch.is_tensor(v) else v
     return out
 
 
 def optim_schema(metadata) -> dict[str, dict[str, tuple[bool, tuple, torch.dtype]]]:
-    """{param: {state: (split by expert, shape per entry, dtype)}} as stored in a checkpoint."""
+    """{param: {state: (split by expert, global shape per key, dtype)}} as stored in a checkpoint."""
     schema: dict[str, dict] = {}
     for key, md in metadata.state_dict_metadata.items():
         parsed = parse_optim_key(key)
@@ -128,22 +211,23 @@ def optim_schema(metadata) -> dict[str, dict[str, tuple[bool, tuple, torch.dtype
     return schema
 
 
-def build_optim_state(model: nn.Module, opt: torch.optim.Optimizer, schema: dict) -> dict[str, torch.Tensor]:
+def build_optim_state(model: nn.Module, opt: torch.optim.Optimizer, schema: dict, mesh=None) -> dict[str, torch.Tensor]:
     """Allocate the optimizer state the checkpoint holds (for this rank's params) and return the
-    load targets. Scalars live on the CPU and the rest on the parameter's device, as torch.optim's
-    own load_state_dict places them (AdamW non-capturable: step on CPU)."""
-    modules = dict(model.named_modules())
+    load targets. State shaped like the parameter lives with it (same device, same shards);
+    scalars live on the CPU, as torch.optim's own load_state_dict places them."""
+    placements = _placements(model, mesh_sizes(mesh))
     targets: dict[str, torch.Tensor] = {}
     for name, p in model.named_parameters():
         if name not in schema:
             continue
-        owner = _expert_owner(name, modules)
+        pl = placements[name][1]
+        param_global = pl.global_shape(tuple(p.shape))
         state = {}
         for k, (split, shape, dtype) in schema[name].items():
-            if split:
-                t = torch.zeros((p.shape[0],) + shape, dtype=dtype, device=p.device)
-                for i in range(p.shape[0]):
-                    targets[optim_key(name, k, owner.expert_offset + i)] = t[i]
+            if split or (len(shape) and shape == param_global):
+                t = torch.zeros(tuple(p.shape), dtype=dtype, device=p.device)
+                for key, i in pl.keys(f"optim/{name}", tuple(p.shape)):
+                    targets[f"{key}/{k}"] = pl.wrap(t if i is None else t[i], mesh)
             else:
                 t = torch.zeros(shape, dtype=dtype, device=p.device if len(shape) else "cpu")
                 targets[optim_key(name, k)] = t
@@ -152,11 +236,11 @@ def build_optim_state(model: nn.Module, opt: torch.optim.Optimizer, schema: dict
     return targets
 
 
-def check_fits(metadata, model: nn.Module, ep: int, where: str, hint: str = "") -> list[str]:
+def check_fits(metadata, model: nn.Module, sizes: dict[str, int], where: str, hint: str = "") -> list[str]:
     """Raise CheckpointError naming the first tensor that does not fit the model (shape, dtype,
-    missing, or extra). Returns warning lines (e.g. no optimizer state at all)."""
+    missing, or extra). sizes: the mesh axis sizes. Returns warning lines."""
     stored = metadata.state_dict_metadata
-    expected = expected_model(model, ep)
+    expected = expected_model(model, sizes)
     suffix = f" ({hint})" if hint else ""
 
     def fail(msg: str):
@@ -181,23 +265,24 @@ def check_fits(metadata, model: nn.Module, ep: int, where: str, hint: str = "") 
     schema = optim_schema(metadata)
     if not schema:
         return ["checkpoint has no optimizer state: the optimizer starts fresh"]
-    modules = dict(model.named_modules())
+    placements = _placements(model, sizes)
     params = dict(model.named_parameters())
     for name in schema:
         if name not in params:
             fail(f"it holds optimizer state for {name}, which the model does not have")
     for name, p in params.items():
         if name not in schema:
-            fail(f"optimizer state for parameter {name} is missing")
-        owner = _expert_owner(name, modules)
+            continue    # no state yet (e.g. a parameter that never had a gradient): AdamW starts it lazily
+        pl = placements[name][1]
+        want = pl.global_shape(tuple(p.shape))
         for k, (split, shape, _) in schema[name].items():
-            want = tuple(p.shape[1:]) if split else tuple(p.shape)
+            if split != (pl.owner is not None) and len(shape):
+                fail(f"optimizer state {k} of {name} is {'' if split else 'not '}stored per expert, "
+                     f"the parameter {'is not' if split else 'is'}")
             if len(shape) and shape != want:
                 fail(f"optimizer state {optim_key(name, k)} has shape {list(shape)}, the parameter {list(want)}")
             if split:
-                if owner is None:
-                    fail(f"optimizer state {k} of dense parameter {name} is stored per expert")
-                for g in range(p.shape[0] * ep):
+                for g in range(p.shape[0] * sizes.get("ep", 1)):
                     if optim_key(name, k, g) not in stored:
                         fail(f"optimizer state {optim_key(name, k, g)} is missing")
     return []
@@ -208,19 +293,22 @@ def train_entries(step: int, tokens_seen: int) -> dict[str, torch.Tensor]:
 
 
 def capture_rng(device: torch.device) -> bytes:
-    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Torch generator states as raw bytes (pickling a tensor would embed process-specific storage
+    keys, so equal states would not give equal checkpoints)."""
+    st = {"python": random.getstate(), "numpy": np.random.get_state(),
+          "torch": torch.get_rng_state().numpy().tobytes()}
     if device.type == "cuda":
-        st["cuda"] = torch.cuda.get_rng_state(device)
-    return pickle.dumps(st)
+        st["cuda"] = torch.cuda.get_rng_state(device).numpy().tobytes()
+    return pickle.dumps(st, protocol=4)
 
 
 def restore_rng(blob: bytes, device: torch.device) -> None:
     st = pickle.loads(blob)
     random.setstate(st["python"])
     np.random.set_state(st["numpy"])
-    torch.set_rng_state(st["torch"])
+    torch.set_rng_state(torch.frombuffer(bytearray(st["torch"]), dtype=torch.uint8))
     if device.type == "cuda" and "cuda" in st:
-        torch.cuda.set_rng_state(st["cuda"], device)
+        torch.cuda.set_rng_state(torch.frombuffer(bytearray(st["cuda"]), dtype=torch.uint8), device)
 
 
 # ----------------------------------------------------------------------------- consolidated form

@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -41,6 +42,13 @@ OLD_PREFIX = ".old-"
 _STEP_RE = re.compile(r"^step_(\d{8,})$")
 CRASH_ENV = "MOETRAIN_CKPT_CRASH"     # test hook: "<phase>[@<step>]", see crash_point()
 CRASH_EXIT_CODE = 86
+
+
+# DCP warns that it runs in one process (we ask it to, at world 1; async writes warn from their
+# own thread, so a scoped catch_warnings cannot hide it) and that it overwrites a directory (only
+# ever our own .tmp- directory). Neither tells a user anything.
+warnings.filterwarnings("ignore", message=".*torch.distributed is disabled, unavailable or uninitialized.*")
+warnings.filterwarnings("ignore", message=".*Detected an existing checkpoint in .*overwriting.*")
 
 
 class CheckpointError(RuntimeError):

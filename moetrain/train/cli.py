@@ -43,6 +43,7 @@ def main(argv=None) -> int:
         return _fail(str(exc))
 
     import torch
+    from moetrain.checkpoint import CheckpointError
     from moetrain.train.loop import run_training
 
     threads = cfg.train.num_threads or max(1, (os.cpu_count() or 1) // env.local_world_size)
@@ -53,6 +54,8 @@ def main(argv=None) -> int:
         return _fail(str(exc))
     try:
         run_training(cfg, par, data, log=lambda m: print(m, flush=True))
+    except CheckpointError as exc:   # raised on every rank alike (rank 0 decides and broadcasts)
+        return _fail(str(exc))
     finally:
         shutdown()
     return 0

@@ -3,7 +3,8 @@
 Loss scaling that makes every layout compute the same gradients as world size 1:
     micro-step loss = CE_sum / tokens_in_global_batch
                     + (aux_coef * sum_layers aux + z_coef * sum_layers z) / micro_batches_in_global_batch
-Gradients are then SUMMED over dp (dense) and edp (experts). The balance loss of a micro batch is
+Gradients are then SUMMED over dp (dense) and edp (experts). Under tensor parallelism every TP
+rank computes the same CE_sum (vocab-parallel cross-entropy) and differentiates one copy of it. The balance loss of a micro batch is
 computed over the same sequences whatever the layout, because the global batch is cut into
 contiguous rank slices and then contiguous micro batches.
 """
@@ -17,7 +18,6 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from moetrain.checkpoint import Checkpointer
 from moetrain.config import Config, to_yaml
@@ -27,6 +27,7 @@ from moetrain.model.transformer import Transformer, count_params
 from moetrain.parallel.apply import apply_ep, apply_routing_groups, split_params
 from moetrain.parallel.grads import clip_grad_norm, sync_gradients
 from moetrain.parallel.mesh import Parallel
+from moetrain.parallel.tp import apply_tp, cross_entropy_sum
 from moetrain.train.lr import lr_at
 from moetrain.train.optim import build_optimizer, set_lr
 
@@ -74,7 +75,8 @@ class Trainer:
         inp, tgt = rows[:, :-1], rows[:, 1:]
         with self.autocast():
             logits, auxes = self.model(inp)
-        ce_sum = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="sum")
+        # under TP the logits are this rank's vocab shard and the sum is the same on every TP rank
+        ce_sum = cross_entropy_sum(logits, tgt, self.par)
         return ce_sum, auxes
 
     def compute_gradients(self, step: int, stats: Optional[StepStats] = None) -> torch.Tensor:
@@ -112,7 +114,8 @@ class Trainer:
         t = self.cfg.train
         set_lr(self.opt, lr_at(step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio))
         sums = self.compute_gradients(step, stats)
-        norm = clip_grad_norm(self.dense_params, self.expert_params, t.grad_clip, self.par.ep_group, self.par.dims.ep)
+        norm = clip_grad_norm(self.dense_params, self.expert_params, t.grad_clip, self.par.ep_group, self.par.dims.ep,
+                              self.par.tp_group, self.par.dims.tp)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         if self.bias_gates:
@@ -176,8 +179,10 @@ def build_trainer(cfg: Config, par: Parallel, data: TokenData) -> Trainer:
     apply_ep(model, par)
     apply_routing_groups(model, par)
     model.init_weights(cfg.train.seed)
+    apply_tp(model, par, cfg.parallel.etp)     # after init: TP shards are slices of the full weights
     model.to(par.device)
-    seed_rank_rngs(cfg.train.seed, par.rank, par.device)
+    # TP ranks replicate routing (GShard draws, router noise): they share one RNG stream per dp rank
+    seed_rank_rngs(cfg.train.seed, par.dp_rank, par.device)
     dense, expert = split_params(model)
     opt = build_optimizer(model, cfg.train)
     return Trainer(cfg, par, data, model, opt, dense, expert, TrainState())

@@ -1,0 +1,323 @@
+"""Sharded checkpoints for the training loop: save, resume (also onto another layout), retention,
+async save, and the fault-injection hooks the tests use.
+
+Config keys (checkpoint.*):
+  dir         where step_NNNNNNNN/ directories and `latest` go (layout: moetrain/ckpt/store.py)
+  every       checkpointing is ON when every > 0: save when step % every == 0 and after the last
+              step. 0 (the tiny config's default) never saves; resuming still works.
+  keep_last   complete checkpoints kept; older ones are deleted after each commit, never the
+              newest complete one
+  resume      none: start at step 0 (refused when saving is on and dir already holds checkpoints,
+              so two runs never mix); auto: the newest complete checkpoint in dir, falling back
+              past incomplete/corrupt ones with a warning line, else step 0; <path>: that step
+              directory, or the newest complete checkpoint of that checkpoint dir
+  async_save  (YAML key `checkpoint.async_save`; `async` is a Python keyword) overlap writing
+              with training: DCP stages a CPU copy, writes in a background thread on its own gloo
+              group, and rank 0 commits (manifest, rename, latest) when the write has finished,
+              noticed at a step boundary, or at the next save / end of training at the latest
+
+What a checkpoint holds and under which keys: moetrain/ckpt/state.py. Exact continuation: model,
+optimizer, step (which fixes the LR and the data position), tokens seen and every rank's RNG
+states. Resuming at another world size restores rank r's RNG state when the checkpoint has one
+for rank r and keeps a fresh one otherwise: random streams (router jitter) then differ from an
+uninterrupted run, everything else continues exactly (up to float reduction order).
+
+Every resume decision (which checkpoint, or which error) is made by rank 0 alone, from files,
+and broadcast: all ranks then load the same checkpoint or raise the same one-line
+CheckpointError, and nobody is left waiting in a collective. DCP's own collectives gather an
+exception on any rank and re-raise it on every rank, so a read that fails midway (garbage bytes
+of the right size) also ends every rank alike, or falls back to an older checkpoint under auto.
+
+Test hooks (environment): MOETRAIN_CKPT_CRASH=<written|manifest|renamed>[@step] ends rank 0 with
+os._exit(86) at that point of a commit (moetrain/ckpt/store.py); MOETRAIN_TEST_KILL=
+rank=R,step=N[,marker=PATH] SIGKILLs rank R at the top of step N, once if a marker is given.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from moetrain.ckpt import state as S
+from moetrain.ckpt import store
+from moetrain.ckpt.store import CheckpointError  # noqa: F401  (re-exported: the CLI maps it to exit 2)
+from moetrain.config import Config, to_dict
+
+KILL_ENV = "MOETRAIN_TEST_KILL"    # test hook: "rank=R,step=N[,marker=PATH]", see maybe_kill()
+_IGNORED_GROUPS = ("parallel", "checkpoint", "logging")
+
+
+@dataclass
+class _Pending:
+    future: Any
+    tmp: str
+    step: int
+    fields: dict
+    started: float
+    committed: bool = False
+    error: Optional[str] = None
+
+
+class Checkpointer:
+    def __init__(self, cfg: Config, par, log: Callable[[str], None] = print):
+        c = cfg.checkpoint
+        self.cfg, self.par = cfg, par
+        self.root = c.dir
+        self.enabled = c.every > 0
+        self.async_save = bool(getattr(c, "async_save", False))
+        self._log = log
+        self.group = None
+        if par.world > 1:
+            # The async writer thread runs DCP's collectives concurrently with training: give them
+            # a gloo group of their own so they never interleave with the training groups.
+            self.group = dist.new_group(backend="gloo") if self.async_save else par.world_group
+        self.last_step: Optional[int] = None      # step of the checkpoint last saved or loaded
+        self.pending: Optional[_Pending] = None
+
+    def log(self, msg: str) -> None:
+        if self.par.is_main:
+            self._log(f"moetrain: {msg}")
+
+    # ------------------------------------------------------------------ resume
+
+    def resume(self, trainer) -> None:
+        """Apply checkpoint.resume. Every rank calls this right after build_trainer."""
+        decision = self._decide(trainer) if self.par.is_main else None
+        decision = self._broadcast(decision)
+        for w in decision["warnings"]:
+            self.log(f"warning: {w}")
+        for note in decision["notes"]:
+            self.log(note)
+        if decision["error"]:
+            raise CheckpointError(decision["error"])
+        candidates = decision["candidates"]
+        for i, cand in enumerate(candidates):
+            try:
+                self._load(trainer, cand)
+            except CheckpointError as exc:
+                if i + 1 == len(candidates):
+                    raise
+                self.log(f"warning: {exc}; falling back to {candidates[i + 1]['path']}")
+                continue
+            self.last_step = cand["step"]
+            lay = cand["layout"] or {}
+            self.log(f"resumed from {cand['path']} at step {cand['step']} (saved at world {cand['world']}: "
+                     + " ".join(f"{k} {lay[k]}" for k in ("dp", "tp", "ep") if k in lay) + ")")
+            if cand["world"] != self.par.world:
+                self.log(f"note: saved at world {cand['world']}, now {self.par.world}: ranks without a "
+                         "saved RNG state keep a fresh one, so random streams differ from an uninterrupted run")
+            return
+
+    def _decide(self, trainer) -> dict:
+        """Rank 0: which checkpoints to try, newest first, or one error line. Never raises."""
+        out = {"candidates": [], "warnings": [], "notes": [], "error": None}
+        try:
+            self._decide_into(trainer, out)
+        except CheckpointError as exc:
+            out["error"] = str(exc)
+        except Exception as exc:  # an unexpected filesystem error must not strand the other ranks
+            out["error"] = f"checkpoint.resume={self.cfg.checkpoint.resume!r}: {type(exc).__name__}: {exc}"
+        return out
+
+    def _decide_into(self, trainer, out: dict) -> None:
+        c = self.cfg.checkpoint
+        if not self.enabled and c.resume == "none":
+            return                           # checkpointing off: never touch checkpoint.dir
+        removed = store.remove_stale(self.root)
+        if removed:
+            out["notes"].append(f"removed leftovers of interrupted saves in {self.root}: {', '.join(removed)}")
+        if c.resume == "none":
+            if self.enabled:
+                complete, _ = store.find_complete(self.root)
+                if complete:
+                    raise CheckpointError(
+                        f"checkpoint.dir={self.root!r} already holds checkpoints (newest "
+                        f"{os.path.basename(complete[0].path)}) and checkpoint.resume=none would mix a new run "
+                        "into them: set checkpoint.resume=auto to continue, or choose another checkpoint.dir")
+            return
+        if c.resume == "auto":
+            infos, warnings = store.find_complete(self.root)
+            out["warnings"] += warnings
+            if not infos:
+                out["notes"].append(f"no complete checkpoint in {self.root}: starting from step 0")
+                return
+        else:
+            infos, warnings = store.resolve_path(c.resume)
+            out["warnings"] += warnings
+        sizes = {"ep": self.par.dims.ep, "tp": self.par.dims.tp}
+        for i, info in enumerate(infos):
+            try:
+                extra = S.check_fits(info.metadata, trainer.model, sizes, info.path, self._config_hint(info.manifest))
+            except CheckpointError as exc:
+                if i == 0:
+                    raise      # the newest complete one does not fit: a config change, not damage
+                out["warnings"].append(f"skipping {exc}")
+                continue
+            out["warnings"] += extra
+            if i == 0:
+                changed = _config_changes(info.manifest.get("config", {}), to_dict(self.cfg), skip=_IGNORED_GROUPS)
+                if changed:
+                    out["notes"].append("config differs from the checkpoint's: " + "; ".join(changed))
+            md = info.metadata.state_dict_metadata
+            out["candidates"].append({
+                "path": info.path, "step": info.step, "schema": S.optim_schema(info.metadata),
+                "rng_keys": sorted(k for k in md if k.startswith("rng/")),
+                "world": info.manifest.get("world"), "layout": info.manifest.get("layout")})
+
+    def _config_hint(self, manifest: dict) -> str:
+        changed = _config_changes(manifest.get("config", {}), to_dict(self.cfg), only=("model", "moe"))
+        return "model config changed: " + "; ".join(changed) if changed else ""
+
+    def _load(self, trainer, cand: dict) -> None:
+        """Collective over every rank: read this rank's share of one checkpoint."""
+        model, par = trainer.model, self.par
+        flat: dict[str, Any] = S.model_entries(model, par.mesh)
+        flat.update(S.build_optim_state(model, trainer.opt, cand["schema"], par.mesh))
+        flat.update(S.train_entries(0, 0))
+        rk = S.rng_key(par.rank)
+        if rk in cand["rng_keys"]:
+            flat[rk] = b""
+        store.load_dcp(flat, cand["path"], self.group)
+        trainer.state.step = int(flat[S.STEP_KEY])
+        trainer.state.tokens_seen = int(flat[S.TOKENS_KEY])
+        if rk in cand["rng_keys"]:
+            S.restore_rng(flat[rk], par.device)
+
+    # ------------------------------------------------------------------ save
+
+    def on_step(self, trainer) -> None:
+        """Top of every loop iteration (all of the previous step is done and logged)."""
+        step = trainer.state.step
+        self._poll()
+        if self.enabled and step > 0 and step % self.cfg.checkpoint.every == 0 and step != self.last_step:
+            self.save(trainer)
+        maybe_kill(step, self.par.rank)
+
+    def finish(self, trainer) -> None:
+        """After the last step: the final save (when enabled), then wait for any async write."""
+        step = trainer.state.step
+        if self.enabled and step > 0 and step != self.last_step:
+            self.save(trainer)
+        self.wait()
+
+    def save(self, trainer) -> None:
+        self.wait()                      # at most one save in flight; it must be committed first
+        step, par = trainer.state.step, self.par
+        started = time.perf_counter()
+        flat: dict[str, Any] = S.model_entries(trainer.model, par.mesh)
+        flat.update(S.optim_entries(trainer.model, trainer.opt, par.mesh))
+        flat.update(S.train_entries(step, trainer.state.tokens_seen))
+        flat[S.rng_key(par.rank)] = S.capture_rng(par.device)
+        fields = self._manifest_fields(trainer)
+        tmp = store.tmp_dir_for(self.root, step)
+        future = store.save_dcp(flat, tmp, self.group, async_save=self.async_save)
+        self.last_step = step
+        self.pending = _Pending(future, tmp, step, fields, started)
+        if future is None:
+            self.wait()
+        else:
+            self.log(f"checkpoint step {step}: async write started ({time.perf_counter() - started:.2f}s blocking)")
+
+    def _poll(self) -> None:
+        """Rank 0 commits a finished async write early (no collective; wait() reports errors)."""
+        p = self.pending
+        if p is None or p.future is None or not self.par.is_main or p.committed or not p.future.done():
+            return
+        self._commit(p)
+
+    def wait(self) -> None:
+        """Every rank: finish the pending save; rank 0 commits; all agree on success or raise."""
+        p, self.pending = self.pending, None
+        if p is None:
+            return
+        error = None
+        if p.future is not None:
+            try:
+                p.future.result()
+            except BaseException as exc:   # DCP's CheckpointException is a BaseException
+                error = f"saving checkpoint step {p.step} failed: {store.describe_dcp_error(exc)}"
+        if error is None and self.par.is_main:
+            if not p.committed:
+                self._commit(p)
+            error = p.error
+        error = self._broadcast(error)
+        if error:
+            raise CheckpointError(error)
+
+    def _commit(self, p: _Pending) -> None:
+        p.committed = True
+        try:
+            path = store.commit(p.tmp, self.root, p.step, dict(p.fields, save_s=round(time.perf_counter() - p.started, 3)))
+            removed = store.prune(self.root, self.cfg.checkpoint.keep_last, p.step)
+        except Exception as exc:
+            p.error = f"committing checkpoint step {p.step} in {self.root} failed: {type(exc).__name__}: {exc}"
+            shutil.rmtree(p.tmp, ignore_errors=True)
+            return
+        msg = f"checkpoint saved: {path} ({time.perf_counter() - p.started:.2f}s)"
+        if removed:
+            msg += f"; removed {', '.join(os.path.basename(r) for r in removed)} (keep_last={self.cfg.checkpoint.keep_last})"
+        self.log(msg)
+
+    def _manifest_fields(self, trainer) -> dict:
+        d = self.par.dims
+        return {"tokens_seen": trainer.state.tokens_seen, "world": self.par.world,
+                "layout": {"dp": d.dp, "tp": d.tp, "ep": d.ep},
+                "num_experts": self.cfg.moe.num_experts,
+                "expert_tensors": S.expert_tensor_names(trainer.model),
+                "buffers": S.buffer_names(trainer.model),
+                "async_save": self.async_save, "torch_version": torch.__version__,
+                "config": to_dict(self.cfg)}
+
+    def _broadcast(self, obj):
+        if self.par.world == 1:
+            return obj
+        box = [obj]
+        cuda_group = self.group is self.par.world_group and self.par.device.type == "cuda"
+        dist.broadcast_object_list(box, src=0, group=self.group, device=self.par.device if cuda_group else None)
+        return box[0]
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _config_changes(saved: dict, now: dict, only: tuple = (), skip: tuple = ()) -> list[str]:
+    a, b = _flatten(saved), _flatten(now)
+    out = []
+    for key in sorted(set(a) | set(b)):
+        group = key.split(".", 1)[0]
+        if (only and group not in only) or group in skip:
+            continue
+        if a.get(key, "<unset>") != b.get(key, "<unset>"):
+            out.append(f"{key} {a.get(key, '<unset>')!r} -> {b.get(key, '<unset>')!r}")
+    return out
+
+
+def maybe_kill(step: int, rank: int) -> None:
+    """Fault-injection hook for tests: MOETRAIN_TEST_KILL=rank=R,step=N[,marker=PATH] SIGKILLs rank R
+    at the top of step N; with a marker file only once (the marker is created first)."""
+    spec = os.environ.get(KILL_ENV)
+    if not spec:
+        return
+    kv = dict(item.split("=", 1) for item in spec.split(",") if "=" in item)
+    if int(kv.get("rank", -1)) != rank or int(kv.get("step", -1)) != step:
+        return
+    marker = kv.get("marker")
+    if marker:
+        if os.path.exists(marker):
+            return
+        with open(marker, "w") as f:
+            f.write(f"killed rank {rank} at step {step}\n")
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,201 @@
+#!/usr/bin/env python
+"""Inspect, verify and convert moetrain checkpoints (one process, no process group).
+
+    python tools/ckpt_inspect.py CKPT                       # step, layout, files, every tensor
+    python tools/ckpt_inspect.py CKPT --verify              # + read every byte, check completeness
+    python tools/ckpt_inspect.py CKPT --consolidate full.pt # one file: torch.save (or .safetensors)
+    python tools/ckpt_inspect.py --from-consolidated full.pt --out CKPT_DIR   # back to sharded
+
+CKPT is a step_NNNNNNNN directory or a checkpoint.dir (then its newest complete checkpoint).
+
+The consolidated file (torch) is {"model": state dict of the full model (experts stacked
+[E, ...], loads into a world-1 Transformer), "optim": {param: {state: tensor}}, "train": {step,
+tokens_seen}, "rng": {rank: bytes}, "manifest": dict}. As .safetensors (needs the safetensors
+package) the same tensors are flat under their checkpoint keys with experts stacked
+(model/<fqn>, optim/<fqn>/<state>, train/step, rng/rank_<r> as uint8) and the manifest as JSON
+in the file's metadata. --from-consolidated writes <out>/step_<step>/ and updates <out>/latest;
+the result resumes at any layout like a checkpoint written by training.
+
+Exit codes: 0 ok, 1 the checkpoint is damaged or incomplete, 2 bad arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from moetrain.ckpt import state as S  # noqa: E402
+from moetrain.ckpt import store  # noqa: E402
+from moetrain.ckpt.store import CheckpointError  # noqa: E402
+
+
+def resolve(path: str) -> store.CheckpointInfo:
+    infos, warnings = store.resolve_path(path)
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    return infos[0]
+
+
+def load_all(info: store.CheckpointInfo) -> dict:
+    """Every key of the checkpoint, read into fresh CPU tensors (bytes values as bytes)."""
+    flat: dict = {}
+    for key, md in info.metadata.state_dict_metadata.items():
+        if hasattr(md, "size"):
+            flat[key] = torch.empty(tuple(md.size), dtype=md.properties.dtype)
+        else:
+            flat[key] = b""
+    store.load_dcp(flat, info.path, None)
+    return flat
+
+
+def describe(info: store.CheckpointInfo, out=sys.stdout) -> None:
+    m = info.manifest
+    files = m.get("files", {})
+    print(f"checkpoint {info.path}", file=out)
+    print(f"  step {info.step}  tokens_seen {m.get('tokens_seen')}  world {m.get('world')}  "
+          f"layout {m.get('layout')}  experts {m.get('num_experts')}", file=out)
+    created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m["created"])) if "created" in m else "?"
+    print(f"  format {m.get('format')} v{m.get('format_version')}  torch {m.get('torch_version')}  "
+          f"created {created}  save {m.get('save_s', '?')}s  async {m.get('async_save')}", file=out)
+    print(f"  files {len(files)}, {sum(files.values()) / 2**20:.2f} MiB: "
+          + ", ".join(f"{k} ({v} B)" for k, v in sorted(files.items())), file=out)
+    rows = []
+    for key, md in sorted(info.metadata.state_dict_metadata.items()):
+        expert = ""
+        if (mk := S.parse_model_key(key)) is not None and mk[1] is not None:
+            expert = str(mk[1])
+        elif (ok := S.parse_optim_key(key)) is not None and ok[1] is not None:
+            expert = str(ok[1])
+        if hasattr(md, "size"):
+            rows.append((key, "x".join(map(str, md.size)) or "scalar", str(md.properties.dtype).replace("torch.", ""),
+                         expert))
+        else:
+            rows.append((key, "-", "bytes", expert))
+    width = max(len(r[0]) for r in rows) if rows else 10
+    print(f"  {'tensor':<{width}}  {'shape':<14} {'dtype':<8} expert", file=out)
+    for key, shape, dtype, expert in rows:
+        print(f"  {key:<{width}}  {shape:<14} {dtype:<8} {expert}", file=out)
+
+
+def verify_deep(info: store.CheckpointInfo) -> dict:
+    """Beyond store.verify (files, sizes, chunk bounds): every byte reads back, every expert
+    0..E-1 of every expert tensor (and of its optimizer state) is present."""
+    flat = load_all(info)
+    full = S.to_consolidated(flat, info.manifest)     # raises on gaps in expert ids
+    num = info.manifest.get("num_experts")
+    for name in info.manifest.get("expert_tensors", []):
+        if name not in full["model"]:
+            raise CheckpointError(f"checkpoint {info.path}: expert tensor {name} is missing")
+        if num and full["model"][name].shape[0] != num:
+            raise CheckpointError(f"checkpoint {info.path}: {name} has {full['model'][name].shape[0]} experts, "
+                                  f"manifest says {num}")
+    for name in full["optim"]:
+        if name not in full["model"]:
+            raise CheckpointError(f"checkpoint {info.path}: optimizer state for {name}, which is not a model tensor")
+    bad = [k for k, v in flat.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        print(f"warning: non-finite values in {len(bad)} tensors, e.g. {bad[0]}", file=sys.stderr)
+    return full
+
+
+def save_consolidated(full: dict, out: str) -> None:
+    if out.endswith(".safetensors"):
+        try:
+            from safetensors.torch import save_file
+        except ImportError:
+            raise SystemExit("ckpt_inspect: error: writing .safetensors needs the safetensors package "
+                             "(pip install safetensors), or use a .pt path") from None
+        flat = {f"model/{k}": v for k, v in full["model"].items()}
+        for name, states in full["optim"].items():
+            flat.update({f"optim/{name}/{k}": v for k, v in states.items()})
+        flat.update({f"train/{k}": torch.tensor(v, dtype=torch.int64) for k, v in full["train"].items()})
+        flat.update({S.rng_key(r): torch.frombuffer(bytearray(b), dtype=torch.uint8) for r, b in full["rng"].items()})
+        save_file({k: v.contiguous().clone() for k, v in flat.items()}, out,
+                  metadata={"manifest": json.dumps(full["manifest"])})
+    else:
+        torch.save(full, out)
+
+
+def read_consolidated(path: str) -> dict:
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors import safe_open
+        except ImportError:
+            raise SystemExit("ckpt_inspect: error: reading .safetensors needs the safetensors package") from None
+        full: dict = {"model": {}, "optim": {}, "train": {}, "rng": {}}
+        with safe_open(path, framework="pt") as f:
+            full["manifest"] = json.loads(f.metadata()["manifest"])
+            for key in f.keys():
+                t = f.get_tensor(key)
+                if (mk := S.parse_model_key(key)) is not None:
+                    full["model"][mk[0]] = t
+                elif (ok := S.parse_optim_key(key)) is not None:
+                    full["optim"].setdefault(ok[0], {})[ok[2]] = t
+                elif key.startswith("train/"):
+                    full["train"][key[len("train/"):]] = int(t)
+                elif key.startswith("rng/rank_"):
+                    full["rng"][int(key[len("rng/rank_"):])] = t.numpy().tobytes()
+        return full
+    full = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(full, dict) or "model" not in full or "manifest" not in full:
+        raise CheckpointError(f"{path}: not a consolidated moetrain checkpoint (needs 'model' and 'manifest')")
+    return full
+
+
+def write_sharded(full: dict, out_dir: str, source: str) -> str:
+    """A consolidated dict -> <out_dir>/step_<step>/ (DCP, one writer), committed like training does."""
+    flat = S.from_consolidated(full)
+    step = int(flat[S.STEP_KEY])
+    fields = {k: v for k, v in full["manifest"].items()
+              if k not in ("format", "format_version", "step", "created", "files", "save_s")}
+    fields.update(converted_from=os.path.abspath(source), world=1, layout={"dp": 1, "tp": 1, "ep": 1})
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = store.tmp_dir_for(out_dir, step)
+    store.remove_stale(out_dir)
+    store.save_dcp(flat, tmp, None)
+    return store.commit(tmp, out_dir, step, fields)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="ckpt_inspect", description=__doc__.splitlines()[0])
+    ap.add_argument("path", nargs="?", help="step_NNNNNNNN directory or checkpoint.dir")
+    ap.add_argument("--verify", action="store_true", help="read every tensor and check completeness")
+    ap.add_argument("--consolidate", metavar="OUT", help="write one consolidated file (.pt, or .safetensors)")
+    ap.add_argument("--from-consolidated", metavar="IN", help="convert a consolidated file back into a sharded checkpoint")
+    ap.add_argument("--out", metavar="CKPT_DIR", help="checkpoint.dir to write with --from-consolidated")
+    ap.add_argument("--quiet", "-q", action="store_true", help="no tensor listing")
+    args = ap.parse_args(argv)
+    try:
+        if args.from_consolidated:
+            if not args.out:
+                ap.error("--from-consolidated needs --out CKPT_DIR")
+            path = write_sharded(read_consolidated(args.from_consolidated), args.out, args.from_consolidated)
+            print(f"wrote {path}")
+            return 0
+        if not args.path:
+            ap.error("give a checkpoint path (or --from-consolidated IN --out DIR)")
+        info = resolve(args.path)
+        if not args.quiet:
+            describe(info)
+        full = None
+        if args.verify:
+            full = verify_deep(info)
+            print(f"OK: {info.path} is complete ({len(info.metadata.state_dict_metadata)} entries read back)")
+        if args.consolidate:
+            full = full or S.to_consolidated(load_all(info), info.manifest)
+            save_consolidated(full, args.consolidate)
+            print(f"wrote {args.consolidate}")
+    except (CheckpointError, OSError) as exc:
+        print(f"ckpt_inspect: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
