@@ -86,8 +86,9 @@ class MoEConfig:
 @dataclass
 class ParallelConfig:
     dp: Optional[int] = None       # null = world // tp
-    tp: int = 1
+    tp: int = 1                    # tensor parallel: attention heads, dense FFNs, vocab
     ep: int = 1
+    etp: bool = False              # expert tensor parallel: each expert's hidden dim split over tp
 
 
 ENGINES = ("native",)
@@ -320,7 +321,22 @@ def validate(cfg: Config) -> None:
             _need(pc.key_dim % 2 == 0, "moe.peer.key_dim", pc.key_dim, "must be even (two product-key halves)")
             _need(pc.top_k <= pc.num_keys, "moe.peer.top_k", pc.top_k, f"must be <= moe.peer.num_keys={pc.num_keys}")
 
-    _need(p.tp == 1, "parallel.tp", p.tp, "tensor parallelism is not implemented yet: use 1")
+    _need(p.tp >= 1, "parallel.tp", p.tp, "must be >= 1")
+    if p.tp > 1:
+        _need(m.n_heads % p.tp == 0, "parallel.tp", p.tp, f"must divide model.n_heads={m.n_heads}")
+        _need(m.vocab_size % p.tp == 0, "parallel.tp", p.tp, f"must divide model.vocab_size={m.vocab_size}")
+        if e.num_experts == 0 or e.every > 1:      # the model has dense SwiGLU layers
+            _need(m.ffn_hidden % p.tp == 0, "parallel.tp", p.tp, f"must divide model.ffn_hidden={m.ffn_hidden}")
+        if e.num_experts > 0 and e.layer == "moe" and e.shared_experts > 0:
+            shared = cfg.base_expert_hidden * e.shared_experts
+            _need(shared % p.tp == 0, "parallel.tp", p.tp,
+                  f"must divide the shared-expert hidden size {shared} (expert hidden x moe.shared_experts)")
+    if p.etp:
+        _need(p.tp > 1, "parallel.etp", p.etp, "expert tensor parallelism needs parallel.tp > 1")
+        _need(e.num_experts > 0 and e.layer == "moe", "parallel.etp", p.etp,
+              "needs routed FFN experts (moe.num_experts > 0, moe.layer=moe)")
+        _need(cfg.expert_hidden % p.tp == 0, "parallel.etp", p.etp,
+              f"parallel.tp={p.tp} must divide the expert hidden size {cfg.expert_hidden}")
     _need(p.ep >= 1, "parallel.ep", p.ep, "must be >= 1")
     _need(p.dp is None or p.dp >= 1, "parallel.dp", p.dp, "must be >= 1 or null (= world / tp)")
     if e.num_experts > 0:

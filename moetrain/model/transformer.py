@@ -46,18 +46,23 @@ def apply_rope(x_BHSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
 
 
 class Attention(nn.Module):
+    """Separate wq/wk/wv (rows = heads x Dh) so tensor parallelism shards each along dim 0 into
+    whole heads; forward uses local shapes (heads = rows / Dh), whatever the TP degree."""
+
     def __init__(self, dim: int, n_heads: int):
         super().__init__()
         self.n_heads, self.head_dim = n_heads, dim // n_heads
-        self.wqkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.wq = nn.Linear(dim, dim, bias=False)
+        self.wk = nn.Linear(dim, dim, bias=False)
+        self.wv = nn.Linear(dim, dim, bias=False)
         self.wo = nn.Linear(dim, dim, bias=False)
 
     def forward(self, x_BSD, cos, sin):
-        B, S, D = x_BSD.shape
-        q, k, v = self.wqkv(x_BSD).view(B, S, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        B, S, _ = x_BSD.shape
+        q, k, v = (lin(x_BSD).view(B, S, -1, self.head_dim).transpose(1, 2) for lin in (self.wq, self.wk, self.wv))
         q, k = apply_rope(q, cos[:S], sin[:S]), apply_rope(k, cos[:S], sin[:S])
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.wo(y.transpose(1, 2).reshape(B, S, D))
+        y_BHSD = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.wo(y_BHSD.transpose(1, 2).reshape(B, S, -1))
 
 
 class Block(nn.Module):
@@ -174,8 +179,10 @@ def count_params(model: Transformer, cfg: Config) -> tuple[int, int]:
             if id(p) in seen:       # tied embeddings count once
                 continue
             seen.add(id(p))
+            # a tensor-parallel shard (parallel.tp.apply_tp marks it) is 1/tp of the tensor
+            shards = cfg.parallel.tp if getattr(p, "tp_shard_dim", None) is not None else 1
             if isinstance(mod, GroupedExperts):
-                per_expert = p[0].numel()
+                per_expert = p[0].numel() * shards
                 total += per_expert * cfg.num_ffn_experts
                 active += per_expert * cfg.routed_top_k
             elif isinstance(mod, PEERLayer) and p_name.startswith("expert_"):
@@ -183,6 +190,6 @@ def count_params(model: Transformer, cfg: Config) -> tuple[int, int]:
                 total += per_expert * mod.num_experts
                 active += per_expert * mod.heads * mod.top_k
             else:
-                total += p.numel()
-                active += p.numel()
+                total += p.numel() * shards
+                active += p.numel() * shards
     return total, active

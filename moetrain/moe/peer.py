@@ -86,14 +86,35 @@ class PEERLayer(nn.Module):
         if self.ep_group is None or self.ep_size == 1:
             return self._experts(x_TD, w, ids).view(B, S, D)
         from torch.distributed.nn import functional as dnn
-        xs = torch.cat(dnn.all_gather(x_TD, group=self.ep_group))
-        ws = torch.cat(dnn.all_gather(w, group=self.ep_group))
+        xs = _GatherRows.apply(x_TD, self.ep_group, self.ep_size)
+        ws = _GatherRows.apply(w, self.ep_group, self.ep_size)
         ids_all = [torch.empty_like(ids) for _ in range(self.ep_size)]
         torch.distributed.all_gather(ids_all, ids.contiguous(), group=self.ep_group)
         partial = self._experts(xs, ws, torch.cat(ids_all))
         out = torch.empty_like(x_TD)
         out = dnn.reduce_scatter(out, list(partial.chunk(self.ep_size)), group=self.ep_group)
         return out.view(B, S, D)
+
+
+class _GatherRows(torch.autograd.Function):
+    """all_gather along dim 0 within `group`; backward: reduce-scatter of the gradient.
+    (torch.distributed.nn's all_gather emulates that backward on gloo with scatters whose source
+    is a group rank passed as a global one: it fails in any group other than ranks 0..n-1, e.g.
+    the EP groups of dp > ep or tp > 1 layouts.)"""
+
+    @staticmethod
+    def forward(ctx, x, group, size: int):
+        ctx.group, ctx.size = group, size
+        parts = [torch.empty_like(x) for _ in range(size)]
+        torch.distributed.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        parts = [g.contiguous() for g in grad.chunk(ctx.size)]
+        out = torch.empty_like(parts[0])
+        torch.distributed.reduce_scatter(out, parts, group=ctx.group)
+        return out, None, None
 
 
 def brute_force_topk(q1_THd, q2_THd, keys1_Hnd, keys2_Hnd, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,7 @@
-"""Add parallelism to a built, parallelism-agnostic model (torchtitan's parallelize pattern)."""
+"""Add parallelism to a built, parallelism-agnostic model (torchtitan's parallelize pattern).
+
+Order (train/loop.build_trainer): apply_ep (before init: experts are filled by global id),
+init_weights, apply_tp (after init: TP shards are slices of the full weights; parallel/tp.py)."""
 from __future__ import annotations
 
 import torch.nn as nn
@@ -9,6 +12,7 @@ from moetrain.moe.gate import Gate
 from moetrain.moe.layer import MoELayer
 from moetrain.moe.peer import PEERLayer
 from moetrain.parallel.mesh import Parallel
+from moetrain.parallel.tp import apply_tp  # noqa: F401  (tensor parallelism lives in tp.py)
 
 
 def apply_ep(model: nn.Module, par: Parallel) -> None:

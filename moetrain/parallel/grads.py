@@ -6,7 +6,10 @@ gradient is its share of the global mean: the right reduction is a SUM, never an
   expert params : SUM over edp  (the all-to-all backward already summed the contributions of
                   every rank in the EP group; edp replicas saw the remaining tokens)
 Averaging instead (DDP's default) would shrink expert gradients by ep relative to dense ones —
-the classic bug that tests/parallel/test_grads.py guards against.
+the classic bug that tests/parallel/test_cross_layout.py guards against.
+Tensor parallelism adds no reduction: the dp and edp groups hold the ranks with the same tp
+index, hence the same shard, and replicated parameters already hold complete gradients on every
+TP rank (parallel/tp.py). Only the norm has to sum the shards over tp.
 """
 from __future__ import annotations
 
@@ -41,24 +44,51 @@ def sync_gradients(dense: list, expert: list, dp_group, edp_group, dp: int, edp:
         _flat_all_reduce(expert, edp_group)
 
 
-def clip_grad_norm(dense: list, expert: list, max_norm: float, ep_group, ep: int) -> float:
-    """One global L2 norm over all parameters, as if the model lived in one process.
+def grad_sq_norms(dense: list, expert: list, ep_group=None, ep: int = 1, tp_group=None, tp: int = 1) -> dict:
+    """Squared L2 norms of the synced gradients, each logical parameter counted once:
+    {"dense", "dense_tp", "expert", "expert_tp"} (fp32 scalars, equal on every rank).
 
-    After sync, dense grads are identical on every rank; expert grads differ across the EP group
-    (each rank holds other experts) and are identical across edp. So the global squared norm is
-    dense_sq + SUM_over_ep(expert_sq). Returns the norm before clipping.
+      dense (whole)  identical on every rank of the mesh (summed over dp; complete on every TP
+                     rank, see parallel/tp.py): counted as is
+      dense TP shard differs across tp, identical across dp: summed over tp
+      expert         differs across ep (other experts), identical across edp (and tp unless
+                     etp): summed over ep
+      expert TP shard (etp) differs across ep and tp: summed over ep and tp
     """
+    from moetrain.parallel.tp import tp_shard_dim
+
+    device = next((p.grad.device for p in list(dense) + list(expert) if p.grad is not None), torch.device("cpu"))
+
     def sq(params):
         gs = [p.grad for p in params if p.grad is not None]
         if not gs:
-            return torch.zeros((), dtype=torch.float32)
+            return torch.zeros((), dtype=torch.float32, device=device)
         return torch.stack([g.float().pow(2).sum() for g in gs]).sum()
 
-    dense_sq = sq(dense)
-    expert_sq = sq(expert).to(dense_sq.device)
+    def split(params):
+        whole = [p for p in params if tp_shard_dim(p) is None]
+        return whole, [p for p in params if tp_shard_dim(p) is not None]
+
+    d_whole, d_tp = split(dense)
+    e_whole, e_tp = split(expert)
+    vals = torch.stack([sq(d_whole), sq(d_tp), sq(e_whole), sq(e_tp)])
     if ep > 1:
-        dist.all_reduce(expert_sq, group=ep_group)
-    total = math.sqrt(float(dense_sq + expert_sq))
+        ep_part = vals[2:].clone()
+        dist.all_reduce(ep_part, group=ep_group)
+        vals = torch.cat([vals[:2], ep_part])
+    if tp > 1:
+        tp_part = vals[1::2].clone()           # the TP-sharded kinds
+        dist.all_reduce(tp_part, group=tp_group)
+        vals = torch.stack([vals[0], tp_part[0], vals[2], tp_part[1]])
+    vals = vals.cpu()
+    return {"dense": vals[0], "dense_tp": vals[1], "expert": vals[2], "expert_tp": vals[3]}
+
+
+def clip_grad_norm(dense: list, expert: list, max_norm: float, ep_group, ep: int,
+                   tp_group=None, tp: int = 1) -> float:
+    """One global L2 norm over all parameters, as if the model lived in one process (see
+    grad_sq_norms for how each kind of parameter is counted). Returns the norm before clipping."""
+    total = math.sqrt(float(sum(grad_sq_norms(dense, expert, ep_group, ep, tp_group, tp).values())))
     if max_norm > 0 and total > max_norm:
         scale = max_norm / (total + 1e-6)
         for p in list(dense) + list(expert):

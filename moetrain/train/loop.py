@@ -3,10 +3,10 @@
 Loss scaling that makes every layout compute the same gradients as world size 1:
     micro-step loss = CE_sum / tokens_in_global_batch
                     + (aux_coef * sum_layers aux + z_coef * sum_layers z) / micro_batches_in_global_batch
-Gradients are then SUMMED over dp (dense) and edp (experts). Under tensor parallelism every TP
-rank computes the same CE_sum (vocab-parallel cross-entropy) and differentiates one copy of it. The balance loss of a micro batch is
+Gradients are then SUMMED over dp (dense) and edp (experts). The balance loss of a micro batch is
 computed over the same sequences whatever the layout, because the global batch is cut into
-contiguous rank slices and then contiguous micro batches.
+contiguous rank slices and then contiguous micro batches. Under tensor parallelism every TP rank
+computes the same CE_sum (vocab-parallel cross-entropy) and differentiates one copy of it.
 """
 from __future__ import annotations
 

@@ -1,0 +1,284 @@
+"""Tensor parallelism (parallel/tp.py) composed with data and expert parallelism.
+
+1. TP layers == unsharded layers (world 2, tp=2): attention, dense FFN, embedding + head +
+   vocab-parallel CE, whole models (incl. etp experts, tied embeddings): outputs and gradients.
+2. The central property (DESIGN.md) under TP: with capacity_factor null, every (dp, tp, ep[, etp])
+   layout (also with PEER layers) reproduces the world-1 loss, grad-norm, aux-loss and val-loss
+   curves, its synced gradients equal world 1's (sliced to the local shard), the logged expert
+   counts equal world 1's, and the parameters that are replicated over tp stay bitwise identical
+   across the TP group (also under GShard's random routing: TP peers share one RNG stream).
+3. Config validation of illegal combinations.
+
+Each world size runs all its layouts in ONE run_dist call (one process group, one mesh per layout).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+
+from _dist import run_dist
+from moetrain.config import ConfigError, load_config, validate_layout
+
+TINY = ["model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.max_seq_len=32", "model.ffn_hidden=64",
+        "moe.num_experts=4", "moe.top_k=2", "moe.capacity_factor=null", "moe.aux_loss_coef=0.01",
+        "moe.every=2", "moe.shared_experts=1",       # layer 0 dense SwiGLU, layer 1 MoE + shared expert
+        "train.seq_len=32", "train.global_batch_size=8", "train.micro_batch_size=2", "train.steps=5",
+        "train.warmup_steps=2", "train.lr=3e-3", "train.grad_clip=0.5", "train.eval_every=0",
+        "train.eval_batches=1", "train.progress=false", "logging.every=1", "logging.tensorboard=false",
+        "checkpoint.every=0"]
+CONFIG = "configs/tiny_cpu.yaml"
+
+
+def _env(rank, world):
+    from moetrain.parallel.mesh import LaunchEnv
+    return LaunchEnv(rank, world, rank, world, "torchrun") if world > 1 else LaunchEnv(0, 1, 0, 1, "single")
+
+
+def _local(full: torch.Tensor, p: torch.Tensor, tp: int, tp_rank: int, expert_offset=None, dim=None):
+    """The slice of a world-1 tensor that this rank's parameter `p` (or tensor shaped like it,
+    sharded along `dim`) holds."""
+    from moetrain.parallel.tp import tp_shard_dim
+    if expert_offset is not None:
+        full = full[expert_offset:expert_offset + p.shape[0]]
+    d = tp_shard_dim(p) if dim is None else dim
+    return full if d is None else full.chunk(tp, d)[tp_rank]
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. layers (world 2, tp=2)
+
+def _layers_body(rank, world):
+    import torch.nn.functional as F
+
+    from moetrain.model.transformer import Transformer
+    from moetrain.parallel.mesh import init_parallel
+    from moetrain.parallel.tp import apply_tp, cross_entropy_sum, tp_shard_dim
+
+    par = init_parallel(1, 2, 1, _env(rank, world), "cpu")
+    close = {"rtol": 1e-5, "atol": 1e-6}
+    checked = []
+    for extra, etp in ((["model.tie_embeddings=false"], False), (["model.tie_embeddings=true"], True)):
+        cfg = load_config(CONFIG, TINY + extra + ["parallel.tp=2", f"parallel.etp={etp}"])
+        full = Transformer(cfg)
+        full.init_weights(cfg.train.seed)
+        sharded = copy.deepcopy(full)
+        apply_tp(sharded, par, etp)
+        g = torch.Generator().manual_seed(7)
+        B, S, D = 2, 16, cfg.model.dim
+        cos, sin = full.rope_cos, full.rope_sin
+
+        # attention and the dense FFN: same output, same input grad, sliced weight grads
+        for name, call in (("attn", lambda m, x, cos=cos, sin=sin: m.layers[0].attn(x, cos, sin)),
+                           ("ffn", lambda m, x: m.layers[0].ffn(x))):
+            x = torch.randn(B, S, D, generator=g)
+            dy = torch.randn(B, S, D, generator=g)
+            outs = []
+            for model in (full, sharded):
+                xi = x.clone().requires_grad_()
+                y = call(model, xi)
+                (y * dy).sum().backward()
+                outs.append((y.detach(), xi.grad))
+            torch.testing.assert_close(outs[1][0], outs[0][0], **close, msg=name)
+            torch.testing.assert_close(outs[1][1], outs[0][1], **close, msg=name)
+            checked.append(name)
+
+        # embedding + head + vocab-parallel CE, then the whole model: loss and every gradient
+        full.zero_grad(set_to_none=True)
+        sharded.zero_grad(set_to_none=True)
+        tokens = torch.randint(0, cfg.model.vocab_size, (B, S + 1), generator=g)
+        x_full = full.embed(tokens[:, :-1])
+        x_tp = sharded.embed(tokens[:, :-1])
+        torch.testing.assert_close(x_tp, x_full, rtol=0, atol=0, msg="embedding")
+        logits_full, _ = full(tokens[:, :-1])
+        logits_tp, _ = sharded(tokens[:, :-1])
+        torch.testing.assert_close(logits_tp, logits_full.chunk(2, -1)[par.tp_rank], **close, msg="logits")
+        ce_full = F.cross_entropy(logits_full.float().reshape(-1, cfg.model.vocab_size),
+                                  tokens[:, 1:].reshape(-1), reduction="sum")
+        ce_tp = cross_entropy_sum(logits_tp, tokens[:, 1:], par)
+        torch.testing.assert_close(ce_tp, ce_full, rtol=1e-6, atol=0, msg="vocab-parallel CE")
+        (ce_full / tokens[:, 1:].numel()).backward()
+        (ce_tp / tokens[:, 1:].numel()).backward()
+        full_params = dict(full.named_parameters())
+        num_sharded = 0
+        for pname, p in sharded.named_parameters():
+            want = _local(full_params[pname].grad, p, par.dims.tp, par.tp_rank)
+            torch.testing.assert_close(p.grad, want, rtol=1e-4, atol=1e-7, msg=pname)
+            num_sharded += tp_shard_dim(p) is not None
+            # the global tensor is the concatenation of the shards along tp_shard_dim (checkpoints)
+            assert torch.equal(p.detach(), _local(full_params[pname].detach(), p, par.dims.tp, par.tp_rank))
+        # wq wk wv wo, dense w1 w3 w2, shared w1 w3 w2, embed, head (x2 layers of attention)
+        expect = 4 * 2 + 3 + 3 + 1 + (0 if cfg.model.tie_embeddings else 1) + (3 if etp else 0)
+        assert num_sharded == expect, (num_sharded, expect)
+        checked.append(f"model etp={etp} tied={cfg.model.tie_embeddings}")
+    return checked
+
+
+def test_tp_layers_match_unsharded():
+    checked = run_dist(_layers_body, 2)
+    assert checked[0] == checked[1] and len(checked[0]) == 6
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. layouts reproduce world 1
+
+def _records(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if "loss" in r]
+
+
+def _layouts_body(rank, world, log_dir, layouts):
+    """For each layout: synced step-0 gradients, then a 5-step run's metrics (rank 0) and the
+    tp-replicated parameters at the end (every rank)."""
+    from moetrain.data import load_token_data
+    from moetrain.parallel.mesh import init_parallel
+    from moetrain.parallel.tp import tp_shard_dim
+    from moetrain.train import loop
+
+    out = {}
+    data = None
+    for name, extra, _ in layouts:
+        cfg = load_config(CONFIG, TINY + extra + [f"logging.dir={log_dir}", f"logging.run_name={name}"])
+        dp, tp, ep = validate_layout(cfg, world)
+        par = init_parallel(dp, tp, ep, _env(rank, world), "cpu")
+        data = data or load_token_data(cfg.data.source, cfg.data.path, cfg.model.vocab_size)
+        trainer = loop.build_trainer(cfg, par, data)
+        trainer.compute_gradients(step=0)
+        modules = dict(trainer.model.named_modules())
+        grads = {}
+        for pname, p in trainer.model.named_parameters():
+            owner = modules[pname.rsplit(".", 1)[0]]
+            offset = getattr(owner, "expert_offset", None)       # GroupedExperts
+            if pname.rsplit(".", 1)[1].startswith("expert_"):      # PEER expert tables
+                offset = owner.row_offset
+            grads[pname] = (offset, tp_shard_dim(p), p.grad.clone())
+
+        original = loop.build_trainer
+        built = []
+
+        def capture(*a, built=built, original=original, **kw):
+            built.append(original(*a, **kw))
+            return built[-1]
+
+        loop.build_trainer = capture
+        try:
+            loop.run_training(cfg, par, data, log=lambda m: None)
+        finally:
+            loop.build_trainer = original
+        model = built[0].model
+        replicated = {n: p.detach().clone() for n, p in model.named_parameters() if tp_shard_dim(p) is None}
+        out[name] = {"grads": grads, "replicated": replicated, "tp_rank": par.tp_rank, "tp": tp,
+                     "records": _records(os.path.join(log_dir, name)) if rank == 0 else None}
+    return out
+
+
+# world-1 reference runs: name -> overrides (on top of TINY)
+PEER = ["moe.layer=peer", "moe.peer.num_keys=8", "moe.peer.top_k=4", "moe.peer.key_dim=16"]
+REFS = {"base": [], "peer": PEER}
+# (run name, overrides, world-1 reference to match or None)
+WORLD4 = [("tp2_dp2_ep2", ["parallel.tp=2", "parallel.ep=2"], "base"),
+          ("tp2_dp2_ep2_etp", ["parallel.tp=2", "parallel.ep=2", "parallel.etp=true"], "base"),
+          ("tp2_dp2_ep1", ["parallel.tp=2", "parallel.ep=1"], "base"),
+          ("tp2_dp2_ep2_peer", ["parallel.tp=2", "parallel.ep=2"] + PEER, "peer"),
+          # random routing: TP peers must draw the same numbers (one RNG stream per dp rank)
+          ("tp2_dp2_ep2_gshard", ["parallel.tp=2", "parallel.ep=2", "moe.router=gshard"], None)]
+WORLD8 = [("tp2_dp4_ep2", ["parallel.tp=2", "parallel.ep=2"], "base"),
+          ("tp2_dp4_ep4_etp", ["parallel.tp=2", "parallel.ep=4", "parallel.etp=true"], "base")]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    torch.set_num_threads(1)
+    return _layouts_body(0, 1, str(tmp_path_factory.mktemp("w1")), [(k, v, k) for k, v in REFS.items()])
+
+
+def _check_layout(refs, per_rank, name, ref_name):
+    """Loss/grad-norm curves, step-0 gradients, expert counts, replicas across tp."""
+    compare = ref_name is not None
+    ref = refs[ref_name or "base"]
+    got = per_rank[0][name]["records"]
+    want = ref["records"]
+    assert len(got) == len(want) == 5
+    if compare:
+        for key in ("loss", "grad_norm", "aux_loss"):
+            torch.testing.assert_close(torch.tensor([r[key] for r in got]), torch.tensor([r[key] for r in want]),
+                                       rtol=2e-5, atol=0, msg=f"{name} {key}")
+        torch.testing.assert_close(got[-1]["val_loss"], want[-1]["val_loss"], rtol=2e-5, atol=0)
+        # TP ranks route the same tokens; metrics.summarize counts them once
+        for key in ("moe.layer0.routed", "moe.layer0.kept"):
+            assert got[0].get(key) == want[0].get(key), (name, key)
+
+    by_tp_rank: dict = {}
+    for rank_out in per_rank:
+        res = rank_out[name]
+        for pname, (offset, dim, g) in res["grads"].items():
+            if not compare:
+                break
+            want_g = _local(ref["grads"][pname][2], g, res["tp"], res["tp_rank"], offset, dim)
+            torch.testing.assert_close(g, want_g, rtol=1e-4, atol=1e-7, msg=lambda m, n=name, p=pname: f"{n} {p}: {m}")
+        by_tp_rank.setdefault(res["tp_rank"], []).append(res["replicated"])
+    # parameters whole on every TP rank (norms, routers, experts without etp, PEER) received
+    # bitwise identical updates: their gradients need no reduction over tp
+    for dp_idx in range(len(by_tp_rank[0])):
+        peers = [by_tp_rank[t][dp_idx] for t in sorted(by_tp_rank)]
+        for pname, p in peers[0].items():
+            for other in peers[1:]:
+                assert torch.equal(other[pname], p), f"{name}: {pname} diverged across tp"
+
+
+def test_world4_tp2_layouts_match_world1(reference, tmp_path):
+    torch.set_num_threads(1)
+    per_rank = run_dist(_layouts_body, 4, (str(tmp_path), WORLD4), timeout_s=300)
+    for name, _, ref_name in WORLD4:
+        _check_layout(reference, per_rank, name, ref_name)
+
+
+def test_world8_tp2_layouts_match_world1(reference, tmp_path):
+    torch.set_num_threads(1)
+    per_rank = run_dist(_layouts_body, 8, (str(tmp_path), WORLD8), timeout_s=600)
+    for name, _, ref_name in WORLD8:
+        _check_layout(reference, per_rank, name, ref_name)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. config validation
+
+def _error(overrides, world=None):
+    with pytest.raises(ConfigError) as info:
+        cfg = load_config(CONFIG, TINY + overrides)
+        if world is not None:
+            validate_layout(cfg, world)
+    msg = str(info.value)
+    assert "\n" not in msg
+    return msg
+
+
+@pytest.mark.parametrize("overrides,key,needle", [
+    (["parallel.tp=4"], "parallel.tp=4", "model.n_heads=2"),
+    (["parallel.tp=2", "model.n_heads=2", "model.vocab_size=255"], "parallel.tp=2", "model.vocab_size=255"),
+    (["parallel.tp=2", "model.ffn_hidden=63", "moe.expert_hidden=16"], "parallel.tp=2", "model.ffn_hidden=63"),
+    (["parallel.tp=2", "moe.expert_hidden=15"], "parallel.tp=2", "shared-expert hidden size 15"),
+    (["parallel.tp=0"], "parallel.tp=0", ">= 1"),
+    (["parallel.etp=true"], "parallel.etp=True", "parallel.tp > 1"),
+    (["parallel.tp=2", "parallel.etp=true", "moe.num_experts=0", "moe.shared_experts=0"], "parallel.etp=True",
+     "moe.num_experts > 0"),
+    (["parallel.tp=2", "parallel.etp=true", "moe.expert_hidden=30", "moe.shared_experts=0",
+      "moe.expert_granularity=2"], "parallel.etp=True", "expert hidden size 15"),
+])
+def test_config_rejects_illegal_tp(overrides, key, needle):
+    msg = _error(overrides)
+    assert key in msg and needle in msg, msg
+
+
+def test_config_tp_layout():
+    assert _error(["parallel.tp=2"], world=3).startswith("parallel.tp=2")       # tp must divide world
+    cfg = load_config(CONFIG, TINY + ["parallel.tp=2", "parallel.ep=2"])
+    assert validate_layout(cfg, 8) == (4, 2, 2)
+    assert "parallel.ep=2" in _error(["parallel.tp=2", "parallel.ep=2"], world=2)  # dp=1
+    # dense FFN hidden only matters when a dense layer exists
+    cfg = load_config(CONFIG, TINY + ["parallel.tp=2", "model.ffn_hidden=63", "moe.every=1",
+                                      "moe.expert_hidden=16"])
+    assert cfg.parallel.tp == 2
