@@ -11,6 +11,7 @@ computes the same CE_sum (vocab-parallel cross-entropy) and differentiates one c
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -188,19 +189,38 @@ def build_trainer(cfg: Config, par: Parallel, data: TokenData) -> Trainer:
     return Trainer(cfg, par, data, model, opt, dense, expert, TrainState())
 
 
-def _open_run_dir(cfg: Config) -> str:
+def _open_run_dir(cfg: Config, start_step: int) -> str:
+    """Create the run directory. A fresh run (step 0) moves an older metrics.jsonl aside instead
+    of appending to it; a resumed run keeps the records up to its checkpoint's step and drops the
+    later ones, which the crashed attempt logged and this run logs again."""
     run_dir = os.path.join(cfg.logging.dir, cfg.logging.run_name)
     os.makedirs(run_dir, exist_ok=True)
     metrics = os.path.join(run_dir, "metrics.jsonl")
-    if os.path.exists(metrics) and cfg.checkpoint.resume == "none":
-        # a fresh run never appends to (or overwrites) an older run's metrics: keep them aside
+    if os.path.exists(metrics) and start_step == 0:
         n = 1
         while os.path.exists(os.path.join(run_dir, f"metrics.{n}.jsonl")):
             n += 1
         os.replace(metrics, os.path.join(run_dir, f"metrics.{n}.jsonl"))
+    elif os.path.exists(metrics):
+        _truncate_metrics(metrics, start_step)
     with open(os.path.join(run_dir, "config.yaml"), "w") as f:
         f.write(to_yaml(cfg))
     return run_dir
+
+
+def _truncate_metrics(path: str, last_step: int) -> None:
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line).get("step", 0) <= last_step:
+                    keep.append(line if line.endswith("\n") else line + "\n")
+            except json.JSONDecodeError:      # a line cut by the crash
+                continue
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
 
 
 def run_training(cfg: Config, par: Parallel, data: TokenData, log=print) -> dict:
@@ -210,7 +230,7 @@ def run_training(cfg: Config, par: Parallel, data: TokenData, log=print) -> dict
     ckpt = Checkpointer(cfg, par, log)
     ckpt.resume(trainer)          # checkpoint.resume: sets trainer.state.step, model, optimizer, RNG
     total_params, active_params = count_params(trainer.model, cfg)
-    writer = RunWriter(_open_run_dir(cfg), lg.tensorboard) if par.is_main else None
+    writer = RunWriter(_open_run_dir(cfg, trainer.state.step), lg.tensorboard) if par.is_main else None
     gpu = GpuStats(par.device)
     if par.is_main:
         log(f"moetrain: world {par.world} (dp {par.dims.dp}, tp {par.dims.tp}, ep {par.dims.ep}) on "
