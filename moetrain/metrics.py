@@ -172,7 +172,7 @@ class GpuStats:
         self.handle = None
         self.reason = None
         if device.type != "cuda":
-            self.reason = "no CUDA device: GPU stats disabled"
+            self.reason = "GPU stats off: no NVIDIA GPU in use (train.device=cpu or none present)"
             return
         try:
             import pynvml

@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function  # "moe/a2a/<phase>" labels for tools/profile_step.py
 
 
 @dataclass
@@ -56,7 +57,8 @@ class CommTimer:
 def exchange_counts(send_counts: torch.Tensor, group) -> torch.Tensor:
     """Small all-to-all of int64 counts: send_counts[r, ...] goes to rank r. Same shape back."""
     recv = torch.empty_like(send_counts)
-    dist.all_to_all_single(recv, send_counts.contiguous(), group=group)
+    with record_function("moe/a2a/counts"):
+        dist.all_to_all_single(recv, send_counts.contiguous(), group=group)
     return recv
 
 
@@ -64,7 +66,8 @@ def _a2a(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group,
          timer: Optional[CommTimer], phase: str) -> torch.Tensor:
     out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
     start = timer.start(x.device) if timer is not None else None
-    dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+    with record_function(f"moe/a2a/{phase}"):
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
     if timer is not None:
         timer.stop(phase, start, x.device, x.element_size() * x.numel())
     return out
@@ -114,7 +117,8 @@ class PendingAllToAll:
 class _WaitAllToAll(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, pending: PendingAllToAll):
-        pending.work.wait()
+        with record_function(f"moe/a2a/{pending.phase}_wait"):
+            pending.work.wait()
         if pending.timer is not None:
             pending.timer.stop(pending.phase, pending.start, x.device, pending.nbytes)
         ctx.meta = (pending.out_splits, pending.in_splits, pending.group, pending.timer, pending.phase)
@@ -137,6 +141,7 @@ def all_to_all_start(x: torch.Tensor, out_splits: list[int], in_splits: list[int
     send = x.detach().contiguous()
     out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
     start = timer.start(x.device) if timer is not None else None
-    work = dist.all_to_all_single(out, send, out_splits, in_splits, group=group, async_op=True)
+    with record_function(f"moe/a2a/{phase}"):
+        work = dist.all_to_all_single(out, send, out_splits, in_splits, group=group, async_op=True)
     return PendingAllToAll(out, work, out_splits, in_splits, group, timer, phase, start,
                            send.element_size() * send.numel())
