@@ -41,7 +41,6 @@ import json
 import math
 import os
 import re
-import socket
 import sys
 import time
 from typing import Optional
@@ -52,6 +51,8 @@ if _REPO not in sys.path:
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+
+from tools._local_ranks import exit_now, free_port, run_local_ranks  # noqa: E402
 
 PATTERNS = ("uniform", "zipf", "hot")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -305,7 +306,7 @@ def rank_main(args, rank: int, world: int) -> None:
     par = init_parallel(world, 1, 1, env, device_kind=args.device) if world > 1 else None
     if world == 1:   # a one-rank group still exercises the collective path
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
         from moetrain.parallel.mesh import pick_device
         device = pick_device(args.device, 0)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
@@ -404,24 +405,6 @@ def read_jsonl(path: str) -> list[dict]:
 
 # ----------------------------------------------------------------------------- launch
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def exit_now(code: int) -> None:
-    from moetrain.parallel.mesh import exit_now as _exit_now
-    _exit_now(code)
-
-
-def _spawned(local_rank: int, args, world: int, port: int) -> None:
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(local_rank),
-                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(local_rank), "LOCAL_WORLD_SIZE": str(world)})
-    rank_main(args, local_rank, world)
-    exit_now(0)      # skip interpreter finalization (see moetrain.parallel.mesh.exit_now)
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     validate(args)
@@ -435,9 +418,7 @@ def main(argv=None) -> int:
     if env.world_size > 1 or args.world == 1:   # torchrun / srun / mpiexec, or one rank here
         rank_main(args, env.rank, env.world_size)
         exit_now(0)
-    import torch.multiprocessing as mp
-    mp.start_processes(_spawned, args=(args, args.world, _free_port()), nprocs=args.world,
-                       join=True, start_method="spawn")
+    run_local_ranks(rank_main, args, args.world)
     return 0
 
 

@@ -40,7 +40,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import sys
 import time
 from contextlib import contextmanager
@@ -51,6 +50,8 @@ if _REPO not in sys.path:
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+
+from tools._local_ranks import exit_now, run_local_ranks  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function, schedule  # noqa: E402
 
 COLUMNS = ("step", "compute", "comm", "comm_pct", "a2a_fwd", "a2a_bwd", "grad_sync", "router", "dispatch",
@@ -253,24 +254,6 @@ def _gather(result: dict, world: int) -> list[dict]:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def exit_now(code: int) -> None:
-    from moetrain.parallel.mesh import exit_now as _exit_now
-    _exit_now(code)
-
-
-def _spawned(local_rank: int, args, world: int, port: int) -> None:
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(local_rank),
-                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(local_rank), "LOCAL_WORLD_SIZE": str(world)})
-    rank_main(args, local_rank, world)
-    exit_now(0)      # skip interpreter finalization (see moetrain.parallel.mesh.exit_now)
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.world < 1:
@@ -286,8 +269,7 @@ def main(argv=None) -> int:
     if env.world_size > 1 or world == 1:
         rank_main(args, env.rank, world)
         exit_now(0)
-    import torch.multiprocessing as mp
-    mp.start_processes(_spawned, args=(args, world, _free_port()), nprocs=world, join=True, start_method="spawn")
+    run_local_ranks(rank_main, args, world)
     return 0
 
 
