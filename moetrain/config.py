@@ -89,9 +89,11 @@ class ParallelConfig:
     tp: int = 1                    # tensor parallel: attention heads, dense FFNs, vocab
     ep: int = 1
     etp: bool = False              # expert tensor parallel: each expert's hidden dim split over tp
+    fsdp: bool = False             # FSDP2: shard dense params over dp, experts over edp (engine native)
 
 
-ENGINES = ("native",)
+ENGINES = ("native", "deepspeed")
+ZERO_STAGES = (0, 1, 2)
 
 
 @dataclass
@@ -108,7 +110,8 @@ class TrainConfig:
     beta2: float = 0.95
     seed: int = 1234
     grad_clip: float = 1.0         # 0 disables clipping
-    engine: str = "native"
+    engine: str = "native"         # native | deepspeed (ZeRO via deepspeed.initialize; train/ds_engine.py)
+    zero_stage: int = 1            # engine deepspeed: ZeRO stage 0, 1 or 2
     device: str = "auto"           # auto | cpu | cuda
     eval_every: int = 100
     eval_batches: int = 8
@@ -364,6 +367,9 @@ def validate(cfg: Config) -> None:
     _need(0 <= t.beta2 < 1, "train.beta2", t.beta2, "must be in [0, 1)")
     _need(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "must be >= 0 (0 disables)")
     _need(t.engine in ENGINES, "train.engine", t.engine, f"one of {', '.join(ENGINES)}")
+    _need(t.zero_stage in ZERO_STAGES, "train.zero_stage", t.zero_stage, "one of 0, 1, 2 (engine deepspeed)")
+    if t.engine == "deepspeed":
+        _validate_deepspeed(cfg)
     _need(t.device in ("auto", "cpu", "cuda"), "train.device", t.device, "one of auto, cpu, cuda")
     _need(t.eval_every >= 0, "train.eval_every", t.eval_every, "must be >= 0 (0 = only at the end)")
     _need(t.eval_batches >= 1, "train.eval_batches", t.eval_batches, "must be >= 1")
@@ -383,6 +389,21 @@ def validate(cfg: Config) -> None:
     _need(lg.every >= 1, "logging.every", lg.every, "must be >= 1")
     _need(bool(lg.run_name) and "/" not in lg.run_name, "logging.run_name", lg.run_name,
           "a non-empty name without '/'")
+
+
+def _validate_deepspeed(cfg: Config) -> None:
+    """train.engine=deepspeed: combinations the DeepSpeed engine (train/ds_engine.py) does not run."""
+    p, c = cfg.parallel, cfg.checkpoint
+    _need(not p.fsdp, "parallel.fsdp", p.fsdp,
+          "FSDP is part of the native engine: use train.zero_stage with train.engine=deepspeed")
+    _need(p.tp == 1, "parallel.tp", p.tp, "train.engine=deepspeed runs data and expert parallelism only: set parallel.tp=1")
+    _need(c.every == 0, "checkpoint.every", c.every,
+          "train.engine=deepspeed does not checkpoint: set checkpoint.every=0 (or use train.engine=native)")
+    _need(c.resume == "none", "checkpoint.resume", c.resume,
+          "train.engine=deepspeed does not resume from checkpoints: set checkpoint.resume=none")
+    from importlib.util import find_spec
+    _need(find_spec("deepspeed") is not None, "train.engine", "deepspeed",
+          "the deepspeed package is not installed: pip install 'deepspeed>=0.15' (or pip install -e '.[deepspeed]')")
 
 
 def validate_layout(cfg: Config, world_size: int) -> tuple[int, int, int]:

@@ -23,6 +23,13 @@ DTensor over the device mesh, so DCP records each rank's slice and reshards on l
   - tensor-parallel shards (parameters carrying `tp_shard_dim`, see parallel/tp.py: chunks along
     that dim over "tp"), including each expert's slice of an etp-sharded expert weight.
 Optimizer state shaped like its parameter follows the parameter's placement.
+
+FSDP (parallel/fsdp.py) shards a parameter once more, over "dp" (dense) or "edp" (experts), on a
+dim that is neither its TP dim nor an expert's dim 0 and that it divides evenly: the rank's shard
+is then a plain block of the key's global tensor, handed to DCP as a DTensor with more Shard
+placements on the (edp, ep, tp) mesh: Shard(d) on "edp" for experts, on "edp" and "ep" for dense
+params (an even split over edp, then ep, is the split over the flattened dp). Keys and global
+shapes do not change, so an FSDP checkpoint loads at any layout, with or without FSDP, and back.
 """
 from __future__ import annotations
 
@@ -92,6 +99,12 @@ class _Placement:
         if _is_peer_table(name, modules) and sizes.get("ep", 1) > 1 and t.shape[0] != modules[name.rsplit(".", 1)[0]].num_experts:
             self.splits["ep"] = 0
         self.sizes = sizes
+        # FSDP shard (a DTensor parameter): (mesh axis, dim of the key's tensor it splits)
+        self.fsdp: Optional[tuple[str, int]] = None
+        if _is_dtensor(t):
+            dim = t.placements[0].dim
+            self.fsdp = (t.device_mesh.mesh_dim_names[0], dim - 1 if self.owner is not None else dim)
+            assert self.fsdp[0] in ("dp", "edp") and "ep" not in self.splits, (name, self.fsdp, self.splits)
 
     def keys(self, base: str, local_shape: tuple) -> list[tuple[str, Optional[int]]]:
         if self.owner is None:
@@ -111,19 +124,50 @@ class _Placement:
             shape[dim] //= self.sizes[axis]
         return tuple(shape)
 
-    def wrap(self, local: torch.Tensor, mesh) -> torch.Tensor:
-        """One key's local tensor as DCP should see it: a DTensor when sharded across ranks."""
-        if not self.splits:
+    def wrap(self, local: torch.Tensor, mesh, unsharded: Optional[tuple] = None) -> torch.Tensor:
+        """One key's local tensor as DCP should see it: a DTensor when sharded across ranks.
+        unsharded: the key's shape on this rank before FSDP (FSDP shards only)."""
+        if not self.splits and self.fsdp is None:
             return local
         if mesh is None:
             raise CheckpointError("a sharded tensor needs the device mesh to be checkpointed")
         from torch.distributed.tensor import DTensor, Replicate, Shard
-        placements = [Shard(self.splits[n]) if n in self.splits else Replicate() for n in mesh.mesh_dim_names]
-        shape = list(local.shape)
+        splits = dict(self.splits)
+        if self.fsdp is None:
+            shape = list(local.shape)
+        else:
+            axis, dim = self.fsdp
+            shape = list(unsharded)
+            # the flattened dp axis is edp x ep (edp outer): FSDP's even split over dp is the
+            # nested split over edp, then ep
+            for n in (("edp", "ep") if axis == "dp" else ("edp",)):
+                splits[n] = dim
         for axis, dim in self.splits.items():
             shape[dim] *= mesh.size(mesh.mesh_dim_names.index(axis))
+        placements = [Shard(splits[n]) if n in splits else Replicate() for n in mesh.mesh_dim_names]
         stride = torch.empty(shape, device="meta").stride()
         return DTensor.from_local(local, mesh, placements, run_check=False, shape=torch.Size(shape), stride=stride)
+
+
+def _is_dtensor(t) -> bool:
+    from torch.distributed.tensor import DTensor
+    return isinstance(t, DTensor)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's data of a tensor: the shard of an FSDP DTensor (shares its storage)."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _entries(pl: "_Placement", base: str, t: torch.Tensor, mesh, suffix: str = "") -> dict[str, torch.Tensor]:
+    """Checkpoint keys -> load/save targets of one parameter-shaped tensor t (views of its data).
+    t.shape is the shape before FSDP (a DTensor's global shape over its FSDP mesh)."""
+    data = _local(t.detach())
+    out = {}
+    for key, i in pl.keys(base, tuple(t.shape)):
+        unsharded = tuple(t.shape) if i is None else tuple(t.shape[1:])
+        out[key + suffix] = pl.wrap(data if i is None else data[i], mesh, unsharded)
+    return out
 
 
 def mesh_sizes(mesh) -> dict[str, int]:
@@ -141,9 +185,7 @@ def model_entries(model: nn.Module, mesh=None) -> dict[str, torch.Tensor]:
     """Local tensors (views sharing storage with the model, so loading writes into it)."""
     out = {}
     for name, (t, pl) in _placements(model, mesh_sizes(mesh)).items():
-        t = t.detach()
-        for key, i in pl.keys(model_key(name), tuple(t.shape)):
-            out[key] = pl.wrap(t if i is None else t[i], mesh)
+        out.update(_entries(pl, model_key(name), t, mesh))
     return out
 
 
@@ -191,9 +233,7 @@ def optim_entries(model: nn.Module, opt: torch.optim.Optimizer, mesh=None) -> di
         pl = placements[name][1]
         for k, v in st.items():
             if _like_param(v, p):
-                for key, i in pl.keys(f"optim/{name}", tuple(v.shape)):
-                    key = f"{key}/{k}"
-                    out[key] = pl.wrap(v.detach() if i is None else v.detach()[i], mesh)
+                out.update(_entries(pl, f"optim/{name}", v, mesh, f"/{k}"))
             else:
                 out[optim_key(name, k)] = v.detach() if torch.is_tensor(v) else v
     return out
@@ -225,9 +265,9 @@ def build_optim_state(model: nn.Module, opt: torch.optim.Optimizer, schema: dict
         state = {}
         for k, (split, shape, dtype) in schema[name].items():
             if split or (len(shape) and shape == param_global):
-                t = torch.zeros(tuple(p.shape), dtype=dtype, device=p.device)
-                for key, i in pl.keys(f"optim/{name}", tuple(p.shape)):
-                    targets[f"{key}/{k}"] = pl.wrap(t if i is None else t[i], mesh)
+                # like the parameter: an FSDP parameter's state is a DTensor with its placement
+                t = torch.zeros_like(p.detach(), dtype=dtype)
+                targets.update(_entries(pl, f"optim/{name}", t, mesh, f"/{k}"))
             else:
                 t = torch.zeros(shape, dtype=dtype, device=p.device if len(shape) else "cpu")
                 targets[optim_key(name, k)] = t

@@ -10,6 +10,9 @@ the classic bug that tests/parallel/test_cross_layout.py guards against.
 Tensor parallelism adds no reduction: the dp and edp groups hold the ranks with the same tp
 index, hence the same shard, and replicated parameters already hold complete gradients on every
 TP rank (parallel/tp.py). Only the norm has to sum the shards over tp.
+Under FSDP (parallel/fsdp.py) the managed parameters are DTensor shards whose gradients FSDP
+has already reduce-scattered (as a SUM): sync skips them, and the norm sums each shard's squares
+over its FSDP mesh before the tp/ep sums below.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import math
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 
 def _flat_all_reduce(params: list, group) -> None:
@@ -37,11 +41,16 @@ def _flat_all_reduce(params: list, group) -> None:
             offset += n
 
 
+def _is_dtensor(p) -> bool:
+    return isinstance(p, DTensor)
+
+
 def sync_gradients(dense: list, expert: list, dp_group, edp_group, dp: int, edp: int) -> None:
+    # FSDP-managed parameters (DTensors) were reduce-scattered by FSDP in backward
     if dp > 1:
-        _flat_all_reduce(dense, dp_group)
+        _flat_all_reduce([p for p in dense if not _is_dtensor(p)], dp_group)
     if edp > 1:
-        _flat_all_reduce(expert, edp_group)
+        _flat_all_reduce([p for p in expert if not _is_dtensor(p)], edp_group)
 
 
 def grad_sq_norms(dense: list, expert: list, ep_group=None, ep: int = 1, tp_group=None, tp: int = 1) -> dict:
@@ -69,9 +78,12 @@ def grad_sq_norms(dense: list, expert: list, ep_group=None, ep: int = 1, tp_grou
         whole = [p for p in params if tp_shard_dim(p) is None]
         return whole, [p for p in params if tp_shard_dim(p) is not None]
 
-    d_whole, d_tp = split(dense)
-    e_whole, e_tp = split(expert)
+    plain_dense = [p for p in dense if not _is_dtensor(p)]
+    plain_expert = [p for p in expert if not _is_dtensor(p)]
+    d_whole, d_tp = split(plain_dense)
+    e_whole, e_tp = split(plain_expert)
     vals = torch.stack([sq(d_whole), sq(d_tp), sq(e_whole), sq(e_tp)])
+    vals = vals + _fsdp_sq_norms(dense, expert, device)
     if ep > 1:
         ep_part = vals[2:].clone()
         dist.all_reduce(ep_part, group=ep_group)
@@ -82,6 +94,28 @@ def grad_sq_norms(dense: list, expert: list, ep_group=None, ep: int = 1, tp_grou
         vals = torch.stack([vals[0], tp_part[0], vals[2], tp_part[1]])
     vals = vals.cpu()
     return {"dense": vals[0], "dense_tp": vals[1], "expert": vals[2], "expert_tp": vals[3]}
+
+
+def _fsdp_sq_norms(dense: list, expert: list, device) -> torch.Tensor:
+    """The four kinds' squared norms over FSDP shards (DTensor grads): each rank of an FSDP mesh
+    holds a disjoint block, so the local squares are summed over that mesh (in parameter order,
+    the same on every rank). The result is what the unsharded parameters would give."""
+    from moetrain.parallel.tp import tp_shard_dim
+
+    buckets: dict = {}          # mesh group -> [4] partial squares
+    for kind_base, params in ((0, dense), (2, expert)):
+        for p in params:
+            if not _is_dtensor(p):
+                continue
+            # every rank registers every mesh (grad or not), so all join the same all-reduces
+            acc = buckets.setdefault(p.device_mesh.get_group(), torch.zeros(4, dtype=torch.float32, device=device))
+            if p.grad is not None:
+                acc[kind_base + (tp_shard_dim(p) is not None)] += p.grad.to_local().float().pow(2).sum()
+    total = torch.zeros(4, dtype=torch.float32, device=device)
+    for group, acc in buckets.items():
+        dist.all_reduce(acc, group=group)
+        total += acc
+    return total
 
 
 def clip_grad_norm(dense: list, expert: list, max_norm: float, ep_group, ep: int,

@@ -7,6 +7,8 @@ Gradients are then SUMMED over dp (dense) and edp (experts). The balance loss of
 computed over the same sequences whatever the layout, because the global batch is cut into
 contiguous rank slices and then contiguous micro batches. Under tensor parallelism every TP rank
 computes the same CE_sum (vocab-parallel cross-entropy) and differentiates one copy of it.
+The sums are our all-reduce (parallel/grads.py), FSDP's reduce-scatter under parallel.fsdp
+(parallel/fsdp.py), or DeepSpeed's averaging undone by scaling the loss (train/ds_engine.py).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -26,6 +28,7 @@ from moetrain.data import TokenData, eval_batches, sample_batch
 from moetrain.metrics import GpuStats, RunWriter, StepStats, gather_stats, summarize
 from moetrain.model.transformer import Transformer, count_params
 from moetrain.parallel.apply import apply_ep, apply_routing_groups, split_params
+from moetrain.parallel.fsdp import apply_fsdp
 from moetrain.parallel.grads import clip_grad_norm, sync_gradients
 from moetrain.parallel.mesh import Parallel
 from moetrain.parallel.tp import apply_tp, cross_entropy_sum
@@ -49,6 +52,8 @@ class Trainer:
     dense_params: list
     expert_params: list
     state: TrainState
+    # train.engine=deepspeed: forward/backward/step go through train/ds_engine.DeepSpeedEngine
+    engine: Any = None
 
     @property
     def local_batch(self) -> int:
@@ -75,7 +80,7 @@ class Trainer:
             rows = rows.pin_memory().to(self.par.device, non_blocking=True)
         inp, tgt = rows[:, :-1], rows[:, 1:]
         with self.autocast():
-            logits, auxes = self.model(inp)
+            logits, auxes = (self.model if self.engine is None else self.engine.forward)(inp)
         # under TP the logits are this rank's vocab shard and the sum is the same on every TP rank
         ce_sum = cross_entropy_sum(logits, tgt, self.par)
         return ce_sum, auxes
@@ -99,7 +104,10 @@ class Trainer:
                 loss = loss + (m.aux_loss_coef * aux + m.z_loss_coef * z) / self.micro_batches_global
                 sums[1] += float(aux.detach()) / len(auxes)
                 sums[2] += float(z.detach()) / len(auxes)
-            loss.backward()
+            if self.engine is None:
+                loss.backward()
+            else:
+                self.engine.backward(loss)
             sums[0] += float(ce_sum.detach())
             if stats is not None:
                 stats.add(auxes)
@@ -107,7 +115,8 @@ class Trainer:
                 for i, a in enumerate(auxes):
                     load[i] += a.counts_E.float().cpu()
         d = self.par.dims
-        sync_gradients(self.dense_params, self.expert_params, self.par.dp_group, self.par.edp_group, d.dp, d.edp)
+        if self.engine is None:    # (FSDP-managed params were reduce-scattered in backward)
+            sync_gradients(self.dense_params, self.expert_params, self.par.dp_group, self.par.edp_group, d.dp, d.edp)
         return sums
 
     def train_step(self, step: int, stats: Optional[StepStats] = None) -> torch.Tensor:
@@ -115,10 +124,13 @@ class Trainer:
         t = self.cfg.train
         set_lr(self.opt, lr_at(step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio))
         sums = self.compute_gradients(step, stats)
-        norm = clip_grad_norm(self.dense_params, self.expert_params, t.grad_clip, self.par.ep_group, self.par.dims.ep,
-                              self.par.tp_group, self.par.dims.tp)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        if self.engine is not None:
+            norm = self.engine.step()        # DeepSpeed reduces, clips and steps
+        else:
+            norm = clip_grad_norm(self.dense_params, self.expert_params, t.grad_clip, self.par.ep_group,
+                                  self.par.dims.ep, self.par.tp_group, self.par.dims.tp)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
         if self.bias_gates:
             self.update_router_biases(self._step_load)
         self.state.step = step + 1
@@ -182,9 +194,15 @@ def build_trainer(cfg: Config, par: Parallel, data: TokenData) -> Trainer:
     model.init_weights(cfg.train.seed)
     apply_tp(model, par, cfg.parallel.etp)     # after init: TP shards are slices of the full weights
     model.to(par.device)
+    if cfg.parallel.fsdp:
+        apply_fsdp(model, par)                 # parallel/fsdp.py; before the optimizer sees the params
     # TP ranks replicate routing (GShard draws, router noise): they share one RNG stream per dp rank
     seed_rank_rngs(cfg.train.seed, par.dp_rank, par.device)
     dense, expert = split_params(model)
+    if cfg.train.engine == "deepspeed":
+        from moetrain.train.ds_engine import DeepSpeedEngine
+        engine = DeepSpeedEngine(cfg, par, model, expert)
+        return Trainer(cfg, par, data, model, engine.optimizer, dense, expert, TrainState(), engine)
     opt = build_optimizer(model, cfg.train)
     return Trainer(cfg, par, data, model, opt, dense, expert, TrainState())
 
@@ -235,7 +253,7 @@ def run_training(cfg: Config, par: Parallel, data: TokenData, log=print) -> dict
     if par.is_main:
         log(f"moetrain: world {par.world} (dp {par.dims.dp}, tp {par.dims.tp}, ep {par.dims.ep}) on "
             f"{par.device}; {total_params / 1e6:.2f}M params, {active_params / 1e6:.2f}M active; data {data.source}")
-        if gpu.reason and par.device.type == "cuda":
+        if gpu.reason:
             log(f"moetrain: {gpu.reason}")
     num_layers = len(trainer.model.moe_layers())
     progress = _progress(par.is_main and t.progress, t.steps, trainer.state.step)

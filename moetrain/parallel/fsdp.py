@@ -1,0 +1,109 @@
+"""Sharded data parallelism with FSDP2 (`parallel.fsdp: true`, engine native).
+
+`apply_fsdp(model, par)` runs after apply_ep / init_weights / apply_tp and before the optimizer
+is built. It shards every parameter over the ranks that hold a replica of it:
+  dense params (incl. TP shards, routers, norms) over "dp"  (edp x ep flattened)
+  expert params (GroupedExperts)                 over "edp" (the ranks holding the same experts)
+Units: each GroupedExperts (its own group on the edp mesh), each transformer block and the root
+(embedding, final norm, head) on the dp mesh, bottom-up as FSDP2 wants it.
+
+Gradients: FSDP reduce-scatters them in backward. The trainer's loss is CE_sum / global tokens,
+so each rank holds its share of the global mean and the reduction must be a SUM, which FSDP2
+does not do by default (it averages): every unit gets `set_gradient_divide_factor(1.0)` and
+`set_force_sum_reduction_for_comms(True)` (gloo has neither AVG nor PREMUL_SUM). The loop's own
+all-reduce (parallel/grads.sync_gradients) skips the DTensor parameters FSDP manages; clipping
+sums each DTensor's local squares over its FSDP mesh (grads.grad_sq_norms).
+
+Which tensor dim FSDP splits (`fsdp_shard_dim`) is chosen so that a rank's shard is a plain
+block of the parameter's global tensor, which lets checkpoints (ckpt/state.py) describe it as a
+DTensor over the mesh without gathering anything:
+  - never the TP shard dim (a TP shard split again on the same dim would interleave),
+  - never an expert parameter's dim 0 (checkpoints store one tensor per global expert id),
+  - the first remaining dim the FSDP mesh size divides: even shards (FSDP2 needs them off
+    dim 0; and an even split over the flattened dp axis is the same as one over edp, then ep,
+    which is how checkpoints describe it on the (edp, ep, tp) mesh).
+A parameter with no such dim, and PEER expert tables (their layer mixes expert and dense
+params), are left to the loop's all-reduce: FSDP ignores them (`ignored_params`).
+
+Each unit reshards after forward (also the root, whose FSDP2 default keeps the gathered weights
+after forward): between steps and after an evaluation every managed parameter is its shard, so
+a checkpoint taken at any step boundary sees the same layout.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch.nn as nn
+
+from moetrain.moe.experts import GroupedExperts
+from moetrain.parallel.apply import is_expert_param
+from moetrain.parallel.mesh import Parallel
+from moetrain.parallel.tp import tp_shard_dim
+
+
+def fsdp_shard_dim(shape: tuple, is_expert: bool, tp_dim: Optional[int], size: int) -> Optional[int]:
+    """The dim FSDP shards a parameter of `shape` on over `size` ranks: the first allowed dim
+    that `size` divides. None = leave it unsharded."""
+    banned = {tp_dim} | ({0} if is_expert else set())
+    for d in range(len(shape)):
+        if d not in banned and shape[d] % size == 0:
+            return d
+    return None
+
+
+def _plan(model: nn.Module, par: Parallel) -> tuple[dict[int, int], set]:
+    """({id(param): shard dim}, ignored params)."""
+    modules = dict(model.named_modules())
+    dims: dict[int, int] = {}
+    ignored: set = set()
+    for name, p in model.named_parameters():
+        expert = is_expert_param(name, modules)
+        owner = modules.get(name.rsplit(".", 1)[0]) if "." in name else model
+        size = par.dims.edp if expert else par.dims.dp
+        if expert and not isinstance(owner, GroupedExperts):
+            d = None                       # PEER expert tables
+        else:
+            d = fsdp_shard_dim(tuple(p.shape), expert, tp_shard_dim(p), size)
+        if d is None:
+            ignored.add(p)
+        else:
+            dims[id(p)] = d
+    return dims, ignored
+
+
+def apply_fsdp(model: nn.Module, par: Parallel) -> list[str]:
+    """Shard `model` in place with FSDP2 (see the module docstring). Returns the names of the
+    parameters left unsharded (synced by the loop's all-reduce). A no-op when dp == 1."""
+    if par.dims.dp == 1 or par.mesh is None:
+        return []
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    dims, ignored = _plan(model, par)
+    # fully_shard replaces each nn.Parameter by a DTensor one: carry our markers over by name
+    tp_dims = {n: d for n, p in model.named_parameters() if (d := tp_shard_dim(p)) is not None}
+    left_out = [n for n, p in model.named_parameters() if p in ignored]
+
+    def placement(p):
+        return Shard(dims[id(p)])
+
+    common = dict(reshard_after_forward=True, shard_placement_fn=placement, ignored_params=ignored)
+    # the flattened dp axis as a 1-D mesh over our existing dp group (no new groups)
+    dp_mesh = DeviceMesh.from_group(par.dp_group, par.device.type, mesh_dim_names=("dp",))
+    edp_mesh = par.mesh["edp"]
+    units = []
+    for mod in model.modules():
+        if isinstance(mod, GroupedExperts) and any(p not in ignored for p in mod.parameters(recurse=False)):
+            units.append(fully_shard(mod, mesh=edp_mesh, **common))
+    for block in getattr(model, "layers", []):
+        units.append(fully_shard(block, mesh=dp_mesh, **common))
+    units.append(fully_shard(model, mesh=dp_mesh, **common))
+    for unit in units:
+        unit.set_gradient_divide_factor(1.0)          # SUM over the mesh, never the mean
+        unit.set_force_sum_reduction_for_comms(True)
+
+    for name, p in model.named_parameters():
+        if name in tp_dims:
+            p.tp_shard_dim = tp_dims[name]
+    return left_out
