@@ -57,12 +57,15 @@ class GroupedExperts(nn.Module):
     def _forward_loop(self, x_ND, counts_L):
         outs = []
         start = 0
+        # unbind once: indexing w[e] per expert would make autograd write a full [L, D, H] zero
+        # gradient for every expert (O(L^2) memory traffic); unbind's backward stacks once
+        w1s, w3s, w2s = self.w1.unbind(0), self.w3.unbind(0), self.w2.unbind(0)
         for e, n in enumerate(counts_L):
             if n == 0:
                 continue
             x = x_ND[start:start + n]
-            h = F.silu(x @ self.w1[e]) * (x @ self.w3[e])
-            outs.append(h @ self.w2[e])
+            h = F.silu(x @ w1s[e]) * (x @ w3s[e])
+            outs.append(h @ w2s[e])
             start += n
         if not outs:
             # keep every weight in the graph so gradient buffers exist (zeros) on idle ranks
