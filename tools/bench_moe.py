@@ -47,7 +47,6 @@ import io
 import json
 import logging
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -462,19 +461,6 @@ def rank_main(args, rank: int, world: int) -> None:
             dist.destroy_process_group()
 
 
-def _spawned(local_rank: int, args, world: int, port: int) -> None:
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(local_rank),
-                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(local_rank),
-                       "LOCAL_WORLD_SIZE": str(world)})
-    rank_main(args, local_rank, world)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     env = read_launch_env()
@@ -487,9 +473,8 @@ def main(argv=None) -> int:
     if args.world == 1:
         rank_main(args, 0, 1)
         return 0
-    import torch.multiprocessing as mp
-    mp.start_processes(_spawned, args=(args, args.world, _free_port()), nprocs=args.world,
-                       join=True, start_method="spawn")
+    from tools._local_ranks import run_local_ranks
+    run_local_ranks(rank_main, args, args.world)
     return 0
 
 
