@@ -18,18 +18,13 @@ import pytest
 import torch
 
 from _dist import run_dist
+from _train import TINY_3D, run_training_keep_trainer
 from moetrain.config import ConfigError, load_config, validate_layout
 
 HAVE_DS = find_spec("deepspeed") is not None
 needs_ds = pytest.mark.skipif(not HAVE_DS, reason="deepspeed is not installed (pip install -e '.[deepspeed]')")
 
-TINY = ["model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.max_seq_len=32", "model.ffn_hidden=64",
-        "moe.num_experts=4", "moe.top_k=2", "moe.capacity_factor=null", "moe.aux_loss_coef=0.01",
-        "moe.every=2", "moe.shared_experts=1",
-        "train.seq_len=32", "train.global_batch_size=8", "train.micro_batch_size=2", "train.steps=5",
-        "train.warmup_steps=2", "train.lr=3e-3", "train.grad_clip=0.5", "train.eval_every=0",
-        "train.eval_batches=1", "train.progress=false", "logging.every=1", "logging.tensorboard=false",
-        "checkpoint.every=0"]
+TINY = TINY_3D
 CONFIG = "configs/tiny_cpu.yaml"
 DS = ["train.engine=deepspeed"]
 
@@ -44,7 +39,6 @@ def _body(rank, world, root, cases):
     os.environ["DS_ACCELERATOR"] = "cpu"
     from moetrain.data import load_token_data
     from moetrain.parallel.mesh import init_parallel
-    from moetrain.train import loop
 
     out = {}
     data = None
@@ -53,28 +47,17 @@ def _body(rank, world, root, cases):
         dp, tp, ep = validate_layout(cfg, world)
         par = init_parallel(dp, tp, ep, _env(rank, world), "cpu")
         data = data or load_token_data(cfg.data.source, cfg.data.path, cfg.model.vocab_size)
-        built = []
-        original = loop.build_trainer
-
-        def capture(*a, built=built, original=original, **kw):
-            built.append(original(*a, **kw))
-            return built[-1]
-
-        loop.build_trainer = capture
-        try:
-            loop.run_training(cfg, par, data, log=lambda m: None)
-        finally:
-            loop.build_trainer = original
+        trainer = run_training_keep_trainer(cfg, par, data)
         info = {}
-        if built[0].engine is not None:
-            eng = built[0].engine.engine
-            groups = built[0].opt.param_groups
+        if trainer.engine is not None:
+            eng = trainer.engine.engine
+            groups = trainer.opt.param_groups
             info = {"has_moe_layers": eng.has_moe_layers,
                     "moe_groups": sorted(g["name"] for g in groups if g.get("moe")),
-                    "opt_state_numel": sum(v.numel() for st in built[0].opt.optimizer.state.values()
+                    "opt_state_numel": sum(v.numel() for st in trainer.opt.optimizer.state.values()
                                            for v in st.values() if torch.is_tensor(v) and v.dim() > 0)
                     if cfg.train.zero_stage > 0 else None,
-                    "param_numel": sum(p.numel() for p in built[0].model.parameters())}
+                    "param_numel": sum(p.numel() for p in trainer.model.parameters())}
         with open(os.path.join(root, name, "metrics.jsonl")) as f:
             recs = [r for r in map(json.loads, f) if "loss" in r]
         out[name] = {"records": recs if rank == 0 else None, "info": info}

@@ -18,15 +18,10 @@ import pytest
 import torch
 
 from _dist import run_dist
+from _train import TINY_3D
 from moetrain.config import ConfigError, load_config, validate_layout
 
-TINY = ["model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.max_seq_len=32", "model.ffn_hidden=64",
-        "moe.num_experts=4", "moe.top_k=2", "moe.capacity_factor=null", "moe.aux_loss_coef=0.01",
-        "moe.every=2", "moe.shared_experts=1",       # layer 0 dense SwiGLU, layer 1 MoE + shared expert
-        "train.seq_len=32", "train.global_batch_size=8", "train.micro_batch_size=2", "train.steps=5",
-        "train.warmup_steps=2", "train.lr=3e-3", "train.grad_clip=0.5", "train.eval_every=0",
-        "train.eval_batches=1", "train.progress=false", "logging.every=1", "logging.tensorboard=false",
-        "checkpoint.every=0"]
+TINY = TINY_3D
 CONFIG = "configs/tiny_cpu.yaml"
 FSDP = ["parallel.fsdp=true"]
 SAVE3 = ["checkpoint.every=3"]         # saves step 3 (and the final step 5)

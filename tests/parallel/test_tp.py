@@ -21,15 +21,10 @@ import pytest
 import torch
 
 from _dist import run_dist
+from _train import TINY_3D, run_training_keep_trainer
 from moetrain.config import ConfigError, load_config, validate_layout
 
-TINY = ["model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.max_seq_len=32", "model.ffn_hidden=64",
-        "moe.num_experts=4", "moe.top_k=2", "moe.capacity_factor=null", "moe.aux_loss_coef=0.01",
-        "moe.every=2", "moe.shared_experts=1",       # layer 0 dense SwiGLU, layer 1 MoE + shared expert
-        "train.seq_len=32", "train.global_batch_size=8", "train.micro_batch_size=2", "train.steps=5",
-        "train.warmup_steps=2", "train.lr=3e-3", "train.grad_clip=0.5", "train.eval_every=0",
-        "train.eval_batches=1", "train.progress=false", "logging.every=1", "logging.tensorboard=false",
-        "checkpoint.every=0"]
+TINY = TINY_3D
 CONFIG = "configs/tiny_cpu.yaml"
 
 
@@ -156,19 +151,8 @@ def _layouts_body(rank, world, log_dir, layouts):
                 offset = owner.row_offset
             grads[pname] = (offset, tp_shard_dim(p), p.grad.clone())
 
-        original = loop.build_trainer
-        built = []
-
-        def capture(*a, built=built, original=original, **kw):
-            built.append(original(*a, **kw))
-            return built[-1]
-
-        loop.build_trainer = capture
-        try:
-            loop.run_training(cfg, par, data, log=lambda m: None)
-        finally:
-            loop.build_trainer = original
-        model = built[0].model
+        trainer = run_training_keep_trainer(cfg, par, data)
+        model = trainer.model
         replicated = {n: p.detach().clone() for n, p in model.named_parameters() if tp_shard_dim(p) is None}
         out[name] = {"grads": grads, "replicated": replicated, "tp_rank": par.tp_rank, "tp": tp,
                      "records": _records(os.path.join(log_dir, name)) if rank == 0 else None}
