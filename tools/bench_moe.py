@@ -64,6 +64,7 @@ if _REPO not in sys.path:
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from moetrain.cpu_runtime import configure_cpu_process  # noqa: E402
 from moetrain.moe.experts import SwiGLU  # noqa: E402
 from moetrain.moe.layer import MoELayer  # noqa: E402
 from moetrain.parallel.apply import apply_ep  # noqa: E402
@@ -440,7 +441,7 @@ def default_threads(world: int) -> int:
 
 def rank_main(args, rank: int, world: int) -> None:
     """Body of one rank (world 1 in-process, or a spawned / torchrun-launched worker)."""
-    torch.set_num_threads(args.threads or default_threads(world))
+    configure_cpu_process(args.threads or default_threads(world))   # same process settings as training
     par, group = None, None
     if world > 1:
         env = read_launch_env()

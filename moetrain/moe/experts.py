@@ -4,7 +4,8 @@ Weights: w1, w3 [L, D, H] and w2 [L, H, D] for the L experts held by this proces
 is the global id of local expert 0 (set by apply_ep, used by deterministic init and checkpoints).
 
 Three ways to run the grouped matmul on rows sorted by expert (counts_L gives slice lengths):
-  loop    - one matmul per non-empty slice; no padding waste, Python overhead ~ L.
+  loop    - per-slice matmuls inside one autograd node (moe/grouped_swiglu.py); no padding
+            waste; on CPU small experts are spread over the intra-op threads.
   bmm     - pad every slice to the largest one and use one batched matmul; waste = padding.
   grouped - torch._grouped_mm with cumulative offsets (CUDA, bf16): one kernel, no waste.
 `auto` picks grouped on CUDA when available, else loop (tools/bench_moe.py measures the choice).
@@ -17,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moetrain.moe.grouped_swiglu import grouped_swiglu
+
 
 class GroupedExperts(nn.Module):
     def __init__(self, num_experts: int, dim: int, hidden: int, impl: str = "auto"):
@@ -25,6 +28,7 @@ class GroupedExperts(nn.Module):
         self.dim, self.hidden = dim, hidden
         self.impl = impl
         self.expert_offset = 0
+        self.spread = None   # CPU loop: spread small experts over threads (None = auto)
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
         self.w3 = nn.Parameter(torch.empty(num_experts, dim, hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
@@ -55,22 +59,16 @@ class GroupedExperts(nn.Module):
         return "loop"
 
     def _forward_loop(self, x_ND, counts_L):
-        outs = []
-        start = 0
-        # unbind once: indexing w[e] per expert would make autograd write a full [L, D, H] zero
-        # gradient for every expert (O(L^2) memory traffic); unbind's backward stacks once
-        w1s, w3s, w2s = self.w1.unbind(0), self.w3.unbind(0), self.w2.unbind(0)
-        for e, n in enumerate(counts_L):
-            if n == 0:
-                continue
-            x = x_ND[start:start + n]
-            h = F.silu(x @ w1s[e]) * (x @ w3s[e])
-            outs.append(h @ w2s[e])
-            start += n
-        if not outs:
-            # keep every weight in the graph so gradient buffers exist (zeros) on idle ranks
-            return x_ND @ self.w1.new_zeros(self.dim, self.dim) + 0.0 * self._touch()
-        return torch.cat(outs, 0)
+        w1, w3, w2 = self.w1, self.w3, self.w2
+        dev = x_ND.device.type
+        if torch.is_autocast_enabled(dev):
+            # the op writes into preallocated buffers (mm(out=)), which autocast does not cast:
+            # cast once here, as autocast would, and run the op with autocast off
+            dt = torch.get_autocast_dtype(dev)
+            with torch.autocast(dev, enabled=False):
+                y = grouped_swiglu(x_ND.to(dt), w1.to(dt), w3.to(dt), w2.to(dt), counts_L, self.spread)
+            return y
+        return grouped_swiglu(x_ND, w1, w3, w2, counts_L, self.spread)
 
     def _touch(self):
         return self.w1.sum() + self.w2.sum() + self.w3.sum()

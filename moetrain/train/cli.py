@@ -44,12 +44,13 @@ def main(argv=None) -> int:
 
     import torch
     from moetrain.checkpoint import CheckpointError
+    from moetrain.cpu_runtime import configure_cpu_process
     from moetrain.train.loop import run_training
 
     # cores this process may use (a Slurm/cgroup allocation, taskset), shared by the local ranks
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = cfg.train.num_threads or max(1, cores // env.local_world_size)
-    torch.set_num_threads(threads)
+    configure_cpu_process(threads)
     try:
         par = init_parallel(dp, tp, ep, env, cfg.train.device)
     except LaunchError as exc:

@@ -6,12 +6,15 @@ import torch
 import torch.nn.functional as F
 
 from moetrain.moe.experts import GroupedExperts
+from moetrain.moe.grouped_swiglu import expert_ranges, grouped_swiglu
 
 D, H, L = 8, 6, 4
 
 
 def make_experts(impl, dtype=torch.float64, seed=0):
-    ex = GroupedExperts(L, D, H, impl)
+    spread = impl == "loop_spread"          # loop with experts spread over a thread pool
+    ex = GroupedExperts(L, D, H, "loop" if spread else impl)
+    ex.spread = True if spread else False
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in ex.parameters():
@@ -28,9 +31,17 @@ def per_slice_reference(ex, x_ND, counts):
     return torch.cat(outs, 0)
 
 
-@pytest.mark.parametrize("impl", ["loop", "bmm"])
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("impl", ["loop", "loop_spread", "bmm"])
 @pytest.mark.parametrize("counts", [[3, 0, 2, 5], [0, 0, 0, 4], [1, 1, 1, 1], [0, 6, 0, 0]])
-def test_grouped_experts_match_per_slice_swiglu(impl, counts):
+def test_grouped_experts_match_per_slice_swiglu(impl, counts, two_threads):
     ex = make_experts(impl)
     x = torch.randn(sum(counts), D, dtype=torch.float64, generator=torch.Generator().manual_seed(1),
                     requires_grad=True)
@@ -44,7 +55,7 @@ def test_grouped_experts_match_per_slice_swiglu(impl, counts):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("impl", ["loop", "bmm"])
+@pytest.mark.parametrize("impl", ["loop", "loop_spread", "bmm"])
 def test_grouped_experts_no_rows_keeps_weights_in_graph(impl):
     """An EP rank that receives nothing still produces (zero) gradients for all its weights."""
     ex = make_experts(impl)
@@ -54,6 +65,44 @@ def test_grouped_experts_no_rows_keeps_weights_in_graph(impl):
     y.sum().backward()
     for w in (ex.w1, ex.w3, ex.w2):
         assert w.grad is not None and torch.count_nonzero(w.grad) == 0
+
+
+def test_spreading_experts_over_threads_is_bitwise_identical(two_threads):
+    """Each expert is computed by one thread with the same kernels, however experts are spread."""
+    torch.manual_seed(3)
+    Lx, Dx, Hx = 12, 32, 48
+    w = [torch.randn(Lx, Dx, Hx) * 0.1, torch.randn(Lx, Dx, Hx) * 0.1, torch.randn(Lx, Hx, Dx) * 0.1]
+    counts = [5, 0, 17, 3, 0, 0, 40, 1, 9, 2, 0, 11]
+    x = torch.randn(sum(counts), Dx)
+    G = torch.randn(sum(counts), Dx)
+    results = []
+    for spread in (False, True):
+        ws = [t.clone().requires_grad_(True) for t in w]
+        xs = x.clone().requires_grad_(True)
+        torch.set_num_threads(1 if not spread else 2)
+        y = grouped_swiglu(xs, *ws, counts, spread=spread)
+        (y * G).sum().backward()
+        results.append([y.detach(), xs.grad] + [t.grad for t in ws])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("counts,parts", [([5, 0, 17, 3, 0, 40, 1], 2), ([1] * 9, 4), ([0, 0, 7], 3),
+                                          ([3, 3], 8), ([100, 1, 1, 1], 2)])
+def test_expert_ranges_cover_every_expert_once_in_order(counts, parts):
+    ranges = expert_ranges(counts, parts)
+    assert 1 <= len(ranges) <= parts
+    assert ranges[0][0] == 0 and ranges[-1][1] == len(counts)
+    for (a0, a1, r0), (b0, b1, _) in zip(ranges, ranges[1:]):
+        assert a1 == b0 and a1 > a0
+    for e0, e1, row0 in ranges:
+        assert row0 == sum(counts[:e0])
+
+
+def test_grouped_swiglu_rejects_counts_that_do_not_match_rows():
+    w = torch.zeros(2, D, H)
+    with pytest.raises(ValueError, match="counts sum to 3 but x has 4 rows"):
+        grouped_swiglu(torch.zeros(4, D), w, w, w.transpose(1, 2), [1, 2])
 
 
 def test_shard_keeps_a_slice_and_moves_the_offset():

@@ -1,0 +1,54 @@
+"""Process-level settings for CPU training: intra-op threads and the C allocator.
+
+Expert weights' gradients are large ([L, D, H] per weight; 64 MiB at L=128, D=256, H=512) and are
+allocated fresh every step. glibc serves allocations above its mmap threshold (at most 32 MiB)
+with a new mmap and returns them to the OS on free, so every step page-faults the gradient
+buffers in again (~16k faults and ~30-50 ms of kernel time per 64 MiB on the 2-core CI machine).
+Raising the mmap and trim thresholds keeps freed memory in the process for the next step,
+as PyTorch's CPU performance guide suggests (via jemalloc/tcmalloc, or these glibc knobs).
+
+Settings already given in the environment (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_) win;
+MOETRAIN_MALLOC_TUNE=0 turns this off.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_KEEP_BYTES = 1 << 30          # blocks up to 1 GiB come from (and return to) the heap
+_done = False
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc to reuse freed large blocks instead of unmapping them. Returns whether it did."""
+    global _done
+    if _done:
+        return True
+    if os.environ.get("MOETRAIN_MALLOC_TUNE", "1") == "0" or not os.name == "posix":
+        return False
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):          # musl, macOS: no mallopt
+        return False
+    ok = True
+    if "MALLOC_TRIM_THRESHOLD_" not in os.environ:
+        ok &= bool(mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(_KEEP_BYTES)))
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        ok &= bool(mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(_KEEP_BYTES)))
+    _done = ok
+    return ok
+
+
+def configure_cpu_process(threads: int) -> None:
+    """Intra-op threads for this process and, off CUDA, allocator settings for large tensors."""
+    import torch
+    torch.set_num_threads(max(1, threads))
+    if not torch.cuda.is_available():
+        keep_freed_memory()
