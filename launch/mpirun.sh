@@ -21,12 +21,14 @@
 # Everything else is passed to `python -m moetrain.train` as config overrides.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+LAUNCHER=mpirun.sh
+# shellcheck source=launch/_common.sh
+source launch/_common.sh
 PYTHON=${PYTHON:-python3}
 MPIEXEC=${MPIEXEC:-mpiexec}
 nproc=${NPROC:-2}
 hostfile=${HOSTFILE:-}
 config=${CONFIG:-configs/tiny_cpu.yaml}
-need() { [ -n "${2:-}" ] || { echo "mpirun.sh: $1 needs a value" >&2; exit 2; }; }
 while [ $# -gt 0 ]; do
   case "$1" in
     -n|-np) need "$1" "${2:-}"; nproc=$2; shift 2 ;;
@@ -47,12 +49,8 @@ if ! command -v "$MPIEXEC" >/dev/null; then
 fi
 "$PYTHON" -c "import mpi4py" 2>/dev/null || { echo "mpirun.sh: mpi4py is not installed for $PYTHON: pip install mpi4py mpich" >&2; exit 2; }
 
-if [ -n "${MOETRAIN_IFNAME:-}" ]; then
-  export NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-$MOETRAIN_IFNAME}
-  export GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-$MOETRAIN_IFNAME}
-fi
-# torchrun's variables win over MPI's in moetrain: drop strays from the calling shell
-unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE
+export_ifname
+drop_torchrun_env
 
 args=(-n "$nproc")
 mpi_version=$("$MPIEXEC" --version 2>&1 || true)

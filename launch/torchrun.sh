@@ -26,6 +26,9 @@
 # Everything else is passed to `python -m moetrain.train` as config overrides.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+LAUNCHER=torchrun.sh
+# shellcheck source=launch/_common.sh
+source launch/_common.sh
 PYTHON=${PYTHON:-python3}
 
 default_nproc() {
@@ -40,7 +43,6 @@ endpoint=${RDZV_ENDPOINT:-}
 rdzv_id=${RDZV_ID:-${SLURM_JOB_ID:-moetrain}}
 max_restarts=${MAX_RESTARTS:-0}
 config=${CONFIG:-configs/tiny_cpu.yaml}
-need() { [ -n "${2:-}" ] || { echo "torchrun.sh: $1 needs a value" >&2; exit 2; }; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --nproc-per-node|--nproc_per_node) need "$1" "${2:-}"; nproc_per_node=$2; shift 2 ;;
@@ -58,10 +60,7 @@ if [ "${1:-}" = "--config" ] || [ "${1:-}" = "-c" ]; then
 fi
 nproc_per_node=${nproc_per_node:-$(default_nproc)}
 
-if [ -n "${MOETRAIN_IFNAME:-}" ]; then
-  export NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-$MOETRAIN_IFNAME}
-  export GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-$MOETRAIN_IFNAME}
-fi
+export_ifname
 
 if [ "$nnodes" = 1 ] && [ -z "$endpoint" ]; then
   rdzv=(--standalone)

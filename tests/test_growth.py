@@ -17,6 +17,7 @@ import torch
 from _dist import run_dist
 
 from moetrain import growth
+from moetrain.ckpt.convert import write_sharded
 from moetrain.config import Config, load_config, validate_layout
 from moetrain.data import eval_batches, load_token_data, sample_batch
 from moetrain.parallel.mesh import LaunchEnv, init_parallel
@@ -220,7 +221,7 @@ def test_ensemble_beats_mean_of_members(dense):
 def test_ensemble_refuses_mismatched_vocab(dense, tmp_path, capsys):
     cfg = load_config(str(REPO / "configs/tiny_cpu.yaml"), TINY + ["model.vocab_size=300"])
     tool = _tool("ensemble_eval")
-    tool.ckpt_inspect.write_sharded(growth.checkpoint_record(cfg, growth.fresh_state(cfg)), str(tmp_path / "v300"), "test")
+    write_sharded(growth.checkpoint_record(cfg, growth.fresh_state(cfg)), str(tmp_path / "v300"), "test")
     capsys.readouterr()
     assert tool.main([str(dense["ckpt"]), str(tmp_path / "v300")]) == 2     # the CLI's exit code
     captured = capsys.readouterr()

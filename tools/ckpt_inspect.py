@@ -21,7 +21,6 @@ Exit codes: 0 ok, 1 the checkpoint is damaged or incomplete, 2 bad arguments.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -31,27 +30,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from moetrain.ckpt import state as S  # noqa: E402
+from moetrain.ckpt.convert import (load_all, read_consolidated, resolve, run_tool,  # noqa: E402
+                                   save_consolidated, write_sharded)
 from moetrain.ckpt import store  # noqa: E402
 from moetrain.ckpt.store import CheckpointError  # noqa: E402
-
-
-def resolve(path: str) -> store.CheckpointInfo:
-    infos, warnings = store.resolve_path(path)
-    for w in warnings:
-        print(f"warning: {w}", file=sys.stderr)
-    return infos[0]
-
-
-def load_all(info: store.CheckpointInfo) -> dict:
-    """Every key of the checkpoint, read into fresh CPU tensors (bytes values as bytes)."""
-    flat: dict = {}
-    for key, md in info.metadata.state_dict_metadata.items():
-        if hasattr(md, "size"):
-            flat[key] = torch.empty(tuple(md.size), dtype=md.properties.dtype)
-        else:
-            flat[key] = b""
-    store.load_dcp(flat, info.path, None)
-    return flat
 
 
 def describe(info: store.CheckpointInfo, out=sys.stdout) -> None:
@@ -104,64 +86,6 @@ def verify_deep(info: store.CheckpointInfo) -> dict:
     return full
 
 
-def save_consolidated(full: dict, out: str) -> None:
-    if out.endswith(".safetensors"):
-        try:
-            from safetensors.torch import save_file
-        except ImportError:
-            raise SystemExit("ckpt_inspect: error: writing .safetensors needs the safetensors package "
-                             "(pip install safetensors), or use a .pt path") from None
-        flat = {f"model/{k}": v for k, v in full["model"].items()}
-        for name, states in full["optim"].items():
-            flat.update({f"optim/{name}/{k}": v for k, v in states.items()})
-        flat.update({f"train/{k}": torch.tensor(v, dtype=torch.int64) for k, v in full["train"].items()})
-        flat.update({S.rng_key(r): torch.frombuffer(bytearray(b), dtype=torch.uint8) for r, b in full["rng"].items()})
-        save_file({k: v.contiguous().clone() for k, v in flat.items()}, out,
-                  metadata={"manifest": json.dumps(full["manifest"])})
-    else:
-        torch.save(full, out)
-
-
-def read_consolidated(path: str) -> dict:
-    if path.endswith(".safetensors"):
-        try:
-            from safetensors import safe_open
-        except ImportError:
-            raise SystemExit("ckpt_inspect: error: reading .safetensors needs the safetensors package") from None
-        full: dict = {"model": {}, "optim": {}, "train": {}, "rng": {}}
-        with safe_open(path, framework="pt") as f:
-            full["manifest"] = json.loads(f.metadata()["manifest"])
-            for key in f.keys():
-                t = f.get_tensor(key)
-                if (mk := S.parse_model_key(key)) is not None:
-                    full["model"][mk[0]] = t
-                elif (ok := S.parse_optim_key(key)) is not None:
-                    full["optim"].setdefault(ok[0], {})[ok[2]] = t
-                elif key.startswith("train/"):
-                    full["train"][key[len("train/"):]] = int(t)
-                elif key.startswith("rng/rank_"):
-                    full["rng"][int(key[len("rng/rank_"):])] = t.numpy().tobytes()
-        return full
-    full = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(full, dict) or "model" not in full or "manifest" not in full:
-        raise CheckpointError(f"{path}: not a consolidated moetrain checkpoint (needs 'model' and 'manifest')")
-    return full
-
-
-def write_sharded(full: dict, out_dir: str, source: str) -> str:
-    """A consolidated dict -> <out_dir>/step_<step>/ (DCP, one writer), committed like training does."""
-    flat = S.from_consolidated(full)
-    step = int(flat[S.STEP_KEY])
-    fields = {k: v for k, v in full["manifest"].items()
-              if k not in ("format", "format_version", "step", "created", "files", "save_s")}
-    fields.update(converted_from=os.path.abspath(source), world=1, layout={"dp": 1, "tp": 1, "ep": 1})
-    os.makedirs(out_dir, exist_ok=True)
-    tmp = store.tmp_dir_for(out_dir, step)
-    store.remove_stale(out_dir)
-    store.save_dcp(flat, tmp, None)
-    return store.commit(tmp, out_dir, step, fields)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="ckpt_inspect", description=__doc__.splitlines()[0])
     ap.add_argument("path", nargs="?", help="step_NNNNNNNN directory or checkpoint.dir")
@@ -171,13 +95,14 @@ def main(argv=None) -> int:
     ap.add_argument("--out", metavar="CKPT_DIR", help="checkpoint.dir to write with --from-consolidated")
     ap.add_argument("--quiet", "-q", action="store_true", help="no tensor listing")
     args = ap.parse_args(argv)
-    try:
+
+    def body():
         if args.from_consolidated:
             if not args.out:
                 ap.error("--from-consolidated needs --out CKPT_DIR")
             path = write_sharded(read_consolidated(args.from_consolidated), args.out, args.from_consolidated)
             print(f"wrote {path}")
-            return 0
+            return
         if not args.path:
             ap.error("give a checkpoint path (or --from-consolidated IN --out DIR)")
         info = resolve(args.path)
@@ -191,10 +116,7 @@ def main(argv=None) -> int:
             full = full or S.to_consolidated(load_all(info), info.manifest)
             save_consolidated(full, args.consolidate)
             print(f"wrote {args.consolidate}")
-    except (CheckpointError, OSError) as exc:
-        print(f"ckpt_inspect: error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_tool("ckpt_inspect", body)
 
 
 if __name__ == "__main__":

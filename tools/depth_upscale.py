@@ -25,10 +25,10 @@ import sys
 _TOOLS = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(_TOOLS), _TOOLS]
 
-from upcycle import check_out_dir, read_checkpoint, write_checkpoint  # noqa: E402
+from upcycle import check_out_dir, write_checkpoint  # noqa: E402
 
 from moetrain import growth  # noqa: E402
-from moetrain.ckpt.store import CheckpointError  # noqa: E402
+from moetrain.ckpt.convert import read_checkpoint, run_tool  # noqa: E402
 from moetrain.config import ConfigError  # noqa: E402
 
 PROG = "depth_upscale"
@@ -82,15 +82,7 @@ def main(argv=None) -> int:
     ap.add_argument("--keep-step", action="store_true", help="keep the source step and tokens_seen (default: step 0)")
     ap.add_argument("overrides", nargs="*", help="target config overrides (not the model shape)")
     args = ap.parse_intermixed_args(argv)
-    try:
-        upscale(args)
-    except (ConfigError, growth.GrowthError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    except (CheckpointError, OSError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_tool(PROG, lambda: upscale(args), (ConfigError, growth.GrowthError))
 
 
 if __name__ == "__main__":

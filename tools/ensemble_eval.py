@@ -26,12 +26,10 @@ import sys
 _TOOLS = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(_TOOLS), _TOOLS]
 
-import ckpt_inspect  # noqa: E402
 import torch  # noqa: E402
-from upcycle import read_checkpoint  # noqa: E402
+from moetrain.ckpt.convert import read_checkpoint, resolve, run_tool  # noqa: E402
 
 from moetrain import growth  # noqa: E402
-from moetrain.ckpt.store import CheckpointError  # noqa: E402
 from moetrain.config import ConfigError  # noqa: E402
 from moetrain.data import DataError, eval_batches, load_token_data  # noqa: E402
 
@@ -56,7 +54,7 @@ def check_vocab(infos: list) -> int:
 
 def evaluate(paths: list[str], eval_batches_n=None, batch_size=None, seq_len=None, micro=None,
              device: str = "cpu") -> dict:
-    infos = [ckpt_inspect.resolve(p) for p in paths]
+    infos = [resolve(p) for p in paths]
     vocab = check_vocab(infos)
     first = growth.config_from_dict(infos[0].manifest.get("config"))
     t = first.train
@@ -99,14 +97,15 @@ def main(argv=None) -> int:
         if v is not None and v < 1:
             print(f"{PROG}: error: --{name.replace('_', '-')}={v} must be >= 1", file=sys.stderr)
             return 2
-    try:
-        res = evaluate(args.ckpts, args.eval_batches, args.batch_size, args.seq_len, args.micro_batch, args.device)
-    except (ConfigError, DataError, growth.GrowthError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    except (CheckpointError, OSError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 1
+    out = {}
+
+    def body():
+        out["res"] = evaluate(args.ckpts, args.eval_batches, args.batch_size, args.seq_len, args.micro_batch,
+                              args.device)
+    code = run_tool(PROG, body, (ConfigError, DataError, growth.GrowthError))
+    if code:
+        return code
+    res = out["res"]
     if args.json:
         print(json.dumps(res))
         return 0

@@ -32,21 +32,13 @@ import sys
 _TOOLS = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(_TOOLS), _TOOLS]
 
-import ckpt_inspect  # noqa: E402
 
 from moetrain import growth  # noqa: E402
-from moetrain.ckpt import state as S  # noqa: E402
 from moetrain.ckpt import store  # noqa: E402
-from moetrain.ckpt.store import CheckpointError  # noqa: E402
+from moetrain.ckpt.convert import read_checkpoint, run_tool, write_sharded  # noqa: E402
 from moetrain.config import ConfigError, load_config, to_yaml  # noqa: E402
 
 PROG = "upcycle"
-
-
-def read_checkpoint(path: str) -> tuple[store.CheckpointInfo, dict]:
-    """(info, consolidated dict) of a checkpoint (also used by depth_upscale / ensemble_eval)."""
-    info = ckpt_inspect.resolve(path)
-    return info, S.to_consolidated(ckpt_inspect.load_all(info), info.manifest)
 
 
 def check_out_dir(out: str) -> None:
@@ -60,7 +52,7 @@ def write_checkpoint(full: dict, out: str, source: str, cfg, name: str, override
     logging.run_name + suffix (so the new run never appends to the source run's metrics),
     unless the overrides set those keys."""
     os.makedirs(out, exist_ok=True)
-    path = ckpt_inspect.write_sharded(full, out, source)
+    path = write_sharded(full, out, source)
     given = {o.split("=", 1)[0] for o in overrides}
     run_cfg = copy.deepcopy(cfg)
     if "checkpoint.dir" not in given:
@@ -118,15 +110,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=None, help="seed of the router init and noise (default train.seed)")
     ap.add_argument("overrides", nargs="*", help="target config overrides, e.g. moe.num_experts=8")
     args = ap.parse_intermixed_args(argv)
-    try:
-        upcycle(args)
-    except (ConfigError, growth.GrowthError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    except (CheckpointError, OSError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_tool(PROG, lambda: upcycle(args), (ConfigError, growth.GrowthError))
 
 
 if __name__ == "__main__":

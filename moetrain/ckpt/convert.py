@@ -1,0 +1,117 @@
+"""Whole-checkpoint conversions for the offline tools (no process groups, one process).
+
+resolve/load_all read every tensor of a sharded checkpoint into CPU memory; read_checkpoint gives
+the consolidated dict (experts as full [E, ...] tensors, see ckpt/state.py); write_sharded commits
+a consolidated dict as a world-1 sharded checkpoint exactly like training does; save/read
+_consolidated move that dict to and from one .pt or .safetensors file. run_tool maps the errors
+of a tool's body to one `prog: error: ...` line and an exit code.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Callable
+
+import torch
+
+from moetrain.ckpt import state as S
+from moetrain.ckpt import store
+from moetrain.ckpt.store import CheckpointError
+
+
+def resolve(path: str) -> store.CheckpointInfo:
+    infos, warnings = store.resolve_path(path)
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    return infos[0]
+
+
+def load_all(info: store.CheckpointInfo) -> dict:
+    """Every key of the checkpoint, read into fresh CPU tensors (bytes values as bytes)."""
+    flat: dict = {}
+    for key, md in info.metadata.state_dict_metadata.items():
+        if hasattr(md, "size"):
+            flat[key] = torch.empty(tuple(md.size), dtype=md.properties.dtype)
+        else:
+            flat[key] = b""
+    store.load_dcp(flat, info.path, None)
+    return flat
+
+
+def read_checkpoint(path: str) -> tuple[store.CheckpointInfo, dict]:
+    """(info, consolidated dict) of a checkpoint."""
+    info = resolve(path)
+    return info, S.to_consolidated(load_all(info), info.manifest)
+
+
+def save_consolidated(full: dict, out: str) -> None:
+    if out.endswith(".safetensors"):
+        try:
+            from safetensors.torch import save_file
+        except ImportError:
+            raise CheckpointError("writing .safetensors needs the safetensors package "
+                                  "(pip install safetensors), or use a .pt path") from None
+        flat = {f"model/{k}": v for k, v in full["model"].items()}
+        for name, states in full["optim"].items():
+            flat.update({f"optim/{name}/{k}": v for k, v in states.items()})
+        flat.update({f"train/{k}": torch.tensor(v, dtype=torch.int64) for k, v in full["train"].items()})
+        flat.update({S.rng_key(r): torch.frombuffer(bytearray(b), dtype=torch.uint8) for r, b in full["rng"].items()})
+        save_file({k: v.contiguous().clone() for k, v in flat.items()}, out,
+                  metadata={"manifest": json.dumps(full["manifest"])})
+    else:
+        torch.save(full, out)
+
+
+def read_consolidated(path: str) -> dict:
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors import safe_open
+        except ImportError:
+            raise CheckpointError("reading .safetensors needs the safetensors package") from None
+        full: dict = {"model": {}, "optim": {}, "train": {}, "rng": {}}
+        with safe_open(path, framework="pt") as f:
+            full["manifest"] = json.loads(f.metadata()["manifest"])
+            for key in f.keys():
+                t = f.get_tensor(key)
+                if (mk := S.parse_model_key(key)) is not None:
+                    full["model"][mk[0]] = t
+                elif (ok := S.parse_optim_key(key)) is not None:
+                    full["optim"].setdefault(ok[0], {})[ok[2]] = t
+                elif key.startswith("train/"):
+                    full["train"][key[len("train/"):]] = int(t)
+                elif key.startswith("rng/rank_"):
+                    full["rng"][int(key[len("rng/rank_"):])] = t.numpy().tobytes()
+        return full
+    full = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(full, dict) or "model" not in full or "manifest" not in full:
+        raise CheckpointError(f"{path}: not a consolidated moetrain checkpoint (needs 'model' and 'manifest')")
+    return full
+
+
+def write_sharded(full: dict, out_dir: str, source: str) -> str:
+    """A consolidated dict -> <out_dir>/step_<step>/ (DCP, one writer), committed like training does."""
+    flat = S.from_consolidated(full)
+    step = int(flat[S.STEP_KEY])
+    fields = {k: v for k, v in full["manifest"].items()
+              if k not in ("format", "format_version", "step", "created", "files", "save_s")}
+    fields.update(converted_from=os.path.abspath(source), world=1, layout={"dp": 1, "tp": 1, "ep": 1})
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = store.tmp_dir_for(out_dir, step)
+    store.remove_stale(out_dir)
+    store.save_dcp(flat, tmp, None)
+    return store.commit(tmp, out_dir, step, fields)
+
+
+def run_tool(prog: str, body: Callable[[], object], usage_errors: tuple = ()) -> int:
+    """Run a tool's body: 0 on success; `usage_errors` (bad config, impossible request) -> one
+    error line and 2; unreadable or bad checkpoints and I/O errors -> one error line and 1."""
+    try:
+        body()
+    except usage_errors as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except (CheckpointError, OSError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
