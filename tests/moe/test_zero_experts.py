@@ -10,7 +10,6 @@ Shape legend: B batch, S sequence, T tokens, D dim, F FFN experts, E = all exper
 """
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
@@ -18,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from _dist import run_dist
+from _oracle import reference_step
 from moetrain.moe.layer import MoELayer
 
 D, H, FFN = 8, 6, 4
@@ -180,13 +180,7 @@ def _ep_body(rank, world, cases):
         layer = make_layer(top_k, cf)
         xs = [make_input(seed=10 + r, batch=1) for r in range(world)]
         gys = [make_input(seed=20 + r, batch=1) for r in range(world)]
-        refs = []
-        for r in range(world):
-            ref = copy.deepcopy(layer)
-            xr = xs[r].clone().requires_grad_(True)
-            yr, ar = ref(xr)
-            (yr * gys[r]).sum().backward()
-            refs.append((yr.detach(), xr.grad, {n: p.grad.clone() for n, p in ref.named_parameters()}, ar))
+        refs = [reference_step(layer, xs[r], gys[r]) for r in range(world)]
         apply_ep(layer, par)
         x = xs[rank].clone().requires_grad_(True)
         y, aux = layer(x)

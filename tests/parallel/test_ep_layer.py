@@ -4,12 +4,12 @@ Oracle: each rank's batch run through the unsharded layer locally. Capacity is p
 batch (GShard), so outputs must match exactly that; expert weight gradients must equal the sum of
 the reference gradients over the ranks of the EP group (before edp sync).
 """
-import copy
 
 import pytest
 import torch
 
 from _dist import run_dist
+from _oracle import reference_step
 from moetrain.moe.layer import MoELayer
 from moetrain.parallel.apply import apply_ep
 from moetrain.parallel.mesh import LaunchEnv, init_parallel
@@ -40,14 +40,6 @@ def _force_hot(layer, hot):
         layer.router.weight[hot, 0] = 5.0
 
 
-def _reference(layer, x, gy):
-    ref = copy.deepcopy(layer)
-    x = x.clone().requires_grad_(True)
-    y, aux = ref(x)
-    (y * gy).sum().backward()
-    return y.detach(), x.grad, {n: p.grad.clone() for n, p in ref.named_parameters()}, aux
-
-
 def _body(par, rank, world, ep, k, cf, shared, hot):
     layer = _make_layer(k, cf, shared)
     xs, gys = _inputs(world)
@@ -55,7 +47,7 @@ def _body(par, rank, world, ep, k, cf, shared, hot):
         _force_hot(layer, hot)
         for x in xs:
             x[..., 0] = 10.0
-    refs = [_reference(layer, xs[r], gys[r]) for r in range(world)]
+    refs = [reference_step(layer, xs[r], gys[r]) for r in range(world)]
     apply_ep(layer, par)
     x = xs[rank].clone().requires_grad_(True)
     y, aux = layer(x)
