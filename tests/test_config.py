@@ -205,3 +205,23 @@ def test_cli_bad_config_exits_2_with_one_line():
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("moetrain: error:")
     assert "moe.top_k" in lines[0]
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")),
+                         ids=lambda p: Path(p).stem)
+def test_every_shipped_config_loads_and_fits_world_1_and_2(path):
+    cfg = load_config(path, [])
+    assert validate_layout(cfg, 1) == (1, 1, 1)
+    ep = 2 if cfg.moe.num_experts else 1         # dense: data parallel only
+    assert validate_layout(load_config(path, [f"parallel.ep={ep}"]), 2) == (2, 1, ep)
+
+
+def test_dense_and_shared_fine_have_the_same_active_ffn_width():
+    """The MoE-vs-dense comparison in README is at equal active parameters per token."""
+    root = Path(__file__).resolve().parents[1] / "configs"
+    dense = load_config(str(root / "dense.yaml"), [])
+    moe = load_config(str(root / "shared_fine.yaml"), [])
+    assert dense.moe.num_experts == 0
+    active = moe.routed_top_k * moe.expert_hidden + moe.moe.shared_experts * moe.base_expert_hidden
+    assert active == dense.model.ffn_hidden == 384
+    assert moe.num_ffn_experts == 16 and moe.moe.capacity_factor is None
