@@ -88,9 +88,11 @@ def naive_peer(layer: PEERLayer, x_BSD):
     return torch.stack(out).view_as(x_BSD)
 
 
+@pytest.mark.parametrize("dense_scoring", [False, True], ids=["gather_rows", "score_all_rows"])
 @pytest.mark.parametrize("query_bn", [True, False])
-def test_peer_layer_equals_naive_loop(query_bn):
+def test_peer_layer_equals_naive_loop(query_bn, dense_scoring):
     layer = make_peer(query_bn).train()
+    layer.dense_scoring = dense_scoring
     x = torch.randn(2, 6, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64, requires_grad=True)
     y = layer(x)
     y_ref = naive_peer(layer, x)
@@ -110,8 +112,9 @@ def _ep_body(rank, world):
     from moetrain.parallel.mesh import LaunchEnv, init_parallel
     par = init_parallel(world, 1, world, LaunchEnv(rank, world, rank, world, "torchrun"), "cpu")
     out = []
-    for query_bn in (True, False):
+    for query_bn, dense_scoring in ((True, False), (False, False), (True, True)):
         layer = make_peer(query_bn).train()
+        layer.dense_scoring = dense_scoring
         xs = [torch.randn(2, 5, D, generator=torch.Generator().manual_seed(10 + r), dtype=torch.float64)
               for r in range(world)]
         gys = [torch.randn(2, 5, D, generator=torch.Generator().manual_seed(20 + r), dtype=torch.float64)
@@ -147,7 +150,7 @@ def _ep_body(rank, world):
 
 
 def test_ep_sharded_peer_equals_unsharded():
-    assert run_dist(_ep_body, 2) == [[True, True]] * 2
+    assert run_dist(_ep_body, 2) == [[True, True, True]] * 2
 
 
 # ----------------------------------------------------------------------------------------------
