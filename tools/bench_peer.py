@@ -40,6 +40,7 @@ def _time(fn, warmup: int, iters: int) -> float:
 def bench(n: int, args) -> dict:
     torch.manual_seed(0)
     layer = PEERLayer(args.dim, n, args.heads, args.top_k, args.key_dim, query_bn=True)
+    layer.dense_scoring = False      # the retrieval path whose cost is O(sqrt N), at every N
     with torch.no_grad():
         for p in layer.parameters():
             p.normal_(0, 0.02)
