@@ -40,6 +40,35 @@ def run_recipe(recipe: str, args) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
+def finished_run(recipe: str, args) -> list[dict] | None:
+    """With --reuse: the records of an earlier run of `recipe` in --out that reached --steps with
+    a final val loss and was started with the same --set overrides; else None (run it)."""
+    run_dir = os.path.join(args.out, recipe)
+    if not args.reuse or not os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):
+        return None
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        recs = [json.loads(line) for line in f if line.strip()]
+    done = any(r.get("step") == args.steps and "val_loss" in r for r in recs)
+    from moetrain.config import load_config
+    try:
+        cfg = load_config(os.path.join(run_dir, "config.yaml"), [])
+        same = load_config(os.path.join(ROOT, "configs", f"{recipe}.yaml"), args.set + [
+            f"train.steps={args.steps}", f"logging.dir={args.out}", f"logging.run_name={recipe}"])
+    except Exception:          # unreadable or from an older schema: run again
+        return None
+    keys = ("model", "moe", "train.steps", "train.seed", "train.lr", "train.global_batch_size", "train.seq_len")
+    if not done or any(_get(cfg, k) != _get(same, k) for k in keys):
+        return None
+    print(f"== {recipe}: reusing {run_dir} ({args.steps} steps)", flush=True)
+    return recs
+
+
+def _get(cfg, dotted: str):
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
 def summarize(recipe: str, recs: list[dict]) -> dict:
     train = [r for r in recs if "loss" in r]
     vals = [r for r in recs if r.get("val_loss") is not None]
@@ -79,9 +108,12 @@ def main(argv=None) -> int:
     ap.add_argument("--nproc", type=int, default=1)
     ap.add_argument("--out", default=os.path.join(ROOT, "bench_out", "routers"))
     ap.add_argument("--set", nargs="*", default=[], help="extra overrides for every recipe")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep a recipe's existing run in --out when it already reached --steps with the same "
+                         "overrides (add recipes to a table without rerunning the others)")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    results = [summarize(r, run_recipe(r, args)) for r in args.recipes]
+    results = [summarize(r, finished_run(r, args) or run_recipe(r, args)) for r in args.recipes]
     print("\n| recipe | val loss | train loss | drop frac | load CV | tokens/s |")
     print("|---|---|---|---|---|---|")
     for r in results:
