@@ -2,6 +2,7 @@
 """Train every routing recipe in configs/ on the same token budget and compare them.
 
     python tools/compare_routers.py --steps 300 --out bench_out/routers [--nproc 2] [recipes ...]
+    python tools/compare_routers.py --steps 600 --jobs 2 --set train.num_threads=1   # 2 at a time
 
 Each recipe runs `python -m moetrain.train --config configs/<recipe>.yaml` (under torchrun with
 `parallel.ep=<nproc>` when --nproc > 1) with the same steps, batch and seed; the tool reads each
@@ -11,6 +12,7 @@ over layers, tokens/s) plus one JSON line per recipe, and writes `val_loss.png`.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import subprocess
@@ -108,12 +110,20 @@ def main(argv=None) -> int:
     ap.add_argument("--nproc", type=int, default=1)
     ap.add_argument("--out", default=os.path.join(ROOT, "bench_out", "routers"))
     ap.add_argument("--set", nargs="*", default=[], help="extra overrides for every recipe")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="recipes trained at the same time (give each fewer threads: --set train.num_threads=1)")
     ap.add_argument("--reuse", action="store_true",
                     help="keep a recipe's existing run in --out when it already reached --steps with the same "
                          "overrides (add recipes to a table without rerunning the others)")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    results = [summarize(r, finished_run(r, args) or run_recipe(r, args)) for r in args.recipes]
+    if args.jobs < 1:
+        ap.error(f"--jobs={args.jobs} must be >= 1")
+
+    def one(recipe):
+        return summarize(recipe, finished_run(recipe, args) or run_recipe(recipe, args))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        results = list(pool.map(one, args.recipes))
     print("\n| recipe | val loss | train loss | drop frac | load CV | tokens/s |")
     print("|---|---|---|---|---|---|")
     for r in results:
