@@ -42,6 +42,7 @@ RUNS = {
     "peer": ("peer", [], True),
     "peer_no_bn": ("peer", ["moe.peer.query_bn=false"], True),   # isolates the BatchNorm eval bug below
     "reroute": ("reroute", [], True),
+    "shared_fine": ("shared_fine", ["moe.expert_hidden=32"], True),   # dropless already
     "reroute_residual": ("reroute", ["moe.overflow=residual"], False),
 }
 RECIPES = sorted({r for r, _, _ in RUNS.values()})
@@ -51,7 +52,9 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 def test_every_recipe_has_a_config_and_a_run():
     assert RECIPES == ["aux_free", "deepseek", "expert_choice", "gshard", "moepp", "noisy_topk", "peer",
-                       "reroute", "switch"]
+                       "reroute", "shared_fine", "switch"]
+    shipped = {p.stem for p in CONFIGS.glob("*.yaml")} - {"tiny_cpu", "dense"}   # tested elsewhere
+    assert shipped == set(RECIPES), "a recipe in configs/ without a run here (or the reverse)"
     for recipe in RECIPES:
         assert (CONFIGS / f"{recipe}.yaml").is_file(), recipe
 
