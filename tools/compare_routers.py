@@ -88,13 +88,17 @@ def plot(results: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in results:
+    colors = plt.get_cmap("tab20").colors          # distinct colours for up to 20 recipes
+    styles = ("-", "--", ":")
+    for i, r in enumerate(results):
         steps, losses = zip(*r["curve"]) if r["curve"] else ((), ())
-        ax.plot(steps, losses, marker="o", ms=3, label=r["recipe"])
+        ax.plot(steps, losses, marker="o", ms=3, color=colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20],
+                ls=styles[(i // 10) % 3], label=r["recipe"])
     ax.set_xlabel("step")
     ax.set_ylabel("val loss (nats/byte)")
     ax.set_title("Routing recipes, same token budget")
-    ax.set_ylim(top=min(3.0, ax.get_ylim()[1]))
+    finals = [c[-1][1] for c in (r["curve"] for r in results) if c]
+    ax.set_ylim(bottom=min(finals) - 0.05 if finals else None, top=min(3.0, ax.get_ylim()[1]))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
