@@ -27,7 +27,7 @@ def keep_freed_memory() -> bool:
     global _done
     if _done:
         return True
-    if os.environ.get("MOETRAIN_MALLOC_TUNE", "1") == "0" or not os.name == "posix":
+    if os.environ.get("MOETRAIN_MALLOC_TUNE", "1") == "0" or os.name != "posix":
         return False
     name = ctypes.util.find_library("c")
     if not name:
@@ -46,9 +46,21 @@ def keep_freed_memory() -> bool:
     return ok
 
 
-def configure_cpu_process(threads: int) -> None:
-    """Intra-op threads for this process and, off CUDA, allocator settings for large tensors."""
+def threads_per_process(requested: int, local_processes: int) -> int:
+    """`requested` if set (> 0), else the cores this process may use (a Slurm/cgroup allocation,
+    taskset) shared evenly by the processes on this node."""
+    if requested:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, local_processes))
+
+
+def configure_cpu_process(requested_threads: int, local_processes: int) -> int:
+    """Intra-op threads for this process (see threads_per_process) and, off CUDA, allocator
+    settings for large tensors. Returns the thread count."""
     import torch
-    torch.set_num_threads(max(1, threads))
+    threads = threads_per_process(requested_threads, local_processes)
+    torch.set_num_threads(threads)
     if not torch.cuda.is_available():
         keep_freed_memory()
+    return threads

@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated subset of {','.join(SYSTEMS)}")
     p.add_argument("--world", type=int, default=1, help="gloo ranks to spawn (ep = world)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch threads per rank (default max(1, cpu_count // world))")
+                   help="torch threads per rank (default: the cores this process may use // world, as training)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
@@ -435,13 +435,9 @@ def warn_if_loaded(threads_wanted: int) -> None:
               "other processes' share; compare cpu_ms at --threads 1, or set OMP_WAIT_POLICY=PASSIVE", flush=True)
 
 
-def default_threads(world: int) -> int:
-    return max(1, (os.cpu_count() or 1) // world)
-
-
 def rank_main(args, rank: int, world: int) -> None:
     """Body of one rank (world 1 in-process, or a spawned / torchrun-launched worker)."""
-    configure_cpu_process(args.threads or default_threads(world))   # same process settings as training
+    configure_cpu_process(args.threads or 0, world)   # same process settings as training
     par, group = None, None
     if world > 1:
         env = read_launch_env()

@@ -187,6 +187,7 @@ def plot_summary(per_rank: list[dict], png: str, title: str) -> None:
 
 def rank_main(args, rank: int, world: int) -> None:
     from moetrain.config import load_config, validate_layout
+    from moetrain.cpu_runtime import configure_cpu_process
     from moetrain.data import load_token_data
     from moetrain.parallel.mesh import init_parallel, read_launch_env, shutdown
     from moetrain.train.loop import build_trainer
@@ -195,7 +196,7 @@ def rank_main(args, rank: int, world: int) -> None:
     cfg = load_config(args.config, args.overrides)
     dp, tp, ep = validate_layout(cfg, env.world_size)
     data = load_token_data(cfg.data.source, cfg.data.path, cfg.model.vocab_size, cfg.data.cache_dir)
-    torch.set_num_threads(args.threads or cfg.train.num_threads or max(1, (os.cpu_count() or 1) // env.local_world_size))
+    configure_cpu_process(args.threads or cfg.train.num_threads, env.local_world_size)   # as training does
     par = init_parallel(dp, tp, ep, env, cfg.train.device)
     try:
         trainer = build_trainer(cfg, par, data)

@@ -6,7 +6,6 @@ here on every rank BEFORE the first collective, so each rank exits 2 with the sa
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 EXIT_BAD_INPUT = 2
@@ -42,15 +41,11 @@ def main(argv=None) -> int:
     except (ConfigError, LaunchError, DataError) as exc:
         return _fail(str(exc))
 
-    import torch
     from moetrain.checkpoint import CheckpointError
     from moetrain.cpu_runtime import configure_cpu_process
     from moetrain.train.loop import run_training
 
-    # cores this process may use (a Slurm/cgroup allocation, taskset), shared by the local ranks
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = cfg.train.num_threads or max(1, cores // env.local_world_size)
-    configure_cpu_process(threads)
+    configure_cpu_process(cfg.train.num_threads, env.local_world_size)
     try:
         par = init_parallel(dp, tp, ep, env, cfg.train.device)
     except LaunchError as exc:
