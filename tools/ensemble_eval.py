@@ -97,18 +97,16 @@ def main(argv=None) -> int:
         if v is not None and v < 1:
             print(f"{PROG}: error: --{name.replace('_', '-')}={v} must be >= 1", file=sys.stderr)
             return 2
-    out = {}
-
     def body():
-        out["res"] = evaluate(args.ckpts, args.eval_batches, args.batch_size, args.seq_len, args.micro_batch,
-                              args.device)
-    code = run_tool(PROG, body, (ConfigError, DataError, growth.GrowthError))
-    if code:
-        return code
-    res = out["res"]
-    if args.json:
-        print(json.dumps(res))
-        return 0
+        res = evaluate(args.ckpts, args.eval_batches, args.batch_size, args.seq_len, args.micro_batch, args.device)
+        if args.json:
+            print(json.dumps(res))
+        else:
+            print_table(res)
+    return run_tool(PROG, body, (ConfigError, DataError, growth.GrowthError))
+
+
+def print_table(res: dict) -> None:
     width = max(len(r["path"]) for r in res["models"])
     print(f"val windows: {res['windows']} x {res['seq_len']} tokens of {res['data']}")
     print(f"{'checkpoint':<{width}}  {'step':>6}  {'layers':>6}  {'experts':>7}  val_loss")
@@ -117,7 +115,6 @@ def main(argv=None) -> int:
     print(f"{'mean of the ' + str(len(res['models'])) + ' models':<{width}}  {'':>6}  {'':>6}  {'':>7}  "
           f"{res['mean_val_loss']:.4f}")
     print(f"{'ensemble (mean probability)':<{width}}  {'':>6}  {'':>6}  {'':>7}  {res['ensemble_val_loss']:.4f}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -66,8 +66,7 @@ class GroupedExperts(nn.Module):
             # cast once here, as autocast would, and run the op with autocast off
             dt = torch.get_autocast_dtype(dev)
             with torch.autocast(dev, enabled=False):
-                y = grouped_swiglu(x_ND.to(dt), w1.to(dt), w3.to(dt), w2.to(dt), counts_L, self.spread)
-            return y
+                return grouped_swiglu(x_ND.to(dt), w1.to(dt), w3.to(dt), w2.to(dt), counts_L, self.spread)
         return grouped_swiglu(x_ND, w1, w3, w2, counts_L, self.spread)
 
     def _touch(self):

@@ -13,9 +13,9 @@ TINY = ["model.dim=16", "model.n_layers=1", "model.n_heads=2", "model.ffn_hidden
         "train.warmup_steps=1", "train.num_threads=1", "data.source=stdlib"]
 
 
-def _run(out, *extra):
+def _run(out, *extra, sets=()):
     cmd = [sys.executable, str(ROOT / "tools" / "compare_routers.py"), "--steps", "3", "--eval-every", "3",
-           "--log-every", "1", "--out", str(out), *extra, "--set", *TINY]
+           "--log-every", "1", "--out", str(out), *extra, "--set", *TINY, *sets]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
@@ -30,9 +30,6 @@ def test_two_recipes_at_once_then_reuse(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stdout.count("reusing") == 2
     assert [json.loads(line) for line in again.stdout.splitlines() if line.startswith("{")] == rows
-    other = subprocess.run([sys.executable, str(ROOT / "tools" / "compare_routers.py"), "--steps", "3",
-                            "--eval-every", "3", "--log-every", "1", "--out", str(tmp_path), "--reuse",
-                            "tiny_cpu", "--set", *TINY, "train.seed=7"],
-                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+    other = _run(tmp_path, "--reuse", "tiny_cpu", sets=["train.seed=7"])   # other settings: trained again
     assert other.returncode == 0, other.stderr[-2000:]
     assert "reusing" not in other.stdout
