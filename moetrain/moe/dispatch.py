@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 import torch
 
-from moetrain.moe.permute import invert_permutation, rank_splits, regroup_by_expert, sort_by_expert
+from moetrain.moe.permute import gather_rows, invert_permutation, rank_splits, regroup_by_expert, sort_by_expert
 from moetrain.moe.routing import Routing
 from moetrain.parallel.comm import CommTimer, all_to_all, all_to_all_start, exchange_counts
 
@@ -50,10 +50,10 @@ class LocalDispatcher:
     def dispatch(self, x_TD: torch.Tensor, routing: Routing,
                  overlap: Optional[Callable[[], object]] = None):
         token_idx, copy_idx, counts_E = sort_by_expert(routing.expert_idx_TK, routing.kept_TK, self.num_experts)
-        weights = routing.weights_TK.reshape(-1)[copy_idx]
+        weights = gather_rows(routing.weights_TK.reshape(-1), copy_idx)
         meta = DispatchMeta(x_TD.shape[0], token_idx, weights)
         overlapped = overlap() if overlap is not None else None
-        return x_TD[token_idx], counts_E.tolist(), meta, overlapped
+        return gather_rows(x_TD, token_idx), counts_E.tolist(), meta, overlapped
 
     def combine(self, y_ND: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
         return _combine_local(y_ND, meta)
@@ -80,7 +80,7 @@ class AllToAllDispatcher:
     def dispatch(self, x_TD: torch.Tensor, routing: Routing,
                  overlap: Optional[Callable[[], object]] = None):
         token_idx, copy_idx, counts_E = sort_by_expert(routing.expert_idx_TK, routing.kept_TK, self.num_experts)
-        weights = routing.weights_TK.reshape(-1)[copy_idx]
+        weights = gather_rows(routing.weights_TK.reshape(-1), copy_idx)
         R, L = self.ep_size, self.num_local_experts
         timer = CommTimer()
         start = timer.start(x_TD.device)
@@ -89,16 +89,16 @@ class AllToAllDispatcher:
         timer.stop("counts", start, x_TD.device, counts_E.numel() * 8)
         send_splits = rank_splits(counts_cpu[0].reshape(-1), R).tolist()
         recv_splits = counts_cpu[1].sum(1).tolist()
-        x_send = x_TD[token_idx]
+        x_send = gather_rows(x_TD, token_idx)
         pending = all_to_all_start(x_send, recv_splits, send_splits, self.group, timer, "dispatch")
         overlapped = overlap() if overlap is not None else None
         x_recv = pending.wait(x_send)
         regroup = regroup_by_expert(recv_counts_RL)
         local_counts = counts_cpu[1].sum(0).tolist()
         meta = DispatchMeta(x_TD.shape[0], token_idx, weights, send_splits, recv_splits, regroup, timer)
-        return x_recv[regroup], local_counts, meta, overlapped
+        return gather_rows(x_recv, regroup), local_counts, meta, overlapped
 
     def combine(self, y_MD: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
-        y_recv_order = y_MD[invert_permutation(meta.regroup_M)]
+        y_recv_order = gather_rows(y_MD, invert_permutation(meta.regroup_M))
         y_back = all_to_all(y_recv_order, meta.send_splits, meta.recv_splits, self.group, meta.timer, "combine")
         return _combine_local(y_back, meta)

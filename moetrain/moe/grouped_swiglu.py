@@ -23,10 +23,11 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-# spread experts over threads when the average expert gets fewer rows than this (measured with
-# tools/bench_moe.py, 2 cores, D=256, H=512: faster at 64 rows per expert (E=128: 196-219 vs
-# 242-297 ms), slower at 256 (E=32: 166-169 vs 147-168 ms), even at 128)
-SPREAD_MAX_ROWS_PER_EXPERT = 128
+# spread experts over threads when the average expert gets at most this many rows (grouped_swiglu
+# fwd+bwd alone, 2 cores, D=256, H=512, 8192 rows, random counts, medians of two runs: spread vs
+# threaded GEMMs at 64 rows/expert (E=128) 180-187 vs 213-222 ms, at 128 (E=64) 141-144 vs
+# 158-160, at 256 (E=32) 131-146 vs 144-150; at 1024 (E=8) spreading loses, 171-183 vs 143 ms)
+SPREAD_MAX_ROWS_PER_EXPERT = 256
 
 _POOLS: dict[int, cf.ThreadPoolExecutor] = {}
 

@@ -46,6 +46,33 @@ def regroup_by_expert(counts_RL: torch.Tensor) -> torch.Tensor:
     return torch.argsort(local_expert * R + src_rank, stable=True)
 
 
+class _GatherRows(torch.autograd.Function):
+    """src.index_select(0, idx) whose backward scatters with index_add_.
+
+    Autograd's backward for `src[idx]` is index_put_(accumulate=True), which on CPU is ~4x
+    slower than index_add_ single-threaded and ~20x slower with two intra-op threads (measured
+    on [8192, 256] rows: 12.8 ms vs 0.7 ms at 2 threads). index_add_ sums the rows of each
+    target in index order (CPU); on CUDA it follows torch's deterministic-algorithms setting.
+    """
+
+    @staticmethod
+    def forward(ctx, src, idx):
+        ctx.save_for_backward(idx)
+        ctx.rows = src.shape[0]
+        return src.index_select(0, idx)
+
+    @staticmethod
+    def backward(ctx, grad):
+        idx, = ctx.saved_tensors
+        grad_src = grad.new_zeros((ctx.rows,) + tuple(grad.shape[1:]))
+        return grad_src.index_add_(0, idx, grad), None
+
+
+def gather_rows(src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """src[idx] along dim 0 (differentiable in src; idx may repeat rows)."""
+    return _GatherRows.apply(src, idx)
+
+
 def invert_permutation(perm: torch.Tensor) -> torch.Tensor:
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(perm.numel(), device=perm.device)

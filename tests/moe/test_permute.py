@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moetrain.moe.permute import invert_permutation, rank_splits, regroup_by_expert, sort_by_expert
+from moetrain.moe.permute import gather_rows, invert_permutation, rank_splits, regroup_by_expert, sort_by_expert
 
 T_, F_ = True, False
 
@@ -128,3 +128,32 @@ def test_regroup_random_round_trip(seed):
             pos += int(counts_RL[r, l])
     expected_rows = [starts[r, l] + i for l in range(L) for r in range(R) for i in range(int(counts_RL[r, l]))]
     assert perm.tolist() == expected_rows
+
+
+@pytest.mark.parametrize("shape", [(6, 3), (6,)])
+def test_gather_rows_matches_indexing_with_repeats_and_unused_rows(shape):
+    """Forward equals src[idx]; backward sums the gradient of every repeat of a row and leaves
+    rows never gathered at zero (the index_add_ backward must agree with autograd's own)."""
+    torch.manual_seed(0)
+    idx = torch.tensor([4, 0, 4, 2, 4, 0])          # row 4 three times, rows 1, 3, 5 never
+    src = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    ref_src = src.detach().clone().requires_grad_(True)
+    out, ref = gather_rows(src, idx), ref_src[idx]
+    assert torch.equal(out, ref)
+    g = torch.randn_like(ref)
+    out.backward(g)
+    ref.backward(g)
+    assert torch.allclose(src.grad, ref_src.grad)
+    assert torch.equal(src.grad[torch.tensor([1, 3, 5])], torch.zeros_like(src.grad[:3]))
+    want4 = g[0] + g[2] + g[4]
+    assert torch.allclose(src.grad[4], want4)
+
+
+def test_gather_rows_empty_index_and_gradcheck():
+    src = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
+    empty = gather_rows(src, torch.zeros(0, dtype=torch.long))
+    assert empty.shape == (0, 2)
+    empty.sum().backward()
+    assert torch.equal(src.grad, torch.zeros(5, 2, dtype=torch.float64))
+    idx = torch.tensor([3, 3, 1, 0])
+    assert torch.autograd.gradcheck(lambda s: gather_rows(s, idx), (src,))
