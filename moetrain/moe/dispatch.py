@@ -16,7 +16,8 @@ from typing import Callable, Optional
 
 import torch
 
-from moetrain.moe.permute import gather_rows, invert_permutation, rank_splits, regroup_by_expert, sort_by_expert
+from moetrain.moe.permute import (gather_rows, invert_permutation, permute_rows, rank_splits, regroup_by_expert,
+                                  sort_by_expert)
 from moetrain.moe.routing import Routing
 from moetrain.parallel.comm import CommTimer, all_to_all, all_to_all_start, exchange_counts
 
@@ -30,6 +31,7 @@ class DispatchMeta:
     send_splits: Optional[list] = None      # rows sent to each rank (= rows that come back)
     recv_splits: Optional[list] = None      # rows received from each rank
     regroup_M: Optional[torch.Tensor] = None  # received order -> expert-major order
+    ungroup_M: Optional[torch.Tensor] = None  # its inverse: expert-major -> received order
     timer: CommTimer = field(default_factory=CommTimer)
 
 
@@ -94,11 +96,12 @@ class AllToAllDispatcher:
         overlapped = overlap() if overlap is not None else None
         x_recv = pending.wait(x_send)
         regroup = regroup_by_expert(recv_counts_RL)
+        ungroup = invert_permutation(regroup)
         local_counts = counts_cpu[1].sum(0).tolist()
-        meta = DispatchMeta(x_TD.shape[0], token_idx, weights, send_splits, recv_splits, regroup, timer)
-        return gather_rows(x_recv, regroup), local_counts, meta, overlapped
+        meta = DispatchMeta(x_TD.shape[0], token_idx, weights, send_splits, recv_splits, regroup, ungroup, timer)
+        return permute_rows(x_recv, regroup, ungroup), local_counts, meta, overlapped
 
     def combine(self, y_MD: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
-        y_recv_order = gather_rows(y_MD, invert_permutation(meta.regroup_M))
+        y_recv_order = permute_rows(y_MD, meta.ungroup_M, meta.regroup_M)
         y_back = all_to_all(y_recv_order, meta.send_splits, meta.recv_splits, self.group, meta.timer, "combine")
         return _combine_local(y_back, meta)

@@ -73,6 +73,26 @@ def gather_rows(src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return _GatherRows.apply(src, idx)
 
 
+class _PermuteRows(torch.autograd.Function):
+    """src.index_select(0, perm) for a permutation; backward gathers with the inverse (no zero
+    fill, no scatter)."""
+
+    @staticmethod
+    def forward(ctx, src, perm, inverse):
+        ctx.save_for_backward(inverse)
+        return src.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, grad):
+        inverse, = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+def permute_rows(src: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """src[perm] along dim 0, where perm is a permutation and inverse = invert_permutation(perm)."""
+    return _PermuteRows.apply(src, perm, inverse)
+
+
 def invert_permutation(perm: torch.Tensor) -> torch.Tensor:
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(perm.numel(), device=perm.device)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moetrain.moe.permute import gather_rows, invert_permutation, rank_splits, regroup_by_expert, sort_by_expert
+from moetrain.moe.permute import (gather_rows, invert_permutation, permute_rows, rank_splits, regroup_by_expert,
+                                  sort_by_expert)
 
 T_, F_ = True, False
 
@@ -157,3 +158,16 @@ def test_gather_rows_empty_index_and_gradcheck():
     assert torch.equal(src.grad, torch.zeros(5, 2, dtype=torch.float64))
     idx = torch.tensor([3, 3, 1, 0])
     assert torch.autograd.gradcheck(lambda s: gather_rows(s, idx), (src,))
+
+
+def test_permute_rows_forward_and_backward_match_indexing():
+    torch.manual_seed(1)
+    perm = torch.randperm(7)
+    src = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    ref_src = src.detach().clone().requires_grad_(True)
+    out, ref = permute_rows(src, perm, invert_permutation(perm)), ref_src[perm]
+    assert torch.equal(out, ref)
+    g = torch.randn_like(ref)
+    out.backward(g)
+    ref.backward(g)
+    assert torch.equal(src.grad, ref_src.grad)
