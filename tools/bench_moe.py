@@ -28,7 +28,8 @@ Output: a table on stdout, and one JSON object per measurement on its own line (
 `--json FILE`), with keys system, experts, tokens (per rank), world, ms, fwd_ms, min_ms, cpu_ms,
 impl, k, dim, hidden, capacity_factor, min_capacity, a2a_ms (moetrain at world > 1, else null),
 a2a_share (= a2a_ms / ms), ratio_to_dense (ms / dense ms at the same E and world), drop_frac,
-threads, ms_per_rank, loadavg_1m.
+threads, ms_per_rank, loadavg_1m, steal_frac (hypervisor steal time over that E's timed steps,
+from /proc/stat; null where unknown).
 
 Noise: systems are timed round-robin (one step of each per round), so load from other processes
 hits all of them alike. cpu_ms is the process CPU time of a step (median, slowest rank): with
@@ -38,6 +39,10 @@ On an oversubscribed machine OpenMP's active spin-waiting (the default) makes ea
 wait for a descheduled sibling thread, which penalizes many small ops (the per-expert loop,
 DeepSpeed's expert modules) far more than a few big ones (dense); OMP_WAIT_POLICY=PASSIVE
 removes most of that distortion. A warning line is printed when the load average says so.
+On a virtual machine the host can also take our vCPUs away (steal time, invisible in the load
+average): the table is followed by the steal share during each E's timing, and a warning when it
+exceeds 5%. Steal does not explain all noise: on the 2-core CI machine, with ~0% steal and a quiet
+load average, the dense time alone moved between 107 and 159 ms across runs within an hour.
 """
 from __future__ import annotations
 
@@ -69,6 +74,7 @@ from moetrain.moe.experts import SwiGLU  # noqa: E402
 from moetrain.moe.layer import MoELayer  # noqa: E402
 from moetrain.parallel.apply import apply_ep  # noqa: E402
 from moetrain.parallel.mesh import init_parallel, read_launch_env  # noqa: E402
+from tools._cpu_steal import StealMeter  # noqa: E402
 
 SYSTEMS = ("dense", "moetrain", "deepspeed")
 AUX_COEF = 0.01
@@ -394,11 +400,16 @@ def run_all(ctx: Ctx) -> list[dict]:
         _adopt_process_group_in_deepspeed()
     for num_experts in args.experts:
         cases = build_cases(ctx, num_experts, run_ds)
+        steal = StealMeter().start()
         time_cases(ctx, cases)
+        steal_frac = steal.fraction()
         recs = [record(ctx, num_experts, case) for case in cases]
         dense_ms = next((r["ms"] for r in recs if r is not None and r["system"] == "dense"), None)
         for rec in recs:
-            if rec is not None and dense_ms and rec["system"] != "dense":
+            if rec is None:
+                continue
+            rec["steal_frac"] = round(steal_frac, 4) if steal_frac is not None else None
+            if dense_ms and rec["system"] != "dense":
                 rec["ratio_to_dense"] = round(rec["ms"] / dense_ms, 3)
             emit(ctx, rec, results)
     return results
@@ -421,6 +432,22 @@ def format_table(results: list[dict]) -> str:
             f"{(f'{100 * share:.1f}' if share is not None else '-'):>6} "
             f"{(f'{100 * drop:.2f}' if drop is not None else '-'):>6} {speedup:>6}")
     return "\n".join(lines)
+
+
+STEAL_WARN = 0.05
+
+
+def format_steal(results: list[dict]) -> Optional[str]:
+    """One line: hypervisor steal share while each E was timed, plus a warning when it is high."""
+    steal = {r["experts"]: r.get("steal_frac") for r in results}
+    known = {e: s for e, s in steal.items() if s is not None}
+    if not known:
+        return None
+    line = "# hypervisor steal during timing: " + ", ".join(f"E={e} {100 * s:.0f}%" for e, s in known.items())
+    if max(known.values()) > STEAL_WARN:
+        line += ("\n# warning: the host took CPU time from this machine while timing; wall-clock ratios are "
+                 "distorted (rerun when steal is low, or compare cpu_ms)")
+    return line
 
 
 def warn_if_loaded(threads_wanted: int) -> None:
@@ -453,6 +480,9 @@ def rank_main(args, rank: int, world: int) -> None:
         results = run_all(ctx)
         if rank == 0:
             print(format_table(results), flush=True)
+            steal_line = format_steal(results)
+            if steal_line:
+                print(steal_line, flush=True)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

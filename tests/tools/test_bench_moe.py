@@ -19,7 +19,7 @@ SCRIPT = os.path.join(TOOLS, "bench_moe.py")
 TINY = ["--tokens", "64", "--dim", "16", "--hidden", "32", "--experts", "4,8", "--k", "2",
         "--warmup", "1", "--iters", "2", "--threads", "1"]
 KEYS = {"system", "experts", "tokens", "world", "ms", "fwd_ms", "impl", "k", "dim", "hidden",
-        "capacity_factor", "a2a_ms", "a2a_share", "drop_frac", "ms_per_rank", "threads"}
+        "capacity_factor", "a2a_ms", "a2a_share", "drop_frac", "ms_per_rank", "threads", "steal_frac"}
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +93,26 @@ def test_world2_spawn(bench, tmp_path):
     _check(printed, 2, {"dense", "moetrain"})
     ours = next(r for r in printed if r["system"] == "moetrain")
     assert ours["a2a_ms"] > 0 and ours["a2a_share"] > 0
+
+
+def test_steal_meter_reads_proc_stat_deltas(tmp_path, monkeypatch, bench):
+    """Steal share = delta(steal) / delta(user..steal) between start and end; None when the
+    file is missing or malformed; the table footer warns above 5%."""
+    import tools._cpu_steal as cs
+    stat = tmp_path / "stat"
+    monkeypatch.setattr(cs, "_STAT", str(stat))
+    stat.write_text("cpu  100 0 50 800 0 0 0 50 7 0\ncpu0 1 2 3\n")
+    meter = cs.StealMeter().start()
+    # +60 user, +20 system, +100 idle, +20 steal (guest +7 is inside user: not added again)
+    stat.write_text("cpu  160 0 70 900 0 0 0 70 14 0\n")
+    assert meter.fraction() == pytest.approx(20 / 200)
+    stat.write_text("intr 1 2 3\n")
+    assert cs.StealMeter().start().fraction() is None
+    monkeypatch.setattr(cs, "_STAT", str(tmp_path / "missing"))
+    assert cs.StealMeter().start().fraction() is None
+
+    recs = [{"experts": 8, "steal_frac": 0.01}, {"experts": 128, "steal_frac": 0.2}]
+    out = bench.format_steal(recs)
+    assert "E=8 1%" in out and "E=128 20%" in out and "warning" in out
+    assert "warning" not in bench.format_steal(recs[:1])
+    assert bench.format_steal([{"experts": 8, "steal_frac": None}]) is None
