@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -100,7 +101,7 @@ ZERO_STAGES = (0, 1, 2)
 class TrainConfig:
     steps: int = 600
     global_batch_size: int = 16    # sequences per optimizer step, over all ranks
-    micro_batch_size: int = 8      # sequences per rank per forward/backward
+    micro_batch_size: int = 8      # sequences per rank per forward/backward (at most global/dp)
     seq_len: int = 256
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
@@ -187,6 +188,9 @@ def _one_line(exc: OmegaConfBaseException) -> str:
     """OmegaConf messages span lines (full_key/object_type footers); keep the essential one."""
     msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     key = getattr(exc, "full_key", None)
+    null = re.match(r"Incompatible value 'None' for field of type '(\w+)'", msg)
+    if key and null:
+        return f"{key}=null is not allowed: must be a {null.group(1)} (an empty override value means null)"
     if key and key not in msg:
         msg = f"{key}: {msg}"
     return msg
@@ -209,16 +213,13 @@ def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[st
                 loaded = OmegaConf.create({})
             if not isinstance(loaded, type(OmegaConf.create({}))):
                 raise ConfigError(f"config file {path!r} must hold a mapping of groups, got a list")
-            for group, val in loaded.items():
-                if group in _GROUPS and val is not None and not OmegaConf.is_dict(val):
-                    raise ConfigError(f"{group}={OmegaConf.to_container(val) if OmegaConf.is_config(val) else val!r} "
-                                      f"is not allowed: must be a mapping of {group}.* keys (in {path!r})")
+            _check_groups(loaded, schema, "", path)
             merged = OmegaConf.merge(merged, loaded)
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} must look like group.key=value")
             key = item.split("=", 1)[0]
-            if key in _GROUPS:
+            if key in _GROUPS or OmegaConf.is_dict(OmegaConf.select(schema, key, default=None)):
                 raise ConfigError(f"override {item!r} is not allowed: {key} is a group; set {key}.<key>=value")
             if OmegaConf.select(schema, key, default="__missing__") == "__missing__" and not _is_group_key(key):
                 raise ConfigError(f"unknown config key {key!r} (from override {item!r})")
@@ -232,6 +233,20 @@ def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[st
 
 
 _GROUPS = ("model", "moe", "parallel", "train", "data", "checkpoint", "logging")
+
+
+def _check_groups(loaded, schema, prefix: str, path: str) -> None:
+    """A YAML scalar or list where the schema has a group (moe: 3, moe.zero_experts: 3) -> one
+    line naming the key (OmegaConf's merge error names neither key nor file)."""
+    for key, val in loaded.items():
+        node = schema.get(key) if OmegaConf.is_dict(schema) and key in schema else None
+        if not OmegaConf.is_dict(node) or val is None:
+            continue
+        full = f"{prefix}{key}"
+        if not OmegaConf.is_dict(val):
+            shown = OmegaConf.to_container(val) if OmegaConf.is_config(val) else val
+            raise ConfigError(f"{full}={shown!r} is not allowed: must be a mapping of {full}.* keys (in {path!r})")
+        _check_groups(val, node, full + ".", path)
 
 
 def _is_group_key(key: str) -> bool:
@@ -310,6 +325,9 @@ def validate(cfg: Config) -> None:
             _need(e.aux_loss_scope == "micro_batch", "moe.aux_loss_scope", e.aux_loss_scope,
                   f"router '{e.router}' has its own balance loss over the micro batch: use micro_batch")
         if e.router == "expert_choice":
+            _need(e.capacity_factor is not None, "moe.capacity_factor", None,
+                  "router 'expert_choice' is capacity-bound by definition (each expert takes "
+                  "C = capacity_factor*top_k*T/E tokens): set a number, e.g. 1.0")
             _need(e.overflow == "residual", "moe.overflow", e.overflow,
                   "expert_choice never overflows (each expert takes exactly C tokens): use residual")
         if e.router == "gshard":
@@ -414,7 +432,16 @@ def validate_layout(cfg: Config, world_size: int) -> tuple[int, int, int]:
     _need(dp * p.tp == world_size, "parallel.dp", p.dp,
           f"dp*tp must equal the world size {world_size} (tp={p.tp})")
     _need(dp % p.ep == 0, "parallel.ep", p.ep, f"must divide parallel.dp={dp} (world {world_size} / tp {p.tp})")
-    per_step = dp * t.micro_batch_size
-    _need(t.global_batch_size % per_step == 0, "train.global_batch_size", t.global_batch_size,
-          f"must be a multiple of dp*micro_batch_size = {dp}*{t.micro_batch_size} = {per_step}")
+    _need(t.global_batch_size % dp == 0, "train.global_batch_size", t.global_batch_size,
+          f"must be a multiple of parallel.dp={dp} (world {world_size} / tp {p.tp})")
+    local = t.global_batch_size // dp
+    _need(local % micro_batch(cfg, dp) == 0, "train.micro_batch_size", t.micro_batch_size,
+          f"must divide the per-rank batch global_batch_size/dp = {t.global_batch_size}/{dp} = {local} "
+          "(or be at least it)")
     return dp, p.tp, p.ep
+
+
+def micro_batch(cfg: Config, dp: int) -> int:
+    """Sequences per rank per forward/backward: train.micro_batch_size, capped at the per-rank
+    batch (global_batch_size / dp), so one config runs at every data-parallel width."""
+    return min(cfg.train.micro_batch_size, cfg.train.global_batch_size // dp)

@@ -142,6 +142,10 @@ class RunWriter:
     def write(self, record: dict) -> None:
         clean = {k: _json_safe(v) for k, v in record.items()}
         self._f.write(json.dumps(clean) + "\n")
+        self.write_tensorboard(record)
+
+    def write_tensorboard(self, record: dict) -> None:
+        """TensorBoard only (e.g. the step-0 evaluation, which is no metrics.jsonl record)."""
         if self._tb is not None:
             step = int(record["step"])
             for k, v in record.items():

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from moetrain.config import Config, ConfigError, load_config, validate, validate_layout
+from moetrain.config import Config, ConfigError, load_config, micro_batch, validate, validate_layout
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = str(REPO / "configs" / "tiny_cpu.yaml")
@@ -84,6 +84,7 @@ def test_empty_yaml_is_the_defaults(tmp_path):
     (["moe.grouped_mm=fast"], "moe.grouped_mm"),
     (["data.source=s3"], "data.source"),
     (["moe.top_k"], "moe.top_k"),                         # no '='
+    (["moe.router=expert_choice", "moe.capacity_factor=null"], "moe.capacity_factor"),  # never dropless
 ])
 def test_bad_override_names_the_key_in_one_line(overrides, key):
     msg = config_error(TINY, overrides)
@@ -128,15 +129,23 @@ def test_yaml_list_at_top_level(tmp_path):
     assert str(p) in config_error(str(p))
 
 
+@pytest.mark.parametrize("group", ["moe", "moe.zero_experts"])
 @pytest.mark.parametrize("source", ["override", "yaml"])
-def test_scalar_for_a_group_names_the_group(tmp_path, source):
+def test_scalar_for_a_group_names_the_group(tmp_path, source, group):
     if source == "yaml":
         p = tmp_path / "g.yaml"
-        p.write_text("moe: 3\n")
+        p.write_text("moe: 3\n" if group == "moe" else "moe:\n  zero_experts: 3\n")
         msg = config_error(str(p))
     else:
-        msg = config_error(TINY, ["moe=3"])
-    assert "moe" in msg
+        msg = config_error(TINY, [f"{group}=3"])
+    assert f"{group}" in msg and "3" in msg and "Merge error" not in msg
+
+
+@pytest.mark.parametrize("key", ["checkpoint.resume", "logging.run_name"])
+def test_empty_override_for_a_required_string_says_null_is_not_allowed(key):
+    msg = config_error(TINY, [f"{key}="])
+    assert f"{key}=null is not allowed" in msg and "str" in msg
+    assert load_config(TINY, ["moe.capacity_factor="]).moe.capacity_factor is None   # optional: null ok
 
 
 def test_validate_accepts_the_defaults_and_dense():
@@ -178,13 +187,18 @@ def test_validate_layout_dp_not_multiple_of_ep():
     assert "parallel.ep" in layout_error(cfg, 3)
 
 
-def test_validate_layout_global_batch_not_multiple_of_dp_times_micro():
+def test_validate_layout_batch_divisibility_and_micro_batch_cap():
     cfg = load_config(TINY, ["train.global_batch_size=16", "train.micro_batch_size=8"])
-    msg = layout_error(cfg, 4)               # 16 % (4 * 8) != 0
-    assert "train.global_batch_size" in msg and "32" in msg
+    for world, micro in ((1, 8), (2, 8), (4, 4), (8, 2), (16, 1)):   # micro capped at 16 / dp
+        assert validate_layout(cfg, world) == (world, 1, 1)
+        assert micro_batch(cfg, world) == micro
+    msg = layout_error(cfg, 3)               # 16 sequences do not split over 3 ranks
+    assert "train.global_batch_size" in msg and "parallel.dp=3" in msg
     cfg = load_config(TINY, ["train.global_batch_size=12", "train.micro_batch_size=4"])
-    assert "train.global_batch_size" in layout_error(cfg, 2)   # 12 % 8 != 0
-    assert validate_layout(cfg, 3) == (3, 1, 1)                 # 12 % 12 == 0
+    msg = layout_error(cfg, 2)               # 6 per rank, micro 4 does not divide it
+    assert "train.micro_batch_size" in msg and "= 6" in msg
+    assert validate_layout(cfg, 3) == (3, 1, 1)                 # 4 per rank
+    assert validate_layout(cfg, 4) == (4, 1, 1) and micro_batch(cfg, 4) == 3
 
 
 # --------------------------------------------------------------------------- CLI
@@ -209,11 +223,13 @@ def test_cli_bad_config_exits_2_with_one_line():
 
 @pytest.mark.parametrize("path", sorted(str(p) for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")),
                          ids=lambda p: Path(p).stem)
-def test_every_shipped_config_loads_and_fits_world_1_and_2(path):
+def test_every_shipped_config_loads_and_fits_worlds_1_to_8(path):
+    """Including README's `torchrun --nproc_per_node 4 ... parallel.ep=4` (micro batch capped)."""
     cfg = load_config(path, [])
     assert validate_layout(cfg, 1) == (1, 1, 1)
-    ep = 2 if cfg.moe.num_experts else 1         # dense: data parallel only
-    assert validate_layout(load_config(path, [f"parallel.ep={ep}"]), 2) == (2, 1, ep)
+    for world in (2, 4, 8):
+        ep = world if cfg.moe.num_experts % world == 0 and cfg.moe.num_experts else 1
+        assert validate_layout(load_config(path, [f"parallel.ep={ep}"]), world) == (world, 1, ep)
 
 
 def test_dense_and_shared_fine_have_the_same_active_ffn_width():

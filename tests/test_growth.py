@@ -146,7 +146,7 @@ def test_upcycle_refusals(dense, tmp_path, capsys):
 
     def moe(*extra):
         return load_config(str(REPO / "configs/tiny_cpu.yaml"), TINY + list(extra))
-    for extra, words in [(["moe.num_experts=8", "moe.router=expert_choice"], "expert_choice"),
+    for extra, words in [(["moe.num_experts=8", "moe.router=expert_choice", "moe.capacity_factor=1.0"], "expert_choice"),
                          (["moe.num_experts=8", "moe.shared_experts=1"], "shared_experts"),
                          (["moe.num_experts=8", "moe.top_k=1", "moe.expert_hidden=32"], "cannot cover"),
                          (["moe.num_experts=8", "model.ffn_hidden=96"], "model.ffn_hidden"),
@@ -154,7 +154,7 @@ def test_upcycle_refusals(dense, tmp_path, capsys):
         with pytest.raises(growth.GrowthError, match=words):
             growth.plan_upcycle(base, moe(*extra))
     code = _tool("upcycle").main([str(dense["ckpt"]), "--out", str(tmp_path / "x"), "moe.num_experts=8",
-                                  "moe.router=expert_choice"])
+                                  "moe.router=expert_choice", "moe.capacity_factor=1.0"])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "expert_choice" in err
     assert not (tmp_path / "x").exists()
@@ -168,7 +168,7 @@ def test_upcycled_checkpoint_resumes_at_ep2(dense, tmp_path):
     recs = run_dist(_train, 2, (str(out / "upcycled.yaml"),
                                 ["parallel.ep=2", "train.steps=3", "train.eval_every=3", "train.num_threads=1",
                                  f"logging.dir={tmp_path / 'runs'}"]))[0]
-    val0 = next(r["val_loss"] for r in recs if r["step"] == 0)
+    val0 = next(r["init_val_loss"] for r in recs if r["step"] == 1)
     assert val0 == pytest.approx(dense["val_loss"], rel=1e-5, abs=0)
     losses = {r["step"]: r["loss"] for r in recs if "loss" in r}
     assert sorted(losses) == [1, 2, 3] and all(np.isfinite(list(losses.values())))

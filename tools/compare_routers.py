@@ -80,7 +80,8 @@ def summarize(recipe: str, recs: list[dict]) -> dict:
     return {"recipe": recipe, "val_loss": vals[-1]["val_loss"] if vals else None,
             "train_loss": train[-1]["loss"], "drop_frac": sum(r["drop_frac"] for r in train) / len(train),
             "load_cv": sum(cvs) / max(1, len(cvs)), "tokens_per_s": sorted(speed)[len(speed) // 2],
-            "curve": [(r["step"], r["val_loss"]) for r in vals]}
+            "curve": [(0, r["init_val_loss"]) for r in recs if r.get("init_val_loss") is not None][:1]
+            + [(r["step"], r["val_loss"]) for r in vals]}
 
 
 def plot(results: list[dict], path: str) -> None:

@@ -46,7 +46,7 @@ def read_records(run_dir: str, metrics: str | None = None) -> list[dict]:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 raise ReportError(f"{path}:{n}: not a JSON line") from None
-            if "loss" in rec and "step" in rec:        # skip eval-only records (step 0 val_loss)
+            if "loss" in rec and "step" in rec:        # skip eval-only records (older runs' step-0 line)
                 by_step[int(rec["step"])] = rec
     if not by_step:
         raise ReportError(f"{path} holds no training steps")

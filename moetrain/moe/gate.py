@@ -59,7 +59,7 @@ class Gate(nn.Module):
         from moetrain.moe.routing import expert_capacity
         cf = self.capacity_factor
         if self.kind == "expert_choice" and cf is None:
-            cf = 1.0      # expert choice is capacity-bound by definition: C = k*T/E
+            cf = 1.0      # capacity-bound by definition (config validation refuses null): C = k*T/E
         return expert_capacity(num_tokens, self.num_ffn, self.top_k, cf, self.min_capacity)
 
     def forward(self, x_TD: torch.Tensor, prev_logits_TE: Optional[torch.Tensor], batch: int) -> GateOut:

@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from moetrain.config import Config
+from moetrain.config import Config, micro_batch
 from moetrain.moe.layer import MoELayer
 from moetrain.moe.peer import PEERLayer
 from moetrain.parallel.grads import clip_grad_norm
@@ -84,8 +84,7 @@ def expert_group_name(ep: int) -> str:
 
 
 def gradient_accumulation_steps(cfg: Config, dp: int) -> int:
-    t = cfg.train
-    return t.global_batch_size // (dp * t.micro_batch_size)
+    return cfg.train.global_batch_size // (dp * micro_batch(cfg, dp))
 
 
 DS_BUCKET = 500_000_000      # DeepSpeed's default reduce/allgather bucket (elements)
@@ -99,7 +98,7 @@ def ds_config(cfg: Config, dp: int, device: torch.device, bucket_elements: int =
     stage = t.zero_stage
     return {
         "train_batch_size": t.global_batch_size,
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "train_micro_batch_size_per_gpu": micro_batch(cfg, dp),
         "gradient_accumulation_steps": gradient_accumulation_steps(cfg, dp),
         # torch's AdamW (no compiled DeepSpeed op), per-tensor math like optim.build_optimizer's;
         # lr is overwritten every step from train/lr.py; param groups carry the weight decay

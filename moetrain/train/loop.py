@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from moetrain.checkpoint import Checkpointer
-from moetrain.config import Config, to_yaml
+from moetrain.config import Config, micro_batch, to_yaml
 from moetrain.data import TokenData, eval_batches, sample_batch
 from moetrain.metrics import GpuStats, RunWriter, StepStats, gather_stats, summarize
 from moetrain.model.transformer import Transformer, count_params
@@ -60,8 +60,12 @@ class Trainer:
         return self.cfg.train.global_batch_size // self.par.dims.dp
 
     @property
+    def micro(self) -> int:
+        return micro_batch(self.cfg, self.par.dims.dp)
+
+    @property
     def micro_batches_global(self) -> int:
-        return self.cfg.train.global_batch_size // self.cfg.train.micro_batch_size
+        return self.cfg.train.global_batch_size // self.micro
 
     def autocast(self):
         if self.par.device.type == "cuda":
@@ -95,8 +99,8 @@ class Trainer:
         sums = torch.zeros(3)
         load = torch.zeros(len(self.model.moe_layers()), self.cfg.num_router_outputs)
         self._step_load = load
-        for lo in range(0, rows.shape[0], t.micro_batch_size):
-            ce_sum, auxes = self.forward_loss(rows[lo:lo + t.micro_batch_size])
+        for lo in range(0, rows.shape[0], self.micro):
+            ce_sum, auxes = self.forward_loss(rows[lo:lo + self.micro])
             loss = ce_sum / global_tokens
             if auxes:
                 aux = torch.stack([a.aux_loss for a in auxes]).sum()
@@ -157,10 +161,10 @@ class Trainer:
         total = torch.zeros(2, dtype=torch.float64)
         for batch in eval_batches(self.data.val, t.eval_batches, t.global_batch_size, t.seq_len):
             rows = self.local_rows(batch)
-            for lo in range(0, rows.shape[0], t.micro_batch_size):
-                ce_sum, _ = self.forward_loss(rows[lo:lo + t.micro_batch_size])
+            for lo in range(0, rows.shape[0], self.micro):
+                ce_sum, _ = self.forward_loss(rows[lo:lo + self.micro])
                 total[0] += float(ce_sum)
-                total[1] += rows[lo:lo + t.micro_batch_size, 1:].numel()
+                total[1] += rows[lo:lo + self.micro, 1:].numel()
         total = self.reduce_dp(total)
         self.model.train()
         return float(total[0] / total[1])
@@ -263,11 +267,14 @@ def run_training(cfg: Config, par: Parallel, data: TokenData, log=print) -> dict
         ckpt.on_step(trainer)     # saves when step % checkpoint.every == 0 (previous step fully logged)
         logged = (step + 1) % lg.every == 0 or step + 1 == t.steps or step == 0
         stats = StepStats(num_layers, cfg.num_router_outputs) if logged else None
+        init_val = None
         if step == 0 and t.eval_every > 0:
-            val0 = trainer.evaluate()
+            # every metrics.jsonl record is a training step's (DESIGN): the loss before training
+            # rides on step 1's record as init_val_loss, and on TensorBoard's val_loss at step 0
+            init_val = trainer.evaluate()
             if writer is not None:
-                writer.write({"step": 0, "val_loss": val0})
-                log(f"step 0 val_loss {val0:.4f}")
+                writer.write_tensorboard({"step": 0, "val_loss": init_val})
+                log(f"step 0 val_loss {init_val:.4f}")
         step_start = time.perf_counter()
         sums = trainer.train_step(step, stats)
         if logged and par.device.type == "cuda":
@@ -292,6 +299,8 @@ def run_training(cfg: Config, par: Parallel, data: TokenData, log=print) -> dict
                    "grad_norm": float(sums[3]), "tokens": trainer.state.tokens_seen, "step_ms": step_ms}
             if val_loss is not None:
                 rec["val_loss"] = val_loss
+            if init_val is not None:
+                rec["init_val_loss"] = init_val
             rec.update(summarize(rows, num_layers, cfg.num_router_outputs, par.dims.tp))
             rec.update(gpu.read())
             writer.write(rec)

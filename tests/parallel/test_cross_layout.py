@@ -57,6 +57,18 @@ def test_loss_curve_matches_world1(reference, tmp_path, world, extra):
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference), rtol=2e-5, atol=0)
 
 
+def test_micro_batch_capped_at_per_rank_batch_matches_world1(tmp_path):
+    """A config written for world 1 (micro 8 = the whole global batch of 8) runs at world 4
+    with the micro batch capped at 8/4 = 2 and trains the same curve (balance loss off: it is
+    computed per micro batch, so its value depends on the micro batch by definition)."""
+    extra = ["train.micro_batch_size=8", "moe.aux_loss_coef=0", "moe.z_loss_coef=0"]
+    torch.set_num_threads(1)
+    want = _train(0, 1, str(tmp_path / "w1"), extra)
+    got = run_dist(_train, 4, (str(tmp_path / "w4"), extra + ["parallel.ep=4"]))[0]
+    assert len(got) == len(want) == 5
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=2e-5, atol=0)
+
+
 def _grads(rank, world, ep):
     extra = [f"parallel.ep={ep}"]
     cfg = _cfg("unused", extra)
