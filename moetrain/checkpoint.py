@@ -150,8 +150,16 @@ class Checkpointer:
         else:
             infos, warnings = store.resolve_path(c.resume)
             out["warnings"] += warnings
+            self._refuse_mixing_runs(infos[0].path)
         sizes = {"ep": self.par.dims.ep, "tp": self.par.dims.tp}
         for i, info in enumerate(infos):
+            try:
+                store.check_contents(info)       # CRC-32 of every file: damage never loads silently
+            except CheckpointError as exc:
+                if i + 1 == len(infos):
+                    raise
+                out["warnings"].append(f"skipping {exc}")
+                continue
             try:
                 extra = S.check_fits(info.metadata, trainer.model, sizes, info.path, self._config_hint(info.manifest))
             except CheckpointError as exc:
@@ -169,6 +177,22 @@ class Checkpointer:
                 "path": info.path, "step": info.step, "schema": S.optim_schema(info.metadata),
                 "rng_keys": sorted(k for k in md if k.startswith("rng/")),
                 "world": info.manifest.get("world"), "layout": info.manifest.get("layout")})
+
+    def _refuse_mixing_runs(self, source: str) -> None:
+        """resume=<path> from outside checkpoint.dir while saving into a checkpoint.dir that holds
+        another run's checkpoints would overwrite them step by step: refuse, as resume=none does.
+        (A path inside checkpoint.dir is a rewind of the same run, which re-saves its steps.)"""
+        if not self.enabled:
+            return
+        root = os.path.realpath(self.root)
+        if os.path.dirname(os.path.realpath(source)) == root:
+            return
+        complete, _ = store.find_complete(self.root)
+        if complete:
+            raise CheckpointError(
+                f"checkpoint.dir={self.root!r} already holds checkpoints (newest "
+                f"{os.path.basename(complete[0].path)}) of another run than checkpoint.resume={source!r}: "
+                "saving would overwrite them; choose an empty checkpoint.dir for the resumed run")
 
     def _config_hint(self, manifest: dict) -> str:
         changed = _config_changes(manifest.get("config", {}), to_dict(self.cfg), only=("model", "moe"))

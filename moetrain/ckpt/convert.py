@@ -21,9 +21,12 @@ from moetrain.ckpt.store import CheckpointError
 
 
 def resolve(path: str) -> store.CheckpointInfo:
+    """The checkpoint at `path` (a step dir, or the newest complete one of a checkpoint dir),
+    with its files' CRC-32s checked: tools never read a damaged checkpoint."""
     infos, warnings = store.resolve_path(path)
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
+    store.check_contents(infos[0])
     return infos[0]
 
 
@@ -46,6 +49,9 @@ def read_checkpoint(path: str) -> tuple[store.CheckpointInfo, dict]:
 
 
 def save_consolidated(full: dict, out: str) -> None:
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise CheckpointError(f"{out}: cannot write there, {parent} is not a directory")
     if out.endswith(".safetensors"):
         try:
             from safetensors.torch import save_file
@@ -83,7 +89,15 @@ def read_consolidated(path: str) -> dict:
                 elif key.startswith("rng/rank_"):
                     full["rng"][int(key[len("rng/rank_"):])] = t.numpy().tobytes()
         return full
-    full = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        # weights_only: tensors and plain containers only; a crafted .pt cannot run code here
+        full = torch.load(path, map_location="cpu", weights_only=True)
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise
+    except Exception as exc:    # truncated zip, random bytes (EINVAL), a pickle with foreign objects
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"{path}: not a readable consolidated checkpoint ({type(exc).__name__}: "
+                              f"{first[:200]})") from None
     if not isinstance(full, dict) or "model" not in full or "manifest" not in full:
         raise CheckpointError(f"{path}: not a consolidated moetrain checkpoint (needs 'model' and 'manifest')")
     return full
@@ -94,8 +108,12 @@ def write_sharded(full: dict, out_dir: str, source: str) -> str:
     flat = S.from_consolidated(full)
     step = int(flat[S.STEP_KEY])
     fields = {k: v for k, v in full["manifest"].items()
-              if k not in ("format", "format_version", "step", "created", "files", "save_s")}
+              if k not in ("format", "format_version", "step", "created", "files", "crc32", "save_s")}
     fields.update(converted_from=os.path.abspath(source), world=1, layout={"dp": 1, "tp": 1, "ep": 1})
+    existing = [p for st, p in store.list_step_dirs(out_dir) if st >= step]
+    if existing:
+        raise CheckpointError(f"{out_dir} already holds {os.path.basename(existing[0])}: writing step {step} "
+                              "there would replace it or move `latest` back; choose an empty --out directory")
     os.makedirs(out_dir, exist_ok=True)
     tmp = store.tmp_dir_for(out_dir, step)
     store.remove_stale(out_dir)

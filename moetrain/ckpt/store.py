@@ -5,11 +5,14 @@
       step_00000020/          one complete checkpoint, torch.distributed.checkpoint (DCP) format
         .metadata             DCP: every key's shape/dtype and the file/offset/length holding it
         __0_0.distcp ...      DCP data: one file per rank that had something to write
-        manifest.json         written LAST, by rank 0: files + sizes, step, layout, config
+        manifest.json         written LAST, by rank 0: files + sizes + CRC-32s, step, layout, config
       .tmp-step_00000030/     a save in progress (a crash leaves it; the next start removes it)
 
 A directory counts as a checkpoint only when manifest.json exists, every file it lists has the
-recorded size, and every DCP chunk lies inside its file. Rank 0 writes the manifest after DCP's
+recorded size, and every DCP chunk lies inside its file. Before a checkpoint is loaded (and by
+`tools/ckpt_inspect.py --verify`) every file's CRC-32 is compared with the manifest's, so a
+flipped bit is an error naming the file instead of silently wrong weights (checkpoints written
+before CRCs were recorded are checked for size only). Rank 0 writes the manifest after DCP's
 finish step (which runs after every rank's writes returned), renames the directory into place,
 then rewrites `latest`. A crash before the rename leaves only a .tmp- directory; a crash after
 it leaves a complete step_ directory, which `resume: auto` finds because it scans step numbers
@@ -26,6 +29,7 @@ import re
 import shutil
 import time
 import warnings
+import zlib
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -40,6 +44,7 @@ DCP_METADATA = ".metadata"
 TMP_PREFIX = ".tmp-"
 OLD_PREFIX = ".old-"
 _STEP_RE = re.compile(r"^step_(\d{8,})$")
+_STALE_RE = re.compile(r"^\.(tmp|old)-step_\d{8,}$")      # only our own names: never a user's file
 CRASH_ENV = "MOETRAIN_CKPT_CRASH"     # test hook: "<phase>[@<step>]", see crash_point()
 CRASH_EXIT_CODE = 86
 
@@ -139,6 +144,33 @@ def verify(path: str) -> CheckpointInfo:
     return CheckpointInfo(path, manifest["step"], manifest, metadata)
 
 
+def file_crc32(path: str, chunk: int = 1 << 22) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                return crc
+            crc = zlib.crc32(block, crc)
+
+
+def check_contents(info: CheckpointInfo) -> None:
+    """Every file's CRC-32 equals the manifest's (reads every byte; no-op for manifests without)."""
+    crcs = info.manifest.get("crc32")
+    if not isinstance(crcs, dict):
+        return
+    for rel, want in sorted(crcs.items()):
+        fpath = os.path.join(info.path, rel)
+        try:
+            got = file_crc32(fpath)
+        except OSError as exc:
+            raise CheckpointError(f"checkpoint {info.path}: file {rel} cannot be read "
+                                  f"({type(exc).__name__}: {_first_line(exc)})") from None
+        if got != want:
+            raise CheckpointError(f"checkpoint {info.path}: file {rel} is corrupt (CRC-32 {got:08x}, "
+                                  f"{MANIFEST} records {want:08x})")
+
+
 def _check_chunks(path: str, metadata, sizes: dict[str, int]) -> None:
     """Every chunk DCP will read lies inside a file the manifest (or the directory) vouches for."""
     for index, info in (metadata.storage_data or {}).items():
@@ -177,13 +209,13 @@ def resolve_path(path: str) -> tuple[list[CheckpointInfo], list[str]]:
 
 
 def remove_stale(root: str) -> list[str]:
-    """Delete the leftovers of interrupted saves (.tmp-*, .old-*). Only rank 0 calls this, and
-    only while no save is in flight."""
+    """Delete the leftovers of interrupted saves (.tmp-step_N, .old-step_N, latest.tmp; nothing
+    else, whatever its name). Only rank 0 calls this, and only while no save is in flight."""
     removed = []
     if not os.path.isdir(root):
         return removed
     for name in sorted(os.listdir(root)):
-        if name.startswith((TMP_PREFIX, OLD_PREFIX)) or name == LATEST + ".tmp":
+        if _STALE_RE.match(name) or name == LATEST + ".tmp":
             full = os.path.join(root, name)
             shutil.rmtree(full, ignore_errors=True) if os.path.isdir(full) else os.remove(full)
             removed.append(name)
@@ -258,6 +290,7 @@ def commit(tmp: str, root: str, step: int, fields: dict) -> str:
     crash_point("written", step)
     manifest = dict(format=FORMAT, format_version=FORMAT_VERSION, step=step, created=time.time(), **fields)
     manifest["files"] = dict(sorted(sizes.items()))
+    manifest["crc32"] = {rel: file_crc32(os.path.join(tmp, rel)) for rel in sorted(sizes)}
     _write_atomic(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     crash_point("manifest", step)
     final = os.path.join(root, step_dirname(step))

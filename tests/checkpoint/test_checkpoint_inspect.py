@@ -72,6 +72,38 @@ def test_consolidate_and_back(w4_run, tmp_path):
             assert a[key] == b[key], key
 
 
+def test_conversion_refusals_are_one_line_and_touch_nothing(w4_run, tmp_path, capsys):
+    _, ckpt = w4_run
+    tool = _tool()
+    full_pt = tmp_path / "full.pt"
+    assert tool.main([str(ckpt), "-q", "--consolidate", str(full_pt)]) == 0
+    capsys.readouterr()
+
+    def fails(args, words):
+        assert tool.main(args) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and words in err and "Traceback" not in err, err
+
+    # an --out that already holds this step (or a newer one) is never replaced
+    out = shutil.copytree(ckpt, tmp_path / "out")
+    before = {p: os.path.getmtime(out / p) for p in os.listdir(out)}
+    fails(["--from-consolidated", str(full_pt), "--out", str(out)], "already holds step_00000010")
+    assert {p: os.path.getmtime(out / p) for p in os.listdir(out)} == before
+    # garbage and truncated .pt files, and a target directory that does not exist
+    (tmp_path / "garbage.pt").write_bytes(os.urandom(4096))
+    fails(["--from-consolidated", str(tmp_path / "garbage.pt"), "--out", str(tmp_path / "o1")],
+          "not a readable consolidated checkpoint")
+    (tmp_path / "cut.pt").write_bytes(full_pt.read_bytes()[:5000])
+    fails(["--from-consolidated", str(tmp_path / "cut.pt"), "--out", str(tmp_path / "o2")],
+          "not a readable consolidated checkpoint")
+    # a pickle that would run code on load is refused, not executed
+    (tmp_path / "evil.pt").write_bytes(b"cos\nsystem\n(S'touch " + str(tmp_path / "pwned").encode() + b"'\ntR.")
+    fails(["--from-consolidated", str(tmp_path / "evil.pt"), "--out", str(tmp_path / "o3")],
+          "not a readable consolidated checkpoint")
+    assert not (tmp_path / "pwned").exists()
+    fails([str(ckpt), "-q", "--consolidate", str(tmp_path / "no" / "such" / "x.pt")], "is not a directory")
+
+
 def test_safetensors_round_trip(w4_run, tmp_path):
     pytest.importorskip("safetensors")
     _, ckpt = w4_run

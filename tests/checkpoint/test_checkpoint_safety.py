@@ -2,6 +2,7 @@
 one clear line with exit code 2 from the CLI for every kind of bad checkpoint."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -119,10 +120,19 @@ def test_auto_falls_back_past_damaged_checkpoints(good, tmp_path):
     trainer, lines = _resume_in_process(d1)
     assert trainer.state.step == 2
     assert any("warning: skipping incomplete or corrupt checkpoint" in ln and "step_00000004" in ln for ln in lines)
-    # newest has the right sizes but garbage bytes: caught while reading, every rank falls back
+    # newest has the right sizes but garbage bytes: its CRC-32 does not match, skipped by name
     d2 = _copy(ckpt, tmp_path / "b")
     shard = d2 / "step_00000004" / "__0_0.distcp"
     shard.write_bytes(os.urandom(os.path.getsize(shard)))
+    trainer, lines = _resume_in_process(d2)
+    assert trainer.state.step == 2
+    assert any("skipping" in ln and "__0_0.distcp is corrupt (CRC-32" in ln for ln in lines), lines
+    # the same damage in a checkpoint without CRCs (written before they were recorded): caught
+    # while reading, every rank falls back
+    manifest = d2 / "step_00000004" / "manifest.json"
+    m = json.loads(manifest.read_text())
+    del m["crc32"]
+    manifest.write_text(json.dumps(m))
     trainer, lines = _resume_in_process(d2)
     assert trainer.state.step == 2
     assert any("reading failed" in ln and "falling back" in ln for ln in lines), lines
@@ -153,3 +163,40 @@ def test_retention_never_deletes_the_only_complete_checkpoint(tmp_path):
     _tiny_checkpoint(tmp_path, 2)
     assert store.prune(str(tmp_path), keep_last=1, newest_step=2) == []
     assert [c.step for c in store.find_complete(str(tmp_path))[0]] == [4, 3, 2]
+
+
+def test_a_flipped_bit_is_caught_by_crc_and_names_the_file(good, tmp_path):
+    """Same size, one bit different: an explicit resume refuses it in one line naming the file."""
+    ckpt, _ = good
+    step4 = _copy(ckpt / "step_00000004", tmp_path / "flip")
+    shard = step4 / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"file __0_0.distcp is corrupt \(CRC-32"):
+        _resume_in_process(tmp_path / "unused_ckpt", str(step4))
+
+
+def test_stale_cleanup_removes_only_our_own_leftovers(tmp_path):
+    ours = [".tmp-step_00000030", ".old-step_00000010", "latest.tmp"]
+    theirs = [".tmp-notes.txt", ".old-photos", ".tmp-step_12", "tmp-step_00000030"]
+    for name in ours + theirs:
+        (tmp_path / name).mkdir() if "notes" not in name and name != "latest.tmp" else (tmp_path / name).write_text("x")
+    assert store.remove_stale(str(tmp_path)) == sorted(ours)
+    assert sorted(os.listdir(tmp_path)) == sorted(theirs)
+
+
+def test_resume_from_another_runs_checkpoint_never_overwrites_this_dir(good, tmp_path):
+    """checkpoint.dir holds run X; resuming run Y's checkpoint while saving there would replace
+    X's step dirs one by one: refused. Resuming from inside the same dir (a rewind) is allowed."""
+    ckpt, _ = good
+    x = _copy(ckpt, tmp_path / "x")
+    y = _copy(ckpt, tmp_path / "y")
+    before = sorted(os.listdir(x / "step_00000004"))
+    with pytest.raises(CheckpointError, match="of another run"):
+        _resume_in_process(x, str(y / "step_00000002"), ["checkpoint.every=2"])
+    assert sorted(os.listdir(x / "step_00000004")) == before
+    trainer, _ = _resume_in_process(x, str(x / "step_00000002"), ["checkpoint.every=2"])
+    assert trainer.state.step == 2
+    trainer, _ = _resume_in_process(x, str(y / "step_00000002"))        # not saving: nothing to overwrite
+    assert trainer.state.step == 2
