@@ -7,8 +7,10 @@ rank with the same one-line message and exit code 2 instead of a hang in a colle
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -277,15 +279,28 @@ def _need(cond: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
 
 
+def _finite_floats(node: Any, prefix: str) -> None:
+    """No float key may be nan or inf (inf passes every `> 0` check and then breaks training)."""
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            _finite_floats(value, f"{prefix}{f.name}.")
+        elif isinstance(value, float):
+            _need(math.isfinite(value), f"{prefix}{f.name}", value, "must be a finite number")
+
+
 def validate(cfg: Config) -> None:
     """Range and cross-key checks that need no process group."""
     m, e, t, p = cfg.model, cfg.moe, cfg.train, cfg.parallel
+    _finite_floats(cfg, "")
     for key in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "ffn_hidden"):
         _need(getattr(m, key) >= 1, f"model.{key}", getattr(m, key), "must be >= 1")
     _need(m.vocab_size <= 65536, "model.vocab_size", m.vocab_size, "must be <= 65536 (uint16 token files)")
     _need(m.dim % m.n_heads == 0, "model.dim", m.dim, f"must be divisible by model.n_heads={m.n_heads}")
     _need((m.dim // m.n_heads) % 2 == 0, "model.n_heads", m.n_heads, "dim/n_heads must be even (RoPE)")
     _need(m.init_std > 0, "model.init_std", m.init_std, "must be > 0")
+    _need(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "must be > 0")
+    _need(m.rope_theta > 1, "model.rope_theta", m.rope_theta, "must be > 1 (RoPE base)")
 
     _need(e.num_experts >= 0, "moe.num_experts", e.num_experts, "must be >= 0 (0 = dense model)")
     if e.num_experts > 0:
@@ -373,6 +388,7 @@ def validate(cfg: Config) -> None:
         _need(p.dp % p.ep == 0, "parallel.ep", p.ep, f"must divide parallel.dp={p.dp}")
 
     _need(t.steps >= 0, "train.steps", t.steps, "must be >= 0")
+    _need(0 <= t.seed < 2 ** 63, "train.seed", t.seed, "must be between 0 and 2**63-1")
     _need(t.seq_len >= 1, "train.seq_len", t.seq_len, "must be >= 1")
     _need(t.seq_len <= m.max_seq_len, "train.seq_len", t.seq_len, f"must be <= model.max_seq_len={m.max_seq_len}")
     _need(t.global_batch_size >= 1, "train.global_batch_size", t.global_batch_size, "must be >= 1")
@@ -402,11 +418,39 @@ def validate(cfg: Config) -> None:
     _need(c.every >= 0, "checkpoint.every", c.every, "must be >= 0 (0 = never save)")
     _need(c.keep_last >= 1, "checkpoint.keep_last", c.keep_last, "must be >= 1")
     _need(bool(c.resume), "checkpoint.resume", c.resume, "auto, none or a checkpoint path")
+    _need(bool(c.dir.strip()), "checkpoint.dir", c.dir, "a non-empty directory path")
 
     lg = cfg.logging
+    _need(bool(lg.dir.strip()), "logging.dir", lg.dir, "a non-empty directory path")
     _need(lg.every >= 1, "logging.every", lg.every, "must be >= 1")
     _need(bool(lg.run_name) and "/" not in lg.run_name, "logging.run_name", lg.run_name,
           "a non-empty name without '/'")
+
+
+def _usable_dir(key: str, value: str, path: str) -> None:
+    """`path` is, or can become, a directory we write into: its nearest existing ancestor is a
+    directory in which a (promptly removed) probe directory can be made. Every rank checks this
+    before any collective, so a bad path ends every rank alike instead of rank 0 alone."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise ConfigError(f"{key}={value!r} is not allowed: {probe} is a file, not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".moetrain-probe-", dir=probe))
+    except OSError as exc:
+        raise ConfigError(f"{key}={value!r} is not allowed: cannot create directories in {probe} "
+                          f"({exc.strerror or type(exc).__name__})") from None
+
+
+def check_output_dirs(cfg: Config) -> None:
+    """The run directory, and checkpoint.dir when saving is on, can be written."""
+    _usable_dir("logging.dir", cfg.logging.dir, os.path.join(cfg.logging.dir, cfg.logging.run_name))
+    if cfg.checkpoint.every > 0:
+        _usable_dir("checkpoint.dir", cfg.checkpoint.dir, cfg.checkpoint.dir)
 
 
 def _validate_deepspeed(cfg: Config) -> None:

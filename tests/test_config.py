@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from moetrain.config import Config, ConfigError, load_config, micro_batch, validate, validate_layout
+from moetrain.config import (Config, ConfigError, check_output_dirs, load_config, micro_batch, validate,
+                             validate_layout)
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = str(REPO / "configs" / "tiny_cpu.yaml")
@@ -85,6 +86,14 @@ def test_empty_yaml_is_the_defaults(tmp_path):
     (["data.source=s3"], "data.source"),
     (["moe.top_k"], "moe.top_k"),                         # no '='
     (["moe.router=expert_choice", "moe.capacity_factor=null"], "moe.capacity_factor"),  # never dropless
+    (["train.seed=-1"], "train.seed"),
+    (["moe.capacity_factor=inf"], "moe.capacity_factor"),   # passes `> 0`, then breaks capacity math
+    (["train.lr=inf"], "train.lr"),
+    (["train.lr=nan"], "train.lr"),
+    (["model.rope_theta=0"], "model.rope_theta"),
+    (["model.norm_eps=-1"], "model.norm_eps"),
+    (["checkpoint.dir=''"], "checkpoint.dir"),
+    (["logging.dir=' '"], "logging.dir"),
 ])
 def test_bad_override_names_the_key_in_one_line(overrides, key):
     msg = config_error(TINY, overrides)
@@ -221,6 +230,25 @@ def test_cli_bad_config_exits_2_with_one_line():
     assert "moe.top_k" in lines[0]
 
 
+def test_cli_non_finite_gradient_stops_every_rank_with_one_line(tmp_path):
+    """A diverged run (here: absurd init) stops before the optimizer step on every rank, exit 3."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in LAUNCH_VARS and not k.startswith(LAUNCH_PREFIXES)}
+    env["PYTHONPATH"] = str(REPO)
+    tiny = ["model.dim=32", "model.n_layers=1", "model.n_heads=2", "model.ffn_hidden=64", "train.seq_len=32",
+            "train.global_batch_size=4", "train.micro_batch_size=2", "train.steps=3", "train.eval_every=0",
+            "train.progress=false", "logging.tensorboard=false", f"logging.dir={tmp_path}", "model.init_std=1e30",
+            "parallel.ep=2"]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "moetrain.train", "--config", "configs/tiny_cpu.yaml", *tiny],
+                          cwd=str(REPO), env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("moetrain: error:")]
+    assert len(errors) == 2, proc.stderr[-3000:]                    # one line from each rank
+    assert all("step 1: the gradient norm is nan" in ln for ln in errors)
+    assert "exitcode: 3" in proc.stderr, proc.stderr[-3000:]                # torchrun reports the rank exits
+
+
 @pytest.mark.parametrize("path", sorted(str(p) for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")),
                          ids=lambda p: Path(p).stem)
 def test_every_shipped_config_loads_and_fits_worlds_1_to_8(path):
@@ -241,3 +269,17 @@ def test_dense_and_shared_fine_have_the_same_active_ffn_width():
     active = moe.routed_top_k * moe.expert_hidden + moe.moe.shared_experts * moe.base_expert_hidden
     assert active == dense.model.ffn_hidden == 384
     assert moe.num_ffn_experts == 16 and moe.moe.capacity_factor is None
+
+
+def test_output_dirs_that_cannot_be_written_are_one_line(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    cfg = load_config(TINY, [f"logging.dir={afile}"])
+    with pytest.raises(ConfigError, match="is a file, not a directory"):
+        check_output_dirs(cfg)
+    cfg = load_config(TINY, [f"logging.dir={tmp_path / 'new' / 'deeper'}", "checkpoint.every=2",
+                             f"checkpoint.dir={afile / 'ck'}"])
+    with pytest.raises(ConfigError, match="checkpoint.dir=.* is a file"):
+        check_output_dirs(cfg)
+    check_output_dirs(load_config(TINY, [f"logging.dir={tmp_path / 'new' / 'deeper'}"]))
+    assert sorted(os.listdir(tmp_path)) == ["afile"]          # the probe leaves nothing behind

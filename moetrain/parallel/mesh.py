@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import os
+import re
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
@@ -144,11 +145,45 @@ def pick_device(kind: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def first_slurm_host(nodelist: str) -> Optional[str]:
+    """The first host of a Slurm hostlist: "n1" -> n1, "gpu[003-010,20]" -> gpu003,
+    "a[1-2],b[5]" -> a1, "rack[1-2]-n[7-8]" -> rack1-n7. None when it cannot be read."""
+    first, depth = [], 0
+    for ch in nodelist.strip():
+        if ch == "," and depth == 0:
+            break
+        depth += (ch == "[") - (ch == "]")
+        first.append(ch)
+    host = "".join(first)
+    host = re.sub(r"\[([^],-]+)[^]]*\]", r"\1", host)      # each [a-b,c] -> its first entry a
+    return host if host and re.fullmatch(r"[A-Za-z0-9._-]+", host) else None
+
+
+def _master_port() -> int:
+    port = _int_env("MASTER_PORT")
+    if port is None or not 1 <= port <= 65535:
+        raise LaunchError(f"environment variable MASTER_PORT={os.environ.get('MASTER_PORT')!r} "
+                          "is not a port number (1..65535)")
+    return port
+
+
 def _ensure_rendezvous(env: LaunchEnv) -> None:
     """torchrun sets MASTER_ADDR/PORT; srun and mpiexec may not. Under MPI, rank 0 shares its
-    address and a free port through mpi4py; under Slurm the batch script exports them."""
+    address and a free port through mpi4py; under Slurm the address is the job's first node and
+    the port is derived from the job id (as the batch script and PyTorch Lightning do)."""
+    if env.launcher == "mpi":
+        _check_mpi_size(env)
     if os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT"):
+        _master_port()
         return
+    if env.launcher == "slurm":
+        host = first_slurm_host(os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST") or "")
+        job = os.environ.get("SLURM_JOB_ID", "")
+        if host and job.isdigit():
+            os.environ.setdefault("MASTER_ADDR", host)
+            os.environ.setdefault("MASTER_PORT", str(15000 + int(job) % 20000))
+            _master_port()
+            return
     if env.launcher == "mpi":
         try:
             from mpi4py import MPI
@@ -169,6 +204,32 @@ def _ensure_rendezvous(env: LaunchEnv) -> None:
                       "are not set: use launch/slurm.sbatch or export them")
 
 
+def _check_mpi_size(env: LaunchEnv) -> None:
+    """PMI_/OMPI_ variables say world N, but without mpiexec mpi4py sees a world of 1: every rank
+    would wait for peers that never come. (No mpi4py: nothing to compare with.)"""
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        return
+    size = MPI.COMM_WORLD.Get_size()
+    if size != env.world_size:
+        raise LaunchError(f"the environment says MPI world {env.world_size} but MPI reports {size} "
+                          "process(es): start it with mpiexec -n N (or unset the PMI_/OMPI_ variables)")
+
+
+def _timeout(timeout_s: Optional[float]) -> timedelta:
+    if timeout_s:
+        return timedelta(seconds=timeout_s)
+    raw = os.environ.get("MOETRAIN_DIST_TIMEOUT", "600")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise LaunchError(f"environment variable MOETRAIN_DIST_TIMEOUT={raw!r} is not a positive number of seconds")
+    return timedelta(seconds=value)
+
+
 def init_parallel(dp: int, tp: int, ep: int, env: LaunchEnv, device_kind: str = "auto",
                   timeout_s: Optional[float] = None) -> Parallel:
     """Create the process group and mesh. Call only after the config was validated against
@@ -177,14 +238,19 @@ def init_parallel(dp: int, tp: int, ep: int, env: LaunchEnv, device_kind: str = 
     device = pick_device(device_kind, env.local_rank)
     if env.world_size == 1:
         return Parallel(dims, 0, device)
+    timeout = _timeout(timeout_s)
     _ensure_rendezvous(env)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    timeout = timedelta(seconds=timeout_s or float(os.environ.get("MOETRAIN_DIST_TIMEOUT", "600")))
     if not dist.is_initialized():
-        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timeout,
-                                device_id=device if device.type == "cuda" else None)
+        try:
+            dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timeout,
+                                    device_id=device if device.type == "cuda" else None)
+        except (dist.DistStoreError, dist.DistNetworkError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise LaunchError(f"rendezvous of {env.world_size} ranks at {os.environ.get('MASTER_ADDR')}:"
+                              f"{os.environ.get('MASTER_PORT')} failed ({first}): are all ranks started?") from None
     from torch.distributed.device_mesh import init_device_mesh
     mesh = init_device_mesh(device.type, (dims.edp, ep, tp), mesh_dim_names=("edp", "ep", "tp"))
     dp_mesh = mesh["edp", "ep"]._flatten("dp")

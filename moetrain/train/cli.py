@@ -9,6 +9,7 @@ import argparse
 import sys
 
 EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 3
 
 
 def _parse(argv):
@@ -26,7 +27,7 @@ def _fail(msg: str) -> int:
 def main(argv=None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
     # imports after argparse so `--help` is instant
-    from moetrain.config import ConfigError, load_config, validate_layout
+    from moetrain.config import ConfigError, check_output_dirs, load_config, validate_layout
     from moetrain.data import DataError, load_token_data
     from moetrain.parallel.mesh import LaunchError, init_parallel, read_launch_env, shutdown
 
@@ -34,6 +35,7 @@ def main(argv=None) -> int:
         env = read_launch_env()
         cfg = load_config(args.config, args.overrides)
         dp, tp, ep = validate_layout(cfg, env.world_size)
+        check_output_dirs(cfg)
         data = load_token_data(cfg.data.source, cfg.data.path, cfg.model.vocab_size, cfg.data.cache_dir)
         if len(data.train) <= cfg.train.seq_len or len(data.val) <= cfg.train.seq_len:
             raise DataError(f"data split shorter than train.seq_len+1={cfg.train.seq_len + 1} tokens "
@@ -43,7 +45,7 @@ def main(argv=None) -> int:
 
     from moetrain.checkpoint import CheckpointError
     from moetrain.cpu_runtime import configure_cpu_process
-    from moetrain.train.loop import run_training
+    from moetrain.train.loop import TrainingDiverged, run_training
 
     configure_cpu_process(cfg.train.num_threads, env.local_world_size)
     try:
@@ -54,6 +56,9 @@ def main(argv=None) -> int:
         run_training(cfg, par, data, log=lambda m: print(m, flush=True))
     except CheckpointError as exc:   # raised on every rank alike (rank 0 decides and broadcasts)
         return _fail(str(exc))
+    except TrainingDiverged as exc:  # raised on every rank alike (a global norm)
+        print(f"moetrain: error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_DIVERGED
     finally:
         shutdown()
     return 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -34,6 +35,10 @@ from moetrain.parallel.mesh import Parallel
 from moetrain.parallel.tp import apply_tp, cross_entropy_sum
 from moetrain.train.lr import lr_at
 from moetrain.train.optim import build_optimizer, set_lr
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite gradient norm: one line, raised on every rank before the optimizer step."""
 
 
 @dataclass
@@ -133,6 +138,10 @@ class Trainer:
         else:
             norm = clip_grad_norm(self.dense_params, self.expert_params, t.grad_clip, self.par.ep_group,
                                   self.par.dims.ep, self.par.tp_group, self.par.dims.tp)
+            if not math.isfinite(norm):      # the same global value on every rank: all stop alike
+                raise TrainingDiverged(
+                    f"step {step + 1}: the gradient norm is {norm} (the loss became non-finite); the weights "
+                    "were not updated. Lower train.lr, raise train.warmup_steps or set train.grad_clip")
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
         if self.bias_gates:
