@@ -198,7 +198,13 @@ def find_complete(root: str) -> tuple[list[CheckpointInfo], list[str]]:
 
 
 def resolve_path(path: str) -> tuple[list[CheckpointInfo], list[str]]:
-    """checkpoint.resume=<path>: a step directory, or a checkpoint.dir (newest complete inside)."""
+    """checkpoint.resume=<path>: a step directory, a checkpoint.dir (newest complete inside), or
+    a checkpoint.dir's `latest` file (the step directory it names)."""
+    if os.path.basename(path.rstrip("/")) == LATEST and os.path.isfile(path):
+        named = read_latest(os.path.dirname(os.path.abspath(path)))
+        if not named:
+            raise CheckpointError(f"checkpoint pointer {path}: does not name a step_* directory")
+        path = named
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, MANIFEST)) and list_step_dirs(path):
         good, warnings = find_complete(path)
         if not good:

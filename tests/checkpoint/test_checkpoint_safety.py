@@ -200,3 +200,14 @@ def test_resume_from_another_runs_checkpoint_never_overwrites_this_dir(good, tmp
     assert trainer.state.step == 2
     trainer, _ = _resume_in_process(x, str(y / "step_00000002"))        # not saving: nothing to overwrite
     assert trainer.state.step == 2
+
+
+def test_resume_accepts_the_latest_pointer_file(good, tmp_path):
+    ckpt, _ = good
+    trainer, lines = _resume_in_process(tmp_path / "unused", str(ckpt / "latest"))
+    assert trainer.state.step == 4 and any("step_00000004" in ln for ln in lines)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "latest").write_text("garbage\n")
+    with pytest.raises(CheckpointError, match="does not name a step_"):
+        _resume_in_process(tmp_path / "unused", str(bad / "latest"))
