@@ -10,6 +10,7 @@ import sys
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
+EXIT_OOM = 1
 
 
 def _parse(argv):
@@ -22,6 +23,13 @@ def _parse(argv):
 def _fail(msg: str) -> int:
     print(f"moetrain: error: {msg}", file=sys.stderr, flush=True)
     return EXIT_BAD_INPUT
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    import torch
+    oom = getattr(torch, "OutOfMemoryError", ())
+    return isinstance(exc, MemoryError) or (oom and isinstance(exc, oom)) \
+        or "can't allocate memory" in str(exc) or "out of memory" in str(exc).lower()
 
 
 def main(argv=None) -> int:
@@ -59,6 +67,13 @@ def main(argv=None) -> int:
     except TrainingDiverged as exc:  # raised on every rank alike (a global norm)
         print(f"moetrain: error: {exc}", file=sys.stderr, flush=True)
         return EXIT_DIVERGED
+    except (MemoryError, RuntimeError) as exc:
+        if not _out_of_memory(exc):
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        print(f"moetrain: error: out of memory ({first[:300]}): reduce the model (e.g. model.max_seq_len, "
+              "model.dim), train.micro_batch_size, or use more ranks", file=sys.stderr, flush=True)
+        return EXIT_OOM
     finally:
         shutdown()
     return 0
