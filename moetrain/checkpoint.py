@@ -133,13 +133,8 @@ class Checkpointer:
         if removed:
             out["notes"].append(f"removed leftovers of interrupted saves in {self.root}: {', '.join(removed)}")
         if c.resume == "none":
-            if self.enabled:
-                complete, _ = store.find_complete(self.root)
-                if complete:
-                    raise CheckpointError(
-                        f"checkpoint.dir={self.root!r} already holds checkpoints (newest "
-                        f"{os.path.basename(complete[0].path)}) and checkpoint.resume=none would mix a new run "
-                        "into them: set checkpoint.resume=auto to continue, or choose another checkpoint.dir")
+            self._refuse_overwriting("checkpoint.resume=none would mix a new run into them: set "
+                                     "checkpoint.resume=auto to continue, or choose another checkpoint.dir")
             return
         if c.resume == "auto":
             infos, warnings = store.find_complete(self.root)
@@ -182,17 +177,18 @@ class Checkpointer:
         """resume=<path> from outside checkpoint.dir while saving into a checkpoint.dir that holds
         another run's checkpoints would overwrite them step by step: refuse, as resume=none does.
         (A path inside checkpoint.dir is a rewind of the same run, which re-saves its steps.)"""
+        if os.path.dirname(os.path.realpath(source)) != os.path.realpath(self.root):
+            self._refuse_overwriting(f"they belong to another run than checkpoint.resume={source!r} and saving "
+                                     "would overwrite them: choose an empty checkpoint.dir for the resumed run")
+
+    def _refuse_overwriting(self, why: str) -> None:
+        """When saving is on and checkpoint.dir already holds complete checkpoints: one line."""
         if not self.enabled:
-            return
-        root = os.path.realpath(self.root)
-        if os.path.dirname(os.path.realpath(source)) == root:
             return
         complete, _ = store.find_complete(self.root)
         if complete:
-            raise CheckpointError(
-                f"checkpoint.dir={self.root!r} already holds checkpoints (newest "
-                f"{os.path.basename(complete[0].path)}) of another run than checkpoint.resume={source!r}: "
-                "saving would overwrite them; choose an empty checkpoint.dir for the resumed run")
+            raise CheckpointError(f"checkpoint.dir={self.root!r} already holds checkpoints (newest "
+                                  f"{os.path.basename(complete[0].path)}) and {why}")
 
     def _config_hint(self, manifest: dict) -> str:
         changed = _config_changes(manifest.get("config", {}), to_dict(self.cfg), only=("model", "moe"))

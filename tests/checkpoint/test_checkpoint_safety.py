@@ -193,7 +193,7 @@ def test_resume_from_another_runs_checkpoint_never_overwrites_this_dir(good, tmp
     x = _copy(ckpt, tmp_path / "x")
     y = _copy(ckpt, tmp_path / "y")
     before = sorted(os.listdir(x / "step_00000004"))
-    with pytest.raises(CheckpointError, match="of another run"):
+    with pytest.raises(CheckpointError, match="belong to another run"):
         _resume_in_process(x, str(y / "step_00000002"), ["checkpoint.every=2"])
     assert sorted(os.listdir(x / "step_00000004")) == before
     trainer, _ = _resume_in_process(x, str(x / "step_00000002"), ["checkpoint.every=2"])
