@@ -171,8 +171,6 @@ def _ensure_rendezvous(env: LaunchEnv) -> None:
     """torchrun sets MASTER_ADDR/PORT; srun and mpiexec may not. Under MPI, rank 0 shares its
     address and a free port through mpi4py; under Slurm the address is the job's first node and
     the port is derived from the job id (as the batch script and PyTorch Lightning do)."""
-    if env.launcher == "mpi":
-        _check_mpi_size(env)
     if os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT"):
         _master_port()
         return
@@ -190,6 +188,7 @@ def _ensure_rendezvous(env: LaunchEnv) -> None:
         except ImportError:
             raise LaunchError("launched by MPI without MASTER_ADDR/MASTER_PORT and mpi4py is not "
                               "installed: pip install mpi4py, or use launch/mpirun.sh") from None
+        _check_mpi_size(env)
         comm = MPI.COMM_WORLD
         addr_port = None
         if comm.Get_rank() == 0:
@@ -205,12 +204,9 @@ def _ensure_rendezvous(env: LaunchEnv) -> None:
 
 
 def _check_mpi_size(env: LaunchEnv) -> None:
-    """PMI_/OMPI_ variables say world N, but without mpiexec mpi4py sees a world of 1: every rank
-    would wait for peers that never come. (No mpi4py: nothing to compare with.)"""
-    try:
-        from mpi4py import MPI
-    except ImportError:
-        return
+    """PMI_/OMPI_ variables say world N, but without mpiexec mpi4py sees a world of 1: rank 0
+    would publish its address to itself and every rank wait for peers that never come."""
+    from mpi4py import MPI
     size = MPI.COMM_WORLD.Get_size()
     if size != env.world_size:
         raise LaunchError(f"the environment says MPI world {env.world_size} but MPI reports {size} "
