@@ -10,7 +10,9 @@ Config keys (checkpoint.*):
   resume      none: start at step 0 (refused when saving is on and dir already holds checkpoints,
               so two runs never mix); auto: the newest complete checkpoint in dir, falling back
               past incomplete/corrupt ones with a warning line, else step 0; <path>: that step
-              directory, or the newest complete checkpoint of that checkpoint dir
+              directory, the newest complete checkpoint of that checkpoint dir, or the step its
+              `latest` file names. Saving into a checkpoint.dir that holds checkpoints of
+              another run than <path> is refused. Rank 0 checks every file's CRC-32 first.
   async_save  (YAML key `checkpoint.async_save`; `async` is a Python keyword) overlap writing
               with training: DCP stages a CPU copy, writes in a background thread on its own gloo
               group, and rank 0 commits (manifest, rename, latest) when the write has finished,
