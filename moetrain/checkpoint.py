@@ -11,8 +11,9 @@ Config keys (checkpoint.*):
               so two runs never mix); auto: the newest complete checkpoint in dir, falling back
               past incomplete/corrupt ones with a warning line, else step 0; <path>: that step
               directory, the newest complete checkpoint of that checkpoint dir, or the step its
-              `latest` file names. Saving into a checkpoint.dir that holds checkpoints of
-              another run than <path> is refused. Rank 0 checks every file's CRC-32 first.
+              `latest` file names. While saving, <path> must be checkpoint.dir's newest
+              complete checkpoint (or the dir holds none): another run's checkpoint or a
+              rewind would mix two runs there. Rank 0 checks every file's CRC-32 first.
   async_save  (YAML key `checkpoint.async_save`; `async` is a Python keyword) overlap writing
               with training: DCP stages a CPU copy, writes in a background thread on its own gloo
               group, and rank 0 commits (manifest, rename, latest) when the write has finished,
@@ -176,19 +177,26 @@ class Checkpointer:
                 "world": info.manifest.get("world"), "layout": info.manifest.get("layout")})
 
     def _refuse_mixing_runs(self, source: str) -> None:
-        """resume=<path> from outside checkpoint.dir while saving into a checkpoint.dir that holds
-        another run's checkpoints would overwrite them step by step: refuse, as resume=none does.
-        (A path inside checkpoint.dir is a rewind of the same run, which re-saves its steps.)"""
+        """While saving, resume=<path> must be checkpoint.dir's newest complete checkpoint (or the
+        dir must hold none): resuming another run's checkpoint would overwrite this dir's step by
+        step, and a rewind to an older step would leave the abandoned run's newer checkpoints for
+        `resume: auto` to pick up later. Refuse both, as resume=none does."""
         if os.path.dirname(os.path.realpath(source)) != os.path.realpath(self.root):
             self._refuse_overwriting(f"they belong to another run than checkpoint.resume={source!r} and saving "
                                      "would overwrite them: choose an empty checkpoint.dir for the resumed run")
+        else:
+            self._refuse_overwriting(
+                f"checkpoint.resume={source!r} is older: saving would interleave the abandoned steps with the "
+                "new run's; move the newer step_* directories away or save into another checkpoint.dir",
+                unless=source)
 
-    def _refuse_overwriting(self, why: str) -> None:
-        """When saving is on and checkpoint.dir already holds complete checkpoints: one line."""
+    def _refuse_overwriting(self, why: str, unless: Optional[str] = None) -> None:
+        """When saving is on and checkpoint.dir already holds complete checkpoints (other than
+        `unless` being the newest of them): one line."""
         if not self.enabled:
             return
         complete, _ = store.find_complete(self.root)
-        if complete:
+        if complete and not (unless and os.path.realpath(complete[0].path) == os.path.realpath(unless)):
             raise CheckpointError(f"checkpoint.dir={self.root!r} already holds checkpoints (newest "
                                   f"{os.path.basename(complete[0].path)}) and {why}")
 

@@ -52,6 +52,8 @@ def save_consolidated(full: dict, out: str) -> None:
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(parent):
         raise CheckpointError(f"{out}: cannot write there, {parent} is not a directory")
+    if os.path.isdir(out):
+        raise CheckpointError(f"{out}: is a directory; give a file path (.pt or .safetensors)")
     if out.endswith(".safetensors"):
         try:
             from safetensors.torch import save_file
@@ -100,7 +102,35 @@ def read_consolidated(path: str) -> dict:
                               f"{first[:200]})") from None
     if not isinstance(full, dict) or "model" not in full or "manifest" not in full:
         raise CheckpointError(f"{path}: not a consolidated moetrain checkpoint (needs 'model' and 'manifest')")
+    _check_consolidated(full, path)
     return full
+
+
+def _check_consolidated(full: dict, path: str) -> None:
+    """The structure write_sharded relies on (a .pt loads as any dict of tensors and plain values)."""
+    def bad(what):
+        raise CheckpointError(f"{path}: not a consolidated moetrain checkpoint ({what})")
+    model, manifest = full["model"], full["manifest"]
+    if not isinstance(model, dict) or not model or not all(
+            isinstance(k, str) and torch.is_tensor(v) for k, v in model.items()):
+        bad("'model' must be a non-empty dict of name -> tensor")
+    if not isinstance(manifest, dict):
+        bad("'manifest' must be a dict")
+    optim = full.get("optim", {})
+    if not isinstance(optim, dict) or not all(isinstance(v, dict) for v in optim.values()):
+        bad("'optim' must be a dict of name -> state dict")
+    if set(optim) - set(model):
+        bad(f"'optim' names tensors that 'model' lacks: {sorted(set(optim) - set(model))[:3]}")
+    train = full.get("train", {})
+    if not isinstance(train, dict):
+        bad("'train' must be a dict")
+    for key in ("step", "tokens_seen"):
+        v = train.get(key, manifest.get(key, 0))
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            bad(f"train.{key} must be an integer >= 0, got {v!r}")
+    rng = full.get("rng", {})
+    if not isinstance(rng, dict) or not all(isinstance(b, (bytes, bytearray)) for b in rng.values()):
+        bad("'rng' must be a dict of rank -> bytes")
 
 
 def write_sharded(full: dict, out_dir: str, source: str) -> str:

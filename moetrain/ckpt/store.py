@@ -301,7 +301,7 @@ def commit(tmp: str, root: str, step: int, fields: dict) -> str:
     crash_point("manifest", step)
     final = os.path.join(root, step_dirname(step))
     old = None
-    if os.path.exists(final):        # re-saving a step (e.g. after rewinding): swap, then delete
+    if os.path.exists(final):        # re-saving a step (a restart after a crash past it): swap, then delete
         old = os.path.join(root, OLD_PREFIX + step_dirname(step))
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)

@@ -170,7 +170,7 @@ def _master_port() -> int:
 def _ensure_rendezvous(env: LaunchEnv) -> None:
     """torchrun sets MASTER_ADDR/PORT; srun and mpiexec may not. Under MPI, rank 0 shares its
     address and a free port through mpi4py; under Slurm the address is the job's first node and
-    the port is derived from the job id (as the batch script and PyTorch Lightning do)."""
+    the port 20000 + job id % 20000, as launch/slurm.sbatch exports them."""
     if os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT"):
         _master_port()
         return
@@ -179,7 +179,7 @@ def _ensure_rendezvous(env: LaunchEnv) -> None:
         job = os.environ.get("SLURM_JOB_ID", "")
         if host and job.isdigit():
             os.environ.setdefault("MASTER_ADDR", host)
-            os.environ.setdefault("MASTER_PORT", str(15000 + int(job) % 20000))
+            os.environ.setdefault("MASTER_PORT", str(20000 + int(job) % 20000))   # as launch/slurm.sbatch
             _master_port()
             return
     if env.launcher == "mpi":
@@ -221,8 +221,9 @@ def _timeout(timeout_s: Optional[float]) -> timedelta:
         value = float(raw)
     except ValueError:
         value = float("nan")
-    if not value > 0 or value == float("inf"):
-        raise LaunchError(f"environment variable MOETRAIN_DIST_TIMEOUT={raw!r} is not a positive number of seconds")
+    if not 0 < value <= 1e7:          # timedelta overflows far above; ~115 days is already "never"
+        raise LaunchError(f"environment variable MOETRAIN_DIST_TIMEOUT={raw!r} is not a number of seconds "
+                          "in (0, 1e7]")
     return timedelta(seconds=value)
 
 

@@ -241,13 +241,14 @@ def _open_run_dir(cfg: Config, start_step: int) -> str:
 
 def _truncate_metrics(path: str, last_step: int) -> None:
     keep = []
-    with open(path) as f:
+    with open(path, errors="replace") as f:       # bytes a crash garbled must not stop the resume
         for line in f:
             try:
-                if json.loads(line).get("step", 0) <= last_step:
-                    keep.append(line if line.endswith("\n") else line + "\n")
+                rec = json.loads(line)
             except json.JSONDecodeError:      # a line cut by the crash
                 continue
+            if isinstance(rec, dict) and isinstance(rec.get("step", 0), int) and rec.get("step", 0) <= last_step:
+                keep.append(line if line.endswith("\n") else line + "\n")
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.writelines(keep)

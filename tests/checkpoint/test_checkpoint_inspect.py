@@ -102,6 +102,19 @@ def test_conversion_refusals_are_one_line_and_touch_nothing(w4_run, tmp_path, ca
           "not a readable consolidated checkpoint")
     assert not (tmp_path / "pwned").exists()
     fails([str(ckpt), "-q", "--consolidate", str(tmp_path / "no" / "such" / "x.pt")], "is not a directory")
+    fails([str(ckpt), "-q", "--consolidate", str(tmp_path)], "is a directory")
+    # files that load (plain dicts and tensors) but are not shaped like a consolidated checkpoint
+    one = {"a": torch.ones(2)}
+    for i, (obj, words) in enumerate([
+            ({"model": 5, "manifest": {}}, "'model' must be"),
+            ({"model": {}, "manifest": {}}, "'model' must be"),
+            ({"model": one, "manifest": [1]}, "'manifest' must be"),
+            ({"model": one, "manifest": {}, "optim": {"b": {}}}, "'optim' names tensors"),
+            ({"model": one, "manifest": {}, "train": {"step": "abc"}}, "train.step must be"),
+            ({"model": one, "manifest": {}, "train": {"step": -5}}, "train.step must be")]):
+        torch.save(obj, tmp_path / f"odd{i}.pt")
+        fails(["--from-consolidated", str(tmp_path / f"odd{i}.pt"), "--out", str(tmp_path / f"oo{i}")], words)
+        assert not (tmp_path / f"oo{i}").exists()
 
 
 def test_safetensors_round_trip(w4_run, tmp_path):

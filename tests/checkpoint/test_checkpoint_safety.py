@@ -186,20 +186,25 @@ def test_stale_cleanup_removes_only_our_own_leftovers(tmp_path):
     assert sorted(os.listdir(tmp_path)) == sorted(theirs)
 
 
-def test_resume_from_another_runs_checkpoint_never_overwrites_this_dir(good, tmp_path):
-    """checkpoint.dir holds run X; resuming run Y's checkpoint while saving there would replace
-    X's step dirs one by one: refused. Resuming from inside the same dir (a rewind) is allowed."""
+def test_resume_never_mixes_two_runs_in_one_checkpoint_dir(good, tmp_path):
+    """checkpoint.dir holds run X. While saving there, resuming run Y's checkpoint (which would
+    replace X's step dirs one by one) and rewinding to an older step of X (which would leave X's
+    abandoned newer steps for resume=auto to pick later) are refused; the newest one is fine."""
     ckpt, _ = good
     x = _copy(ckpt, tmp_path / "x")
     y = _copy(ckpt, tmp_path / "y")
     before = sorted(os.listdir(x / "step_00000004"))
     with pytest.raises(CheckpointError, match="belong to another run"):
         _resume_in_process(x, str(y / "step_00000002"), ["checkpoint.every=2"])
+    with pytest.raises(CheckpointError, match="newest step_00000004.*is older"):
+        _resume_in_process(x, str(x / "step_00000002"), ["checkpoint.every=2"])
     assert sorted(os.listdir(x / "step_00000004")) == before
-    trainer, _ = _resume_in_process(x, str(x / "step_00000002"), ["checkpoint.every=2"])
-    assert trainer.state.step == 2
-    trainer, _ = _resume_in_process(x, str(y / "step_00000002"))        # not saving: nothing to overwrite
-    assert trainer.state.step == 2
+    for newest in (x / "step_00000004", x / "latest", x):
+        trainer, _ = _resume_in_process(x, str(newest), ["checkpoint.every=2"])
+        assert trainer.state.step == 4
+    for path in (y / "step_00000002", x / "step_00000002"):     # not saving: nothing to overwrite
+        trainer, _ = _resume_in_process(x, str(path))
+        assert trainer.state.step == 2
 
 
 def test_resume_accepts_the_latest_pointer_file(good, tmp_path):
@@ -211,3 +216,14 @@ def test_resume_accepts_the_latest_pointer_file(good, tmp_path):
     (bad / "latest").write_text("garbage\n")
     with pytest.raises(CheckpointError, match="does not name a step_"):
         _resume_in_process(tmp_path / "unused", str(bad / "latest"))
+
+
+def test_metrics_trim_on_resume_skips_garbled_lines(tmp_path):
+    """A crash can leave a cut line, a non-object or invalid UTF-8: resume drops them, keeps steps
+    up to the checkpoint, and never raises."""
+    from moetrain.train.loop import _truncate_metrics
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"step": 1, "loss": 5.0}\n[1]\n\xff\xfe{"step"\n{"step": 2, "loss": 4.0}\n'
+                     b'"text"\n{"step": 3, "loss": 3.0}\n{"step": 2.5}\n{"step": 4, "lo')
+    _truncate_metrics(str(path), 2)
+    assert path.read_text() == '{"step": 1, "loss": 5.0}\n{"step": 2, "loss": 4.0}\n'

@@ -88,7 +88,7 @@ def test_plain_srun_derives_master_from_the_job(rdv):
     rdv(SLURM_PROCID="1", SLURM_NTASKS="2", SLURM_JOB_NODELIST="cn[07-08]", SLURM_JOB_ID="123456")
     mesh._ensure_rendezvous(read_launch_env())
     assert os.environ["MASTER_ADDR"] == "cn07"
-    assert os.environ["MASTER_PORT"] == str(15000 + 123456 % 20000)
+    assert os.environ["MASTER_PORT"] == str(20000 + 123456 % 20000)      # as launch/slurm.sbatch
 
 
 def test_srun_without_job_info_is_one_line(rdv):
@@ -104,7 +104,7 @@ def test_bad_master_port_is_one_line(rdv, port):
         mesh._ensure_rendezvous(read_launch_env())
 
 
-@pytest.mark.parametrize("raw", ["abc", "-5", "0", "inf", "nan"])
+@pytest.mark.parametrize("raw", ["abc", "-5", "0", "inf", "nan", "1e300"])
 def test_bad_dist_timeout_is_one_line(rdv, raw):
     rdv(MOETRAIN_DIST_TIMEOUT=raw)
     with pytest.raises(LaunchError, match="MOETRAIN_DIST_TIMEOUT"):
