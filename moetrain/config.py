@@ -221,7 +221,7 @@ def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[st
             if "=" not in item:
                 raise ConfigError(f"override {item!r} must look like group.key=value")
             key = item.split("=", 1)[0]
-            if key in _GROUPS or OmegaConf.is_dict(OmegaConf.select(schema, key, default=None)):
+            if OmegaConf.is_dict(OmegaConf.select(schema, key, default=None)):    # moe, moe.zero_experts, ...
                 raise ConfigError(f"override {item!r} is not allowed: {key} is a group; set {key}.<key>=value")
             if OmegaConf.select(schema, key, default="__missing__") == "__missing__" and not _is_group_key(key):
                 raise ConfigError(f"unknown config key {key!r} (from override {item!r})")
@@ -232,9 +232,6 @@ def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[st
         raise ConfigError(_one_line(exc)) from None
     validate(cfg)
     return cfg
-
-
-_GROUPS = ("model", "moe", "parallel", "train", "data", "checkpoint", "logging")
 
 
 def _check_groups(loaded, schema, prefix: str, path: str) -> None:

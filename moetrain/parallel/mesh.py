@@ -188,8 +188,8 @@ def _ensure_rendezvous(env: LaunchEnv) -> None:
         except ImportError:
             raise LaunchError("launched by MPI without MASTER_ADDR/MASTER_PORT and mpi4py is not "
                               "installed: pip install mpi4py, or use launch/mpirun.sh") from None
-        _check_mpi_size(env)
         comm = MPI.COMM_WORLD
+        _check_mpi_size(comm, env)
         addr_port = None
         if comm.Get_rank() == 0:
             with socket.socket() as s:
@@ -203,11 +203,10 @@ def _ensure_rendezvous(env: LaunchEnv) -> None:
                       "are not set: use launch/slurm.sbatch or export them")
 
 
-def _check_mpi_size(env: LaunchEnv) -> None:
+def _check_mpi_size(comm, env: LaunchEnv) -> None:
     """PMI_/OMPI_ variables say world N, but without mpiexec mpi4py sees a world of 1: rank 0
     would publish its address to itself and every rank wait for peers that never come."""
-    from mpi4py import MPI
-    size = MPI.COMM_WORLD.Get_size()
+    size = comm.Get_size()
     if size != env.world_size:
         raise LaunchError(f"the environment says MPI world {env.world_size} but MPI reports {size} "
                           "process(es): start it with mpiexec -n N (or unset the PMI_/OMPI_ variables)")

@@ -247,7 +247,8 @@ def _truncate_metrics(path: str, last_step: int) -> None:
                 rec = json.loads(line)
             except json.JSONDecodeError:      # a line cut by the crash
                 continue
-            if isinstance(rec, dict) and isinstance(rec.get("step", 0), int) and rec.get("step", 0) <= last_step:
+            step = rec.get("step", 0) if isinstance(rec, dict) else None     # [1], "text": not ours
+            if isinstance(step, int) and step <= last_step:
                 keep.append(line if line.endswith("\n") else line + "\n")
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
