@@ -74,7 +74,7 @@ class MoEConfig:
     z_loss_coef: float = 0.001
     norm_topk_prob: bool = True    # renormalize the k selected gates to sum to 1
     router_jitter: float = 0.0
-    grouped_mm: str = "auto"       # auto | loop | bmm | grouped (torch._grouped_mm, CUDA bf16)
+    grouped_mm: str = "auto"       # auto | loop | bmm | grouped (torch._grouped_mm: bf16, dims multiples of 8)
     overlap: bool = True           # overlap the all-to-all with shared-expert compute
     layer: str = "moe"             # moe | peer
     expert_granularity: int = 1    # DeepSeekMoE fine-grained: m narrower experts per expert, top_k*m
@@ -93,9 +93,15 @@ class ParallelConfig:
     ep: int = 1
     etp: bool = False              # expert tensor parallel: each expert's hidden dim split over tp
     fsdp: bool = False             # FSDP2: shard dense params over dp, experts over edp (engine native)
+    fsdp_param_dtype: str = "auto"       # FSDP all-gather/compute dtype: auto (bf16 on CUDA) | float32 | bfloat16
+    fsdp_reduce_dtype: str = "float32"   # FSDP gradient reduce-scatter dtype: float32 | bfloat16
+    backend: str = "auto"          # auto (nccl on CUDA, gloo on CPU) | nccl | gloo (gloo on CUDA: ranks may share a GPU)
+    grad_bucket_mb: float = 25.0   # gradient all-reduce buckets, launched during the last backward; 0 = one after it
 
 
 ENGINES = ("native", "deepspeed")
+BACKENDS = ("auto", "nccl", "gloo")
+FSDP_DTYPES = ("auto", "float32", "bfloat16")
 ZERO_STAGES = (0, 1, 2)
 
 
@@ -116,6 +122,7 @@ class TrainConfig:
     engine: str = "native"         # native | deepspeed (ZeRO via deepspeed.initialize; train/ds_engine.py)
     zero_stage: int = 1            # engine deepspeed: ZeRO stage 0, 1 or 2
     device: str = "auto"           # auto | cpu | cuda
+    deterministic: bool = False    # deterministic CUDA algorithms (layout equality and bitwise resume on GPUs)
     eval_every: int = 100
     eval_batches: int = 8
     num_threads: int = 0           # 0 = cores / local ranks
@@ -271,6 +278,19 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+GROUPED_ALIGN = 8          # bf16 elements per 16 bytes: torch._grouped_mm's row-stride alignment
+
+
+def grouped_mm_misfit(dim: int, hidden: int) -> Optional[str]:
+    """Why torch._grouped_mm cannot run experts of these sizes (bf16 rows of dim and of the local
+    expert hidden size must be 16-byte aligned), or None."""
+    bad = [f"{name}={v}" for name, v in (("dim", dim), ("expert hidden", hidden)) if v % GROUPED_ALIGN]
+    if bad:
+        return (f"torch._grouped_mm needs 16-byte aligned bf16 rows ({', '.join(bad)} not a multiple "
+                f"of {GROUPED_ALIGN})")
+    return None
+
+
 def _need(cond: bool, key: str, value: Any, allowed: str) -> None:
     if not cond:
         raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
@@ -370,6 +390,20 @@ def validate(cfg: Config) -> None:
               "needs routed FFN experts (moe.num_experts > 0, moe.layer=moe)")
         _need(cfg.expert_hidden % p.tp == 0, "parallel.etp", p.etp,
               f"parallel.tp={p.tp} must divide the expert hidden size {cfg.expert_hidden}")
+    _need(p.backend in BACKENDS, "parallel.backend", p.backend, f"one of {', '.join(BACKENDS)}")
+    _need(p.fsdp_param_dtype in FSDP_DTYPES, "parallel.fsdp_param_dtype", p.fsdp_param_dtype,
+          f"one of {', '.join(FSDP_DTYPES)}")
+    _need(p.fsdp_reduce_dtype in FSDP_DTYPES[1:], "parallel.fsdp_reduce_dtype", p.fsdp_reduce_dtype,
+          f"one of {', '.join(FSDP_DTYPES[1:])}")
+    _need(p.grad_bucket_mb >= 0, "parallel.grad_bucket_mb", p.grad_bucket_mb,
+          "must be >= 0 (0 = one all-reduce after the backward)")
+    if p.backend == "nccl":
+        _need(t.device != "cpu", "parallel.backend", p.backend, "NCCL needs CUDA: use gloo (or auto) with train.device=cpu")
+    if e.num_experts > 0 and e.layer == "moe" and e.grouped_mm == "grouped":
+        hidden = cfg.expert_hidden // (p.tp if p.etp else 1)
+        misfit = grouped_mm_misfit(m.dim, hidden)
+        _need(misfit is None, "moe.grouped_mm", e.grouped_mm,
+              f"{misfit}; use moe.grouped_mm=auto (falls back to loop) or change the sizes")
     _need(p.ep >= 1, "parallel.ep", p.ep, "must be >= 1")
     _need(p.dp is None or p.dp >= 1, "parallel.dp", p.dp, "must be >= 1 or null (= world / tp)")
     if e.num_experts > 0:

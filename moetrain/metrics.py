@@ -20,50 +20,67 @@ A2A_PHASES = ("counts", "dispatch", "combine", "dispatch_bwd", "combine_bwd")
 
 @dataclass
 class StepStats:
-    """Sums over the micro-steps of one optimizer step, on one rank."""
+    """Sums over the micro-steps of one optimizer step, on one rank. The routing sums stay on
+    the training device (no host sync per micro-step); the all-to-all timers are kept and
+    resolved once, when the step is logged."""
     num_layers: int
     num_experts: int
+    device: torch.device = torch.device("cpu")
     routed_LE: torch.Tensor = None
     kept_LE: torch.Tensor = None
     entropy_L: torch.Tensor = None
     recv_L: torch.Tensor = None
-    a2a_ms: dict = field(default_factory=dict)
-    a2a_bytes: float = 0.0
+    timers: list = field(default_factory=list)
     micro_steps: int = 0
 
     def __post_init__(self):
-        self.routed_LE = torch.zeros(self.num_layers, max(1, self.num_experts))
+        # float64: exact integer counts far beyond fp32's 2**24
+        self.routed_LE = torch.zeros(self.num_layers, max(1, self.num_experts), dtype=torch.float64,
+                                     device=self.device)
         self.kept_LE = torch.zeros_like(self.routed_LE)
-        self.entropy_L = torch.zeros(self.num_layers)
-        self.recv_L = torch.zeros(self.num_layers)
+        self.entropy_L = torch.zeros(self.num_layers, dtype=torch.float64, device=self.device)
+        self.recv_L = torch.zeros_like(self.entropy_L)
 
     def add(self, auxes) -> None:
         """Call after backward (timers hold backward all-to-all records by then)."""
         self.micro_steps += 1
-        for i, aux in enumerate(auxes):
-            self.routed_LE[i] += aux.counts_E.float().cpu()
-            self.kept_LE[i] += aux.kept_E.float().cpu()
-            self.entropy_L[i] += float(aux.entropy)
-            self.recv_L[i] += aux.recv_tokens
-            for phase, (ms, nbytes) in aux.timer.totals().items():
-                self.a2a_ms[phase] = self.a2a_ms.get(phase, 0.0) + ms
+        if not auxes:
+            return
+        self.routed_LE += torch.stack([a.counts_E for a in auxes]).to(self.routed_LE)
+        self.kept_LE += torch.stack([a.kept_E for a in auxes]).to(self.kept_LE)
+        self.entropy_L += torch.stack([a.entropy.detach() for a in auxes]).to(self.entropy_L)
+        self.recv_L += torch.stack([torch.as_tensor(a.recv_tokens) for a in auxes]).to(self.recv_L)
+        self.timers += [a.timer for a in auxes]
+
+    def a2a_totals(self) -> tuple[dict, float]:
+        """(phase -> ms, bytes moved by the dispatch/combine all-to-alls and their backward)."""
+        ms: dict = {}
+        nbytes = 0.0
+        for timer in self.timers:
+            for phase, (t, b) in timer.totals().items():
+                ms[phase] = ms.get(phase, 0.0) + t
                 if phase in ("dispatch", "combine", "dispatch_bwd", "combine_bwd"):
-                    self.a2a_bytes += nbytes
+                    nbytes += b
+        return ms, nbytes
 
     def flat(self, step_ms: float) -> torch.Tensor:
-        head = [step_ms, self.a2a_bytes, float(self.micro_steps)] + [self.a2a_ms.get(p, 0.0) for p in A2A_PHASES]
-        return torch.cat([torch.tensor(head), self.routed_LE.flatten(), self.kept_LE.flatten(),
-                          self.entropy_L, self.recv_L])
+        """One float64 row on the training device: [step_ms, a2a bytes, micro steps, a2a ms per
+        phase..., routed, kept, entropy, recv]."""
+        a2a_ms, a2a_bytes = self.a2a_totals()
+        head = [step_ms, a2a_bytes, float(self.micro_steps)] + [a2a_ms.get(p, 0.0) for p in A2A_PHASES]
+        return torch.cat([torch.tensor(head, dtype=torch.float64, device=self.device), self.routed_LE.flatten(),
+                          self.kept_LE.flatten(), self.entropy_L, self.recv_L])
 
 
-def gather_stats(stats: StepStats, step_ms: float, group, world: int) -> Optional[torch.Tensor]:
-    """All ranks call this together; returns [world, F] on every rank (world 1: no collective)."""
+def gather_stats(stats: StepStats, step_ms: float, group, world: int) -> torch.Tensor:
+    """All ranks call this together; returns [world, F] on the host on every rank (world 1: no
+    collective). The gathered tensor lives on the stats' device, as NCCL requires."""
     flat = stats.flat(step_ms)
     if world == 1:
-        return flat[None]
+        return flat[None].cpu()
     out = [torch.empty_like(flat) for _ in range(world)]
     dist.all_gather(out, flat, group=group)
-    return torch.stack(out)
+    return torch.stack(out).cpu()
 
 
 def summarize(rows: torch.Tensor, num_layers: int, num_experts: int, tp: int = 1) -> dict:
@@ -182,7 +199,9 @@ class GpuStats:
             import pynvml
             pynvml.nvmlInit()
             self._nvml = pynvml
-            self.handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+            # by UUID: NVML numbers all GPUs of the node and ignores CUDA_VISIBLE_DEVICES, so
+            # CUDA's index (cuda:0 of a rank bound to the node's fourth GPU) names another GPU
+            self.handle = pynvml.nvmlDeviceGetHandleByUUID(nvml_uuid(torch.cuda.get_device_properties(device).uuid))
         except Exception as exc:  # missing package or driver
             self.reason = f"GPU stats disabled: nvidia-ml-py unavailable ({type(exc).__name__})"
 
@@ -198,3 +217,10 @@ class GpuStats:
                     "gpu.temp_c": float(n.nvmlDeviceGetTemperature(self.handle, n.NVML_TEMPERATURE_GPU))}
         except Exception:
             return {}
+
+
+def nvml_uuid(cuda_uuid) -> str:
+    """NVML's name of a GPU ("GPU-xxxxxxxx-xxxx-...") from CUDA's device-properties UUID (printed
+    without the prefix). MIG instances keep their own "MIG-" prefix."""
+    text = str(cuda_uuid)
+    return text if text.startswith(("GPU-", "MIG-")) else f"GPU-{text}"

@@ -85,19 +85,12 @@ def _labelled(fn, name: str):
 
 @contextmanager
 def label_trainer_regions(trainer):
-    """Label the trainer's forward, gradient sync and clipping, in this process only."""
-    import moetrain.train.loop as loop
-    saved = {}
-    for attr, name in (("sync_gradients", "train/grad_sync"), ("clip_grad_norm", "train/clip")):
-        if hasattr(loop, attr):
-            saved[attr] = getattr(loop, attr)
-            setattr(loop, attr, _labelled(saved[attr], name))
+    """Label the trainer's forward, in this process only (the gradient sync and clipping carry
+    their own "train/grad_sync" and "train/clip" labels)."""
     trainer.forward_loss = _labelled(trainer.forward_loss, "train/forward")
     try:
         yield
     finally:
-        for attr, fn in saved.items():
-            setattr(loop, attr, fn)
         del trainer.forward_loss
 
 
@@ -190,6 +183,7 @@ def rank_main(args, rank: int, world: int) -> None:
     from moetrain.cpu_runtime import configure_cpu_process
     from moetrain.data import load_token_data
     from moetrain.parallel.mesh import init_parallel, read_launch_env, shutdown
+    from moetrain.precision import configure_determinism
     from moetrain.train.loop import build_trainer
 
     env = read_launch_env()
@@ -197,7 +191,8 @@ def rank_main(args, rank: int, world: int) -> None:
     dp, tp, ep = validate_layout(cfg, env.world_size)
     data = load_token_data(cfg.data.source, cfg.data.path, cfg.model.vocab_size, cfg.data.cache_dir)
     configure_cpu_process(args.threads or cfg.train.num_threads, env.local_world_size)   # as training does
-    par = init_parallel(dp, tp, ep, env, cfg.train.device)
+    configure_determinism(cfg.train.deterministic)
+    par = init_parallel(dp, tp, ep, env, cfg.train.device, backend=cfg.parallel.backend)
     try:
         trainer = build_trainer(cfg, par, data)
         os.makedirs(args.out, exist_ok=True)

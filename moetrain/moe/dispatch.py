@@ -1,13 +1,21 @@
 """Move token copies to their experts and back.
 
-`dispatch(x_TD, routing)` returns the rows this rank's experts must process, grouped by local
-expert, their per-expert counts, and a frozen `DispatchMeta`; `combine(y, meta)` undoes it and
-applies the gate weights. Dispatchers hold no per-step state (DESIGN habit 4).
+`dispatch(x_TD, routing, overlap, host_counts)` returns the rows this rank's experts must
+process, grouped by local expert, their per-expert `ExpertCounts`, a frozen `DispatchMeta`, and
+the result of `overlap()`; `combine(y, meta)` undoes it and applies the gate weights in fp32.
+Dispatchers hold no per-step state (DESIGN habit 4).
 
-LocalDispatcher: all experts in this process. AllToAllDispatcher: experts sharded over an EP
-group; copies travel by two uneven all-to-alls (dispatch and combine), both differentiable.
+LocalDispatcher: all experts in this process. Without `host_counts` (the grouped GEMM reads its
+offsets on the device) it is free of host syncs: it hands over all T*K copies, kept ones first,
+and masks the dropped ones. With `host_counts` (the loop and bmm paths) it reads the counts once
+and hands over only the kept copies.
+AllToAllDispatcher: experts sharded over an EP group; copies travel by two uneven all-to-alls
+(dispatch and combine), both differentiable. The count exchange's device-to-host copy is the one
+host sync per layer and micro-step that uneven all-to-alls need.
 
-Shape legend: T tokens, D model dim, N kept copies sent, M rows received by this rank.
+Payloads travel in the dtype of x (the layer casts it to the compute dtype: bf16 under autocast).
+
+Shape legend: T tokens, D model dim, C = T*K copies, N kept copies sent, M rows received.
 """
 from __future__ import annotations
 
@@ -16,17 +24,18 @@ from typing import Callable, Optional
 
 import torch
 
+from moetrain.moe.experts import ExpertCounts
 from moetrain.moe.permute import (gather_rows, invert_permutation, permute_rows, rank_splits, regroup_by_expert,
                                   sort_by_expert)
 from moetrain.moe.routing import Routing
-from moetrain.parallel.comm import CommTimer, all_to_all, all_to_all_start, exchange_counts
+from moetrain.parallel.comm import CommTimer, all_to_all, all_to_all_start, exchange_counts, to_host
 
 
 @dataclass(frozen=True)
 class DispatchMeta:
     num_tokens: int
     token_idx_N: torch.Tensor
-    weights_N: torch.Tensor
+    weights_N: torch.Tensor                 # fp32 gate weights, 0 for masked (dropped) copies
     # expert parallel only:
     send_splits: Optional[list] = None      # rows sent to each rank (= rows that come back)
     recv_splits: Optional[list] = None      # rows received from each rank
@@ -36,9 +45,11 @@ class DispatchMeta:
 
 
 def _combine_local(y_ND: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
-    """out[t] = sum over kept copies of t of weight * y; tokens with no kept copy get 0."""
-    weighted = y_ND * meta.weights_N.to(y_ND.dtype).unsqueeze(1)
-    out = y_ND.new_zeros((meta.num_tokens, y_ND.shape[1]))
+    """out[t] = sum over kept copies of t of weight * y, in fp32 whatever dtype y travelled in
+    (k bf16 products summed in bf16 would lose the small ones); tokens with no kept copy get 0."""
+    dt = torch.promote_types(y_ND.dtype, torch.float32)
+    weighted = y_ND.to(dt) * meta.weights_N.to(dt).unsqueeze(1)
+    out = weighted.new_zeros((meta.num_tokens, y_ND.shape[1]))
     return out.index_add(0, meta.token_idx_N, weighted)
 
 
@@ -49,13 +60,24 @@ class LocalDispatcher:
         self.num_experts = num_experts
         self.num_local_experts = num_experts
 
-    def dispatch(self, x_TD: torch.Tensor, routing: Routing,
-                 overlap: Optional[Callable[[], object]] = None):
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing, overlap: Optional[Callable[[], object]] = None,
+                 host_counts: bool = True):
         token_idx, copy_idx, counts_E = sort_by_expert(routing.expert_idx_TK, routing.kept_TK, self.num_experts)
         weights = gather_rows(routing.weights_TK.reshape(-1), copy_idx)
+        if host_counts:
+            counts_L = to_host(counts_E).tolist()
+            n = sum(counts_L)
+            token_idx, weights = token_idx[:n], weights[:n]
+            counts = ExpertCounts(counts_E, counts_L)
+        else:
+            # all T*K copies; the dropped ones (after the last expert's rows) get weight 0, and the
+            # experts return zeros for them (ExpertCounts.host None)
+            valid = torch.arange(copy_idx.numel(), device=x_TD.device) < counts_E.sum()
+            weights = torch.where(valid, weights, 0)
+            counts = ExpertCounts(counts_E)
         meta = DispatchMeta(x_TD.shape[0], token_idx, weights)
         overlapped = overlap() if overlap is not None else None
-        return gather_rows(x_TD, token_idx), counts_E.tolist(), meta, overlapped
+        return gather_rows(x_TD, token_idx), counts, meta, overlapped
 
     def combine(self, y_ND: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
         return _combine_local(y_ND, meta)
@@ -65,10 +87,11 @@ class AllToAllDispatcher:
     """Experts sharded over `group` (the EP group): rank r holds experts [r*L, (r+1)*L).
 
     Steps: sort copies by global expert (= by destination rank, local expert); exchange the
-    per-expert counts (one small all-to-all; its `.tolist()` is the one host sync every uneven
-    all-to-all needs); send the rows; regroup what arrived from (source, expert) to
-    (expert, source) order so every local expert sees one contiguous slice. Combine runs the
-    same steps backwards. Capacity was applied on the source rank, per local batch (GShard).
+    per-expert counts (one small all-to-all, then one device-to-host copy of the sent and received
+    counts: the host sync every uneven all-to-all needs); send the rows; regroup what arrived from
+    (source, expert) to (expert, source) order so every local expert sees one contiguous slice.
+    Combine runs the same steps backwards. Capacity was applied on the source rank, per local
+    batch (GShard).
     """
 
     def __init__(self, num_experts: int, group, ep_rank: int, ep_size: int):
@@ -79,27 +102,29 @@ class AllToAllDispatcher:
         self.ep_size = ep_size
         self.num_local_experts = num_experts // ep_size
 
-    def dispatch(self, x_TD: torch.Tensor, routing: Routing,
-                 overlap: Optional[Callable[[], object]] = None):
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing, overlap: Optional[Callable[[], object]] = None,
+                 host_counts: bool = True):
         token_idx, copy_idx, counts_E = sort_by_expert(routing.expert_idx_TK, routing.kept_TK, self.num_experts)
-        weights = gather_rows(routing.weights_TK.reshape(-1), copy_idx)
         R, L = self.ep_size, self.num_local_experts
         timer = CommTimer()
         start = timer.start(x_TD.device)
         recv_counts_RL = exchange_counts(counts_E.view(R, L), self.group)
-        counts_cpu = torch.stack([counts_E.view(R, L), recv_counts_RL]).cpu()  # one device->host copy
+        counts_cpu = to_host(torch.stack([counts_E.view(R, L), recv_counts_RL]))   # the one host sync
         timer.stop("counts", start, x_TD.device, counts_E.numel() * 8)
         send_splits = rank_splits(counts_cpu[0].reshape(-1), R).tolist()
         recv_splits = counts_cpu[1].sum(1).tolist()
+        n_send, n_recv = sum(send_splits), sum(recv_splits)
+        token_idx = token_idx[:n_send]
+        weights = gather_rows(routing.weights_TK.reshape(-1), copy_idx[:n_send])
         x_send = gather_rows(x_TD, token_idx)
         pending = all_to_all_start(x_send, recv_splits, send_splits, self.group, timer, "dispatch")
         overlapped = overlap() if overlap is not None else None
         x_recv = pending.wait(x_send)
-        regroup = regroup_by_expert(recv_counts_RL)
+        regroup = regroup_by_expert(recv_counts_RL, n_recv)
         ungroup = invert_permutation(regroup)
-        local_counts = counts_cpu[1].sum(0).tolist()
+        counts = ExpertCounts(recv_counts_RL.sum(0), counts_cpu[1].sum(0).tolist())
         meta = DispatchMeta(x_TD.shape[0], token_idx, weights, send_splits, recv_splits, regroup, ungroup, timer)
-        return permute_rows(x_recv, regroup, ungroup), local_counts, meta, overlapped
+        return permute_rows(x_recv, regroup, ungroup), counts, meta, overlapped
 
     def combine(self, y_MD: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
         y_recv_order = permute_rows(y_MD, meta.ungroup_M, meta.regroup_M)

@@ -18,7 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moetrain.moe import routers as R
-from moetrain.moe.routing import Routing, load_balancing_loss, router_entropy, router_z_loss
+from moetrain.moe.routing import Routing, count_ids, load_balancing_loss, router_entropy, router_z_loss
+from moetrain.precision import autocast_off
 
 ROUTER_KINDS = ("topk", "switch", "gshard", "noisy_topk", "expert_choice", "aux_free")
 
@@ -63,16 +64,23 @@ class Gate(nn.Module):
         return expert_capacity(num_tokens, self.num_ffn, self.top_k, cf, self.min_capacity)
 
     def forward(self, x_TD: torch.Tensor, prev_logits_TE: Optional[torch.Tensor], batch: int) -> GateOut:
+        with autocast_off(x_TD.device.type):
+            return self._route(x_TD, prev_logits_TE, batch)
+
+    def _route(self, x_TD: torch.Tensor, prev_logits_TE: Optional[torch.Tensor], batch: int) -> GateOut:
+        """Routing math in at least fp32, autocast off (forward() turns it off): under bf16
+        autocast the router matmul would otherwise round the logits to bf16 before any cast,
+        which makes ties and wrong top-k choices."""
         T = x_TD.shape[0]
+        dt = torch.promote_types(x_TD.dtype, torch.float32)
+        x_TD = x_TD.to(dt)
         gate_in = x_TD
         if self.training and self.jitter > 0:
             gate_in = x_TD * torch.empty_like(x_TD).uniform_(1 - self.jitter, 1 + self.jitter)
-        # routing math in at least fp32 (bf16 logits make ties and wrong top-k choices)
-        logits = F.linear(gate_in, self.weight)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        logits = F.linear(gate_in, self.weight.to(dt))
         if self.residual_weight is not None and prev_logits_TE is not None:
             # MoE++ gated residual: this layer's logits see the previous MoE layer's logits
-            logits = logits + F.linear(prev_logits_TE.to(self.residual_weight.dtype), self.residual_weight).to(logits.dtype)
+            logits = logits + F.linear(prev_logits_TE.to(dt), self.residual_weight.to(dt))
         capacity = self.capacity(T)
         z_loss = router_z_loss(logits)
 
@@ -87,7 +95,7 @@ class Gate(nn.Module):
             sel = R.select_gshard(logits, u)
             aux_override = R.gshard_aux_loss(sel.probs_TE, sel.expert_idx_TK[:, 0])
         elif self.kind == "noisy_topk":
-            noise_std = F.softplus(F.linear(x_TD, self.noise_weight).float()) + 1e-2
+            noise_std = F.softplus(F.linear(x_TD, self.noise_weight.to(dt))) + 1e-2
             normal = torch.randn_like(logits) if self.training else None
             sel, noisy = R.select_noisy_topk(logits, noise_std, normal, self.top_k)
             if normal is not None:
@@ -111,7 +119,7 @@ class Gate(nn.Module):
             T, E = sel.probs_TE.shape
             return R.sequence_balance_loss(sel.probs_TE.view(batch, T // batch, E), idx.view(batch, T // batch, -1))
         if self.aux_scope == "global_batch" and self.balance_group is not None and self.balance_group_size > 1:
-            counts = torch.bincount(idx.reshape(-1), minlength=sel.probs_TE.shape[1]).float()
+            counts = count_ids(idx, sel.probs_TE.shape[1]).float()
             dist.all_reduce(counts, group=self.balance_group)   # f from every dp rank's tokens
             return R.balance_loss_from_counts(sel.probs_TE, counts, idx.numel() * self.balance_group_size)
         return load_balancing_loss(sel.probs_TE, idx)

@@ -24,6 +24,7 @@ from moetrain.moe.dispatch import LocalDispatcher
 from moetrain.moe.experts import GroupedExperts, SwiGLU
 from moetrain.moe.gate import Gate
 from moetrain.parallel.comm import CommTimer
+from moetrain.precision import compute_dtype
 
 
 @dataclass
@@ -32,7 +33,8 @@ class MoEAux:
 
     aux_loss, z_loss: differentiable scalars (unscaled; the trainer applies the coefficients).
     counts_E / kept_E: copies routed to / kept by each expert (FFN and zero-computation) from
-    this rank's tokens. recv_tokens: rows this rank's experts processed. logits: for the next
+    this rank's tokens. recv_tokens: rows this rank's experts processed (a 0-dim device tensor:
+    reading it is a host sync, so the trainer reads it once per logged step). logits: for the next
     layer's gated residual. timer: all-to-all timings (backward records land during
     loss.backward(), so read it after).
     """
@@ -41,7 +43,7 @@ class MoEAux:
     counts_E: torch.Tensor
     kept_E: torch.Tensor
     entropy: torch.Tensor
-    recv_tokens: int
+    recv_tokens: torch.Tensor
     num_copies: int
     logits: Optional[torch.Tensor] = None
     timer: CommTimer = field(default_factory=CommTimer)
@@ -80,10 +82,14 @@ class MoELayer(nn.Module):
             ffn_routing = dataclasses.replace(routing, kept_TK=routing.kept_TK & (routing.expert_idx_TK < self.num_experts))
 
         shared_fn = (lambda: self.shared(x_TD)) if self.shared is not None else None
+        # token copies travel and meet the experts in the compute dtype (bf16 under autocast):
+        # half the all-to-all bytes of the fp32 residual stream
+        x_send = x_TD.to(compute_dtype(x_TD))
         # profiler labels (tools/profile_step.py); all-to-alls inside carry "moe/a2a/*" labels
         with record_function("moe/dispatch"):
             x_local, counts_local, meta, shared_out = self.dispatcher.dispatch(
-                x_TD, ffn_routing, shared_fn if self.overlap else None)
+                x_send, ffn_routing, shared_fn if self.overlap else None,
+                host_counts=self.experts.needs_host_counts(x_send))
         if shared_fn is not None and shared_out is None:
             shared_out = shared_fn()
         with record_function("moe/experts"):
@@ -96,7 +102,7 @@ class MoELayer(nn.Module):
             y_TD = y_TD + self._zero_compute(x_TD, routing)
 
         aux = MoEAux(aux_loss=g.aux_loss, z_loss=g.z_loss, counts_E=routing.counts_E.detach(),
-                     kept_E=routing.kept_E.detach(), entropy=g.entropy, recv_tokens=int(sum(counts_local)),
+                     kept_E=routing.kept_E.detach(), entropy=g.entropy, recv_tokens=counts_local.device.sum(),
                      num_copies=routing.expert_idx_TK.numel(), logits=g.logits_TE, timer=meta.timer)
         return y_TD.view(B, S, D).to(x_BSD.dtype), aux
 

@@ -7,24 +7,28 @@ from __future__ import annotations
 
 import torch
 
+from moetrain.moe.routing import count_ids
+
 
 def sort_by_expert(expert_idx_TK: torch.Tensor, kept_TK: torch.Tensor,
                    num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Kept copies ordered by expert id (stable, so token order inside an expert is preserved).
+    """All T*K copies ordered by expert id, kept copies first (stable, so token order inside an
+    expert is preserved), dropped copies after them. No host sync: the shapes do not depend on
+    how many copies were kept.
 
-    Returns (token_idx_N, copy_idx_N, counts_E): x[token_idx_N] is the expert-sorted input,
-    copy_idx_N indexes the flattened [T*K] choices (to pick each copy's weight), and counts_E[e]
-    is the length of expert e's contiguous slice. Sorting by global expert id also sorts by
-    destination rank, because rank r owns experts [r*L, (r+1)*L).
+    Returns (token_idx_C, copy_idx_C, counts_E) over C = T*K entries: the first N = counts_E.sum()
+    are the kept copies; x[token_idx_C[:N]] is the expert-sorted input, copy_idx_C indexes the
+    flattened [T*K] choices (to pick each copy's weight), counts_E[e] is the length of expert e's
+    contiguous slice. Sorting by global expert id also sorts by destination rank, because rank r
+    owns experts [r*L, (r+1)*L).
     """
     K = expert_idx_TK.shape[1]
-    flat_expert = expert_idx_TK.reshape(-1)
-    copy_idx = torch.nonzero(kept_TK.reshape(-1), as_tuple=False).squeeze(1)
-    order = torch.argsort(flat_expert[copy_idx], stable=True)
-    copy_idx_N = copy_idx[order]
-    token_idx_N = torch.div(copy_idx_N, K, rounding_mode="floor")
-    counts_E = torch.bincount(flat_expert[copy_idx_N], minlength=num_experts)
-    return token_idx_N, copy_idx_N, counts_E
+    # dropped copies get the sentinel id E, which sorts after every expert
+    key = torch.where(kept_TK, expert_idx_TK, num_experts).reshape(-1)
+    copy_idx_C = torch.argsort(key, stable=True)
+    token_idx_C = torch.div(copy_idx_C, K, rounding_mode="floor")
+    counts_E = count_ids(key, num_experts + 1)[:num_experts]
+    return token_idx_C, copy_idx_C, counts_E
 
 
 def rank_splits(counts_E: torch.Tensor, num_ranks: int) -> torch.Tensor:
@@ -32,16 +36,18 @@ def rank_splits(counts_E: torch.Tensor, num_ranks: int) -> torch.Tensor:
     return counts_E.view(num_ranks, -1).sum(dim=1)
 
 
-def regroup_by_expert(counts_RL: torch.Tensor) -> torch.Tensor:
+def regroup_by_expert(counts_RL: torch.Tensor, total: int) -> torch.Tensor:
     """Permutation that turns the received (source rank, local expert) block order into
     (local expert, source rank) order, so each local expert's rows are contiguous.
 
     counts_RL[r, l]: rows that source rank r sent for local expert l, laid out r-major after the
-    all-to-all. recv[perm] is l-major. The inverse is `invert_permutation(perm)`.
+    all-to-all; total = counts_RL.sum(), known on the host from the split exchange (passing it
+    spares repeat_interleave a host sync). recv[perm] is l-major. The inverse is
+    `invert_permutation(perm)`.
     """
     R, L = counts_RL.shape
     block_id = torch.arange(R * L, device=counts_RL.device)
-    rows_block = torch.repeat_interleave(block_id, counts_RL.reshape(-1))
+    rows_block = torch.repeat_interleave(block_id, counts_RL.reshape(-1), output_size=total)
     src_rank, local_expert = rows_block // L, rows_block % L
     return torch.argsort(local_expert * R + src_rank, stable=True)
 
@@ -94,6 +100,4 @@ def permute_rows(src: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -
 
 
 def invert_permutation(perm: torch.Tensor) -> torch.Tensor:
-    inv = torch.empty_like(perm)
-    inv[perm] = torch.arange(perm.numel(), device=perm.device)
-    return inv
+    return torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.numel(), device=perm.device))

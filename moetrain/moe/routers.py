@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from moetrain.moe.routing import Routing, _slots_by_sort, _stable_topk
+from moetrain.moe.routing import Routing, _slots_by_sort, _stable_topk, count_ids
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ def select_gshard(logits_TE: torch.Tensor, uniform_T: torch.Tensor) -> Selection
 def gshard_aux_loss(probs_TE: torch.Tensor, first_idx_T: torch.Tensor) -> torch.Tensor:
     """GShard l_aux = mean_e(c_e / S * m_e) * E^2, c_e = first-choice counts, m_e = mean gate."""
     T, E = probs_TE.shape
-    c_E = torch.bincount(first_idx_T, minlength=E).to(probs_TE.dtype)
+    c_E = count_ids(first_idx_T, E).to(probs_TE.dtype)
     m_E = probs_TE.mean(0)
     return torch.mean(c_E / T * m_E) * E * E
 
@@ -106,8 +106,8 @@ def noisy_topk_losses(gates_TE: torch.Tensor, clean_TE: torch.Tensor, noisy_TE: 
     kth_plus = top_vals[:, top_k:top_k + 1]     # (k+1)-th largest
     in_top = noisy_TE >= kth
     threshold = torch.where(in_top, kth_plus, kth)
-    normal = torch.distributions.Normal(0.0, 1.0)
-    prob = normal.cdf((clean_TE.float() - threshold) / noise_std_TE.float().clamp_min(1e-9))
+    # the standard normal CDF (torch.distributions.Normal would validate its argument: a host sync)
+    prob = torch.special.ndtr((clean_TE.float() - threshold) / noise_std_TE.float().clamp_min(1e-9))
     return cv_squared(importance), cv_squared(prob.sum(0))
 
 
@@ -155,7 +155,9 @@ def apply_capacity(sel: Selection, num_ffn_experts: int, capacity: Optional[int]
 
     With reroute_pref_TE (each token's experts in preference order, best first), a copy that
     overflowed goes to its next-best FFN expert that still has room and that the token does not
-    already use, keeping its gate weight; rounds continue while some copy can still move.
+    already use, keeping its gate weight; rounds continue while some copy can still move. The
+    reroute rounds are data-dependent (two host syncs per round on a GPU); everything else here is
+    sync-free.
     """
     idx, active = sel.expert_idx_TK, sel.active_TK
     T, K = idx.shape
@@ -164,12 +166,12 @@ def apply_capacity(sel: Selection, num_ffn_experts: int, capacity: Optional[int]
     counted = active & ffn
     # inactive / zero-compute copies get the sentinel key F so they take no slot
     key = torch.where(counted, idx, torch.full_like(idx, num_ffn_experts))
-    slot = _slots_by_sort(key.t().reshape(-1), num_ffn_experts + 1).view(K, T).t()
+    slot = _slots_by_sort(key.t().reshape(-1)).view(K, T).t()
     kept = active & (~ffn | (slot < capacity if capacity is not None else torch.ones_like(ffn)))
     if capacity is not None and reroute_pref_TE is not None:
         idx, kept = _reroute(idx, kept, counted, reroute_pref_TE, num_ffn_experts, capacity)
-    counts_E = torch.bincount(sel.expert_idx_TK[active], minlength=E)
-    kept_E = torch.bincount(idx[kept], minlength=E)
+    counts_E = count_ids(sel.expert_idx_TK, E, active)
+    kept_E = count_ids(idx, E, kept)
     return Routing(idx, sel.weights_TK, kept, counts_E, kept_E, capacity)
 
 
@@ -207,7 +209,7 @@ def _reroute(idx, kept, counted, pref_TE, F_, capacity):
         # GShard priority inside an expert: lower choice column first, then token order
         order = torch.argsort(k_try * T + t_try)
         t_try, k_try, c_try = t_try[order], k_try[order], c_try[order]
-        rank_in_expert = _slots_by_sort(c_try, F_)
+        rank_in_expert = _slots_by_sort(c_try)
         accept = rank_in_expert < (capacity - fill[c_try])
         t_a, k_a, c_a = t_try[accept], k_try[accept], c_try[accept]
         idx[t_a, k_a] = c_a

@@ -53,8 +53,8 @@ def topk_gates(logits_TE: torch.Tensor, top_k: int, normalize: bool) -> tuple[to
     probabilities (Switch: a top-1 weight of 1.0 would leave the router without a gradient).
     """
     probs_TE = torch.softmax(logits_TE.float(), dim=-1)
-    # torch.topk breaks ties by position on CPU but not on every backend; a tiny index-based
-    # offset makes ties deterministic (lowest id wins) without changing any non-tied order.
+    # torch.topk breaks ties by position on CPU but not on every backend: _stable_topk makes ties
+    # deterministic (lowest id wins) without changing any non-tied order.
     weights_TK, expert_idx_TK = _stable_topk(probs_TE, top_k)
     if normalize and top_k > 1:
         weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
@@ -62,24 +62,33 @@ def topk_gates(logits_TE: torch.Tensor, top_k: int, normalize: bool) -> tuple[to
 
 
 def _stable_topk(scores_TE: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """top-k in descending order, ties broken toward the lower index, on every device.
+    """top-k in descending order, ties broken toward the lower index, on every device, without a
+    host sync (no data-dependent branch or shape).
 
-    A plain topk picks the set; the k picked are then ordered by (value desc, index asc) with two
-    small stable sorts. Only rows where the k-th value is tied with an entry left out can pick the
-    wrong set; those rows (rare for real router scores) are redone with a full stable argsort.
-    ~2x faster than argsorting every row on CPU (E = 128, k = 2).
+    Each fp32 score is mapped to an int32 whose order is the float order (the IEEE bits, with the
+    magnitude bits flipped for negatives; -0.0 is folded into +0.0 first), then combined with the
+    expert index into one int64 key  key * E + (E - 1 - e)  that is unique per row: one topk over
+    the keys gives the (value desc, index asc) order exactly.
     """
-    vals, idx = torch.topk(scores_TE, k, dim=-1)
-    idx, perm = idx.sort(dim=-1)
-    vals, perm = vals.gather(-1, perm).sort(dim=-1, descending=True, stable=True)
-    idx = idx.gather(-1, perm)
-    tied = (scores_TE >= vals[..., -1:]).sum(-1) > k
-    if bool(tied.any()):
-        rows = tied.nonzero().squeeze(-1)
-        order = torch.argsort(scores_TE[rows], dim=-1, descending=True, stable=True)[..., :k]
-        idx[rows] = order
-        vals[rows] = scores_TE[rows].gather(-1, order)
-    return vals, idx
+    E = scores_TE.shape[-1]
+    f = scores_TE.float() + 0.0                       # -0.0 + 0.0 = +0.0: equal values, equal keys
+    bits = f.view(torch.int32)
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
+    rev_idx = torch.arange(E - 1, -1, -1, device=scores_TE.device)
+    idx = torch.topk(ordered * E + rev_idx, k, dim=-1).indices
+    return scores_TE.gather(-1, idx), idx
+
+
+def count_ids(ids: torch.Tensor, n: int, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """How many entries of `ids` (optionally only where `mask`) equal each of 0..n-1 -> int64 [n].
+
+    bincount needs a host sync on CUDA (it reads the max id to size its output) and boolean-mask
+    selection another (nonzero); a scatter-add of ones into [n] needs neither, and integer sums
+    are exact in any order. ids must lie in 0..n-1 (also where masked out).
+    """
+    flat = ids.reshape(-1)
+    ones = torch.ones_like(flat) if mask is None else mask.reshape(-1).to(flat.dtype)
+    return torch.zeros(n, dtype=torch.int64, device=ids.device).scatter_add_(0, flat, ones.to(torch.int64))
 
 
 def assign_slots(expert_idx_TK: torch.Tensor, num_experts: int,
@@ -92,7 +101,7 @@ def assign_slots(expert_idx_TK: torch.Tensor, num_experts: int,
     """
     T, K = expert_idx_TK.shape
     flat = expert_idx_TK.t().reshape(-1)                        # choice-major order, [K*T]
-    slot_flat = _slots_by_sort(flat, num_experts)
+    slot_flat = _slots_by_sort(flat)
     slot_TK = slot_flat.view(K, T).t()
     if capacity is None:
         kept_TK = torch.ones_like(slot_TK, dtype=torch.bool)
@@ -101,15 +110,13 @@ def assign_slots(expert_idx_TK: torch.Tensor, num_experts: int,
     return slot_TK, kept_TK
 
 
-def _slots_by_sort(flat: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Rank of each entry among equal expert ids, in order: a stable sort, O(N log N), no [N, E] one-hot."""
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)
-    starts = torch.cumsum(counts, 0) - counts
-    rank_sorted = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]
-    slot = torch.empty_like(flat)
-    slot[order] = rank_sorted
-    return slot
+def _slots_by_sort(flat: torch.Tensor) -> torch.Tensor:
+    """Rank of each entry among equal expert ids, in order: a stable sort, O(N log N), no [N, E]
+    one-hot and no host sync (each sorted entry's group starts where searchsorted finds its id)."""
+    sorted_ids, order = torch.sort(flat, stable=True)
+    starts = torch.searchsorted(sorted_ids, sorted_ids)
+    rank_sorted = torch.arange(flat.numel(), device=flat.device) - starts
+    return torch.empty_like(flat).scatter_(0, order, rank_sorted)
 
 
 def route_topk(logits_TE: torch.Tensor, top_k: int, capacity: Optional[int],
@@ -118,8 +125,8 @@ def route_topk(logits_TE: torch.Tensor, top_k: int, capacity: Optional[int],
     num_experts = logits_TE.shape[-1]
     probs_TE, expert_idx_TK, weights_TK = topk_gates(logits_TE, top_k, normalize)
     _, kept_TK = assign_slots(expert_idx_TK, num_experts, capacity)
-    counts_E = torch.bincount(expert_idx_TK.reshape(-1), minlength=num_experts)
-    kept_E = torch.bincount(expert_idx_TK[kept_TK], minlength=num_experts)
+    counts_E = count_ids(expert_idx_TK, num_experts)
+    kept_E = count_ids(expert_idx_TK, num_experts, kept_TK)
     return Routing(expert_idx_TK, weights_TK, kept_TK, counts_E, kept_E, capacity), probs_TE
 
 
@@ -131,7 +138,7 @@ def load_balancing_loss(probs_TE: torch.Tensor, expert_idx_TK: torch.Tensor) -> 
     Equals 1 for perfectly uniform routing, E when everything goes to one expert.
     """
     T, E = probs_TE.shape
-    counts_E = torch.bincount(expert_idx_TK.reshape(-1), minlength=E).to(probs_TE.dtype)
+    counts_E = count_ids(expert_idx_TK, E).to(probs_TE.dtype)
     f_E = counts_E / max(1, expert_idx_TK.numel())
     P_E = probs_TE.mean(dim=0)
     return E * torch.sum(f_E * P_E)

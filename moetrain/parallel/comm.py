@@ -5,8 +5,11 @@ The process group is always an argument. Timing goes into a `CommTimer` owned by
 collective completes, backward records land during `loss.backward()`, and the caller reads the
 timer after backward.
 
-Timing: on CPU the wall clock around the completed collective; on CUDA a pair of events on the
-current stream, resolved lazily (`CommTimer.totals`) so timing never adds a device sync to a step.
+Timing: on CPU the wall clock around the completed collective; on CUDA a pair of events, resolved
+lazily (`CommTimer.totals`) so timing never adds a device sync to a step. An asynchronous
+collective is timed to its own completion (a completion callback on CPU, an event on a side
+stream on CUDA), so the work overlapped with it (the shared experts) is not counted as
+communication.
 """
 from __future__ import annotations
 
@@ -21,8 +24,11 @@ from torch.profiler import record_function  # "moe/a2a/<phase>" labels for tools
 
 @dataclass
 class CommTimer:
-    """Accumulates (phase -> ms, bytes) for collectives launched by one layer in one micro-step."""
-    records: list = field(default_factory=list)   # (phase, start, end, nbytes); start/end: float or cuda Event
+    """Accumulates (phase -> ms, bytes) for collectives launched by one layer in one micro-step.
+
+    A record's end is a float (CPU wall clock), a CUDA event, or a torch Future whose value is
+    the wall-clock time the collective completed (asynchronous CPU collectives)."""
+    records: list = field(default_factory=list)   # (phase, start, end, nbytes)
 
     def start(self, device: torch.device):
         if device.type == "cuda":
@@ -32,6 +38,8 @@ class CommTimer:
         return time.perf_counter()
 
     def stop(self, phase: str, start, device: torch.device, nbytes: int) -> None:
+        """After a blocking collective returned (on CUDA: after it was enqueued; the event on the
+        current stream completes when the stream has waited for it)."""
         if device.type == "cuda":
             end = torch.cuda.Event(enable_timing=True)
             end.record()
@@ -39,12 +47,37 @@ class CommTimer:
             end = time.perf_counter()
         self.records.append((phase, start, end, nbytes))
 
+    @staticmethod
+    def track(work, device: torch.device):
+        """Call right after launching an asynchronous collective. On CPU: a future that holds the
+        wall-clock time of its completion (gloo runs it in its own thread), so the time of the
+        work overlapped with it on this thread is not counted. On CUDA nothing (see stop_async)."""
+        if device.type == "cuda":
+            return None
+        return work.get_future().then(lambda _: time.perf_counter())
+
+    def stop_async(self, phase: str, start, device: torch.device, nbytes: int, work, tracked) -> None:
+        """Record the end of an asynchronous collective: its own completion, not the caller's
+        wait. On CUDA an event on a side stream that waits for the collective alone (the compute
+        stream is busy with the overlapped work)."""
+        if device.type == "cuda":
+            side = _timing_stream(device)
+            with torch.cuda.stream(side):
+                work.wait()
+                end = torch.cuda.Event(enable_timing=True)
+                end.record()
+        else:
+            end = tracked
+        self.records.append((phase, start, end, nbytes))
+
     def totals(self) -> dict[str, tuple[float, int]]:
         """phase -> (milliseconds, bytes). Resolving CUDA events synchronizes on them only."""
         out: dict[str, list] = {}
         for phase, start, end, nbytes in self.records:
-            if isinstance(start, float):
+            if isinstance(end, float):
                 ms = (end - start) * 1e3
+            elif isinstance(end, torch._C.Future):       # what Future.then returns
+                ms = (end.wait() - start) * 1e3
             else:
                 end.synchronize()
                 ms = start.elapsed_time(end)
@@ -52,6 +85,21 @@ class CommTimer:
             acc[0] += ms
             acc[1] += nbytes
         return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+_TIMING_STREAMS: dict = {}
+
+
+def _timing_stream(device: torch.device):
+    if device not in _TIMING_STREAMS:
+        _TIMING_STREAMS[device] = torch.cuda.Stream(device=device)
+    return _TIMING_STREAMS[device]
+
+
+def to_host(t: torch.Tensor) -> torch.Tensor:
+    """A copy of t in host memory. On a GPU this is a device-to-host copy that blocks until the
+    device has produced t: call it only at the documented sync points (the split exchange)."""
+    return t.to("cpu", copy=True)
 
 
 def exchange_counts(send_counts: torch.Tensor, group) -> torch.Tensor:
@@ -109,6 +157,7 @@ class PendingAllToAll:
     phase: str
     start: object
     nbytes: int
+    tracked: object = None
 
     def wait(self, x: torch.Tensor) -> torch.Tensor:
         return _WaitAllToAll.apply(x, self)
@@ -117,10 +166,11 @@ class PendingAllToAll:
 class _WaitAllToAll(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, pending: PendingAllToAll):
+        if pending.timer is not None:
+            pending.timer.stop_async(pending.phase, pending.start, x.device, pending.nbytes, pending.work,
+                                     pending.tracked)
         with record_function(f"moe/a2a/{pending.phase}_wait"):
             pending.work.wait()
-        if pending.timer is not None:
-            pending.timer.stop(pending.phase, pending.start, x.device, pending.nbytes)
         ctx.meta = (pending.out_splits, pending.in_splits, pending.group, pending.timer, pending.phase)
         return pending.out
 
@@ -143,5 +193,6 @@ def all_to_all_start(x: torch.Tensor, out_splits: list[int], in_splits: list[int
     start = timer.start(x.device) if timer is not None else None
     with record_function(f"moe/a2a/{phase}"):
         work = dist.all_to_all_single(out, send, out_splits, in_splits, group=group, async_op=True)
+    tracked = CommTimer.track(work, x.device) if timer is not None else None
     return PendingAllToAll(out, work, out_splits, in_splits, group, timer, phase, start,
-                           send.element_size() * send.numel())
+                           send.element_size() * send.numel(), tracked)

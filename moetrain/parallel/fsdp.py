@@ -11,7 +11,7 @@ Gradients: FSDP reduce-scatters them in backward. The trainer's loss is CE_sum /
 so each rank holds its share of the global mean and the reduction must be a SUM, which FSDP2
 does not do by default (it averages): every unit gets `set_gradient_divide_factor(1.0)` and
 `set_force_sum_reduction_for_comms(True)` (gloo has neither AVG nor PREMUL_SUM). The loop's own
-all-reduce (parallel/grads.sync_gradients) skips the DTensor parameters FSDP manages; clipping
+all-reduce (parallel/grads.GradientSync) skips the DTensor parameters FSDP manages; clipping
 sums each DTensor's local squares over its FSDP mesh (grads.grad_sq_norms).
 
 Which tensor dim FSDP splits (`fsdp_shard_dim`) is chosen so that a rank's shard is a plain

@@ -6,7 +6,9 @@ gradient is its share of the global mean: the right reduction is a SUM, never an
   expert params : SUM over edp  (the all-to-all backward already summed the contributions of
                   every rank in the EP group; edp replicas saw the remaining tokens)
 Averaging instead (DDP's default) would shrink expert gradients by ep relative to dense ones —
-the classic bug that tests/parallel/test_cross_layout.py guards against.
+the classic bug that tests/parallel/test_cross_layout.py guards against. The sums run in buckets
+launched during the last micro-step's backward (BucketedAllReduce), overlapping communication
+with the rest of the backward as DDP does.
 Tensor parallelism adds no reduction: the dp and edp groups hold the ranks with the same tp
 index, hence the same shard, and replicated parameters already hold complete gradients on every
 TP rank (parallel/tp.py). Only the norm has to sum the shards over tp.
@@ -23,34 +25,111 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 
-def _flat_all_reduce(params: list, group) -> None:
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    if not grads:
-        return
-    # one coalesced buffer per dtype/device keeps it to one collective
-    by_key: dict = {}
-    for p, g in zip(params, grads):
-        by_key.setdefault((g.dtype, g.device), []).append((p, g))
-    for items in by_key.values():
-        flat = torch.cat([g.reshape(-1) for _, g in items])
-        dist.all_reduce(flat, group=group)
-        offset = 0
-        for p, g in items:
-            n = g.numel()
-            p.grad = flat[offset:offset + n].view_as(g)
-            offset += n
+class BucketedAllReduce:
+    """SUM the gradients of `params` over `group`, in buckets of about `bucket_bytes` that are
+    all-reduced asynchronously while the backward of the last micro-step still runs.
+
+    Buckets hold parameters in reverse registration order (about the order backward produces
+    their gradients) and are launched strictly in bucket order, each once all of its parameters
+    have their final gradient (a post-accumulate-grad hook, armed for the last micro-step only).
+    Every rank therefore issues the same all-reduces in the same order, whatever its routing;
+    a bucket with a parameter that got no gradient in the last micro-step waits for `finish()`,
+    which launches what is left (None gradients as zeros), waits for all of them, and points each
+    .grad at its slice of the reduced bucket. bucket_bytes 0: one bucket per dtype, launched in
+    finish() (one flat all-reduce after the backward).
+    """
+
+    def __init__(self, params: list, group, bucket_bytes: float):
+        self.group = group
+        self.buckets: list[list] = []
+        self._bucket_of: dict[int, int] = {}
+        by_dtype: dict = {}
+        for p in reversed(params):
+            by_dtype.setdefault((p.dtype, p.device), []).append(p)
+        for plist in by_dtype.values():
+            bucket, size = [], 0
+            for p in plist:
+                nbytes = p.numel() * p.element_size()
+                if bucket and bucket_bytes > 0 and size + nbytes > bucket_bytes:
+                    self.buckets.append(bucket)
+                    bucket, size = [], 0
+                bucket.append(p)
+                size += nbytes
+            self.buckets.append(bucket)
+        for i, bucket in enumerate(self.buckets):
+            for p in bucket:
+                self._bucket_of[id(p)] = i
+        self.overlap = bucket_bytes > 0
+        self._armed = False
+        self._reset()
+        if self.overlap:
+            for p in params:
+                p.register_post_accumulate_grad_hook(self._on_grad)
+
+    def _reset(self) -> None:
+        self._ready = [0] * len(self.buckets)
+        self._pending: list = [None] * len(self.buckets)      # (flat, work) per launched bucket
+        self._next = 0
+
+    def arm(self) -> None:
+        """Call right before the backward of the last micro-step of an optimizer step."""
+        self._reset()
+        self._armed = self.overlap
+
+    def _on_grad(self, p) -> None:
+        if not self._armed:
+            return
+        i = self._bucket_of[id(p)]
+        self._ready[i] += 1
+        while self._next < len(self.buckets) and self._ready[self._next] == len(self.buckets[self._next]):
+            self._launch(self._next)
+
+    def _launch(self, i: int) -> None:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.buckets[i]]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        self._pending[i] = (flat, dist.all_reduce(flat, group=self.group, async_op=True))
+        self._next = i + 1
+
+    def finish(self) -> None:
+        """After the last backward: launch the buckets still waiting, wait for all, write back."""
+        self._armed = False
+        while self._next < len(self.buckets):
+            self._launch(self._next)
+        for bucket, (flat, work) in zip(self.buckets, self._pending):
+            work.wait()
+            offset = 0
+            for p in bucket:
+                n = p.numel()
+                p.grad = flat[offset:offset + n].view_as(p)
+                offset += n
+        self._reset()
+
+
+class GradientSync:
+    """The loop's gradient reduction (see the module docstring): dense params over dp, expert
+    params over edp, each through a BucketedAllReduce; FSDP-managed parameters (DTensors) are
+    left out (FSDP reduce-scattered them in backward)."""
+
+    def __init__(self, dense: list, expert: list, par, bucket_mb: float):
+        d = par.dims
+        bucket_bytes = bucket_mb * 2 ** 20
+        self.reducers = []
+        for params, group, size in ((dense, par.dp_group, d.dp), (expert, par.edp_group, d.edp)):
+            plain = [p for p in params if not _is_dtensor(p)]
+            if size > 1 and plain:
+                self.reducers.append(BucketedAllReduce(plain, group, bucket_bytes))
+
+    def arm(self) -> None:
+        for r in self.reducers:
+            r.arm()
+
+    def finish(self) -> None:
+        for r in self.reducers:
+            r.finish()
 
 
 def _is_dtensor(p) -> bool:
     return isinstance(p, DTensor)
-
-
-def sync_gradients(dense: list, expert: list, dp_group, edp_group, dp: int, edp: int) -> None:
-    # FSDP-managed parameters (DTensors) were reduce-scattered by FSDP in backward
-    if dp > 1:
-        _flat_all_reduce([p for p in dense if not _is_dtensor(p)], dp_group)
-    if edp > 1:
-        _flat_all_reduce([p for p in expert if not _is_dtensor(p)], edp_group)
 
 
 def grad_sq_norms(dense: list, expert: list, ep_group=None, ep: int = 1, tp_group=None, tp: int = 1) -> dict:
@@ -72,7 +151,8 @@ def grad_sq_norms(dense: list, expert: list, ep_group=None, ep: int = 1, tp_grou
         gs = [p.grad for p in params if p.grad is not None]
         if not gs:
             return torch.zeros((), dtype=torch.float32, device=device)
-        return torch.stack([g.float().pow(2).sum() for g in gs]).sum()
+        # one multi-tensor kernel for all norms instead of two small kernels per parameter
+        return torch.stack(torch._foreach_norm(gs)).float().pow(2).sum()
 
     def split(params):
         whole = [p for p in params if tp_shard_dim(p) is None]
@@ -125,7 +205,9 @@ def clip_grad_norm(dense: list, expert: list, max_norm: float, ep_group, ep: int
     total = math.sqrt(float(sum(grad_sq_norms(dense, expert, ep_group, ep, tp_group, tp).values())))
     if max_norm > 0 and total > max_norm:
         scale = max_norm / (total + 1e-6)
-        for p in list(dense) + list(expert):
-            if p.grad is not None:
-                p.grad.mul_(scale)
+        grads = [p.grad for p in list(dense) + list(expert) if p.grad is not None]
+        for kind in (True, False):        # DTensor and plain gradients do not mix in one foreach call
+            same = [g for g in grads if _is_dtensor(g) == kind]
+            if same:
+                torch._foreach_mul_(same, scale)
     return total

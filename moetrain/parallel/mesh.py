@@ -135,14 +135,38 @@ class Parallel:
         return self.rank == 0
 
 
-def pick_device(kind: str, local_rank: int) -> torch.device:
+def pick_device(kind: str, local_rank: int, backend: str = "auto") -> torch.device:
+    """This rank's device. With one visible GPU, that GPU: launchers that bind one GPU per task
+    (Slurm --gpus-per-task / --gpu-bind, per-rank CUDA_VISIBLE_DEVICES) show each rank only its
+    own, as cuda:0. With several, the LOCAL_RANK-th; ranks beyond the visible GPUs share them
+    round-robin under gloo, which allows it (NCCL refuses two ranks on one GPU)."""
     if kind == "cuda" or (kind == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise LaunchError("train.device=cuda but CUDA is not available on this machine")
-        if local_rank >= torch.cuda.device_count():
-            raise LaunchError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} GPUs are visible")
-        return torch.device("cuda", local_rank)
+        n = torch.cuda.device_count()
+        if n == 1:
+            return torch.device("cuda", 0)
+        if local_rank < n:
+            return torch.device("cuda", local_rank)
+        if backend == "gloo":
+            return torch.device("cuda", local_rank % n)
+        raise LaunchError(f"LOCAL_RANK={local_rank} but only {n} GPUs are visible: NCCL needs one GPU per rank "
+                          "(start fewer ranks per node, or set parallel.backend=gloo to let ranks share GPUs)")
     return torch.device("cpu")
+
+
+def process_group_backend(requested: str, device: torch.device) -> str:
+    """The torch.distributed backend string for `parallel.backend` on this device.
+
+    auto: NCCL on CUDA, gloo on CPU. gloo on CUDA is "cuda:gloo": gloo moves CUDA tensors
+    through host memory, so several ranks can share one GPU, and a group made for the CUDA device
+    type only rejects CPU tensors exactly as NCCL does (a test of the device rules without a
+    cluster)."""
+    if requested == "nccl" and device.type != "cuda":
+        raise LaunchError("parallel.backend=nccl needs CUDA, but this rank runs on the CPU")
+    if device.type != "cuda":
+        return "gloo"
+    return "cuda:gloo" if requested == "gloo" else "nccl"
 
 
 def first_slurm_host(nodelist: str) -> Optional[str]:
@@ -227,26 +251,33 @@ def _timeout(timeout_s: Optional[float]) -> timedelta:
 
 
 def init_parallel(dp: int, tp: int, ep: int, env: LaunchEnv, device_kind: str = "auto",
-                  timeout_s: Optional[float] = None) -> Parallel:
+                  timeout_s: Optional[float] = None, backend: str = "auto") -> Parallel:
     """Create the process group and mesh. Call only after the config was validated against
     env.world_size, so a bad layout never reaches a collective."""
     dims = ParallelDims(dp, tp, ep)
-    device = pick_device(device_kind, env.local_rank)
+    device = pick_device(device_kind, env.local_rank, backend)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if env.world_size == 1:
         return Parallel(dims, 0, device)
     timeout = _timeout(timeout_s)
+    pg_backend = process_group_backend(backend, device)
     _ensure_rendezvous(env)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
         try:
-            dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timeout,
-                                    device_id=device if device.type == "cuda" else None)
+            # device_id (NCCL): the communicator is created now, so a bad GPU binding fails here
+            dist.init_process_group(pg_backend, rank=env.rank, world_size=env.world_size, timeout=timeout,
+                                    device_id=device if pg_backend == "nccl" else None)
         except (dist.DistStoreError, dist.DistNetworkError) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise LaunchError(f"rendezvous of {env.world_size} ranks at {os.environ.get('MASTER_ADDR')}:"
                               f"{os.environ.get('MASTER_PORT')} failed ({first}): are all ranks started?") from None
+        except dist.DistBackendError as exc:
+            if "Duplicate GPU" not in str(exc):
+                raise
+            raise LaunchError(f"two ranks were given the same GPU ({device}): NCCL needs one GPU per rank; "
+                              "check the launcher's GPU binding, or set parallel.backend=gloo to let ranks "
+                              "share GPUs") from None
     from torch.distributed.device_mesh import init_device_mesh
     mesh = init_device_mesh(device.type, (dims.edp, ep, tp), mesh_dim_names=("edp", "ep", "tp"))
     dp_mesh = mesh["edp", "ep"]._flatten("dp")

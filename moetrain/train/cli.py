@@ -53,11 +53,13 @@ def main(argv=None) -> int:
 
     from moetrain.checkpoint import CheckpointError
     from moetrain.cpu_runtime import configure_cpu_process
+    from moetrain.precision import configure_determinism
     from moetrain.train.loop import TrainingDiverged, run_training
 
     configure_cpu_process(cfg.train.num_threads, env.local_world_size)
+    configure_determinism(cfg.train.deterministic)
     try:
-        par = init_parallel(dp, tp, ep, env, cfg.train.device)
+        par = init_parallel(dp, tp, ep, env, cfg.train.device, backend=cfg.parallel.backend)
     except LaunchError as exc:
         return _fail(str(exc))
     try:

@@ -22,15 +22,17 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 from moetrain.checkpoint import Checkpointer
 from moetrain.config import Config, micro_batch, to_yaml
 from moetrain.data import TokenData, eval_batches, sample_batch
 from moetrain.metrics import GpuStats, RunWriter, StepStats, gather_stats, summarize
 from moetrain.model.transformer import Transformer, count_params
+from moetrain.moe.experts import choose_impl
 from moetrain.parallel.apply import apply_ep, apply_routing_groups, split_params
 from moetrain.parallel.fsdp import apply_fsdp
-from moetrain.parallel.grads import clip_grad_norm, sync_gradients
+from moetrain.parallel.grads import GradientSync, clip_grad_norm
 from moetrain.parallel.mesh import Parallel
 from moetrain.parallel.tp import apply_tp, cross_entropy_sum
 from moetrain.train.lr import lr_at
@@ -59,6 +61,8 @@ class Trainer:
     state: TrainState
     # train.engine=deepspeed: forward/backward/step go through train/ds_engine.DeepSpeedEngine
     engine: Any = None
+    # native engine: the gradient all-reduce over dp/edp (None when DeepSpeed reduces)
+    grad_sync: Optional[GradientSync] = None
 
     @property
     def local_batch(self) -> int:
@@ -84,9 +88,10 @@ class Trainer:
 
     def forward_loss(self, rows: torch.Tensor):
         """CE summed over tokens (fp32) and the per-layer aux results of one micro batch."""
-        if self.par.device.type == "cuda":
-            # pinned host memory lets the copy run asynchronously with the previous micro-step
-            rows = rows.pin_memory().to(self.par.device, non_blocking=True)
+        if rows.device != self.par.device:
+            if self.par.device.type == "cuda":
+                rows = rows.pin_memory()   # pinned host memory: the copy does not block the host
+            rows = rows.to(self.par.device, non_blocking=True)
         inp, tgt = rows[:, :-1], rows[:, 1:]
         with self.autocast():
             logits, auxes = (self.model if self.engine is None else self.engine.forward)(inp)
@@ -101,31 +106,34 @@ class Trainer:
         self.model.train()
         rows = self.local_rows(sample_batch(self.data.train, t.seed, step, t.global_batch_size, t.seq_len))
         global_tokens = t.global_batch_size * t.seq_len
-        sums = torch.zeros(3)
-        load = torch.zeros(len(self.model.moe_layers()), self.cfg.num_router_outputs)
+        dev = self.par.device
+        # running sums stay on the device: reading them would be a host sync every micro-step
+        sums = torch.zeros(3, dtype=torch.float64, device=dev)
+        load = torch.zeros(len(self.model.moe_layers()), self.cfg.num_router_outputs, device=dev)
         self._step_load = load
         for lo in range(0, rows.shape[0], self.micro):
+            if lo + self.micro >= rows.shape[0] and self.grad_sync is not None:
+                self.grad_sync.arm()     # the last micro-step: reduce gradients as they become final
             ce_sum, auxes = self.forward_loss(rows[lo:lo + self.micro])
             loss = ce_sum / global_tokens
             if auxes:
                 aux = torch.stack([a.aux_loss for a in auxes]).sum()
                 z = torch.stack([a.z_loss for a in auxes]).sum()
                 loss = loss + (m.aux_loss_coef * aux + m.z_loss_coef * z) / self.micro_batches_global
-                sums[1] += float(aux.detach()) / len(auxes)
-                sums[2] += float(z.detach()) / len(auxes)
+                sums[1] += aux.detach() / len(auxes)
+                sums[2] += z.detach() / len(auxes)
             if self.engine is None:
                 loss.backward()
             else:
                 self.engine.backward(loss)
-            sums[0] += float(ce_sum.detach())
+            sums[0] += ce_sum.detach()
             if stats is not None:
                 stats.add(auxes)
             if self.bias_gates:
-                for i, a in enumerate(auxes):
-                    load[i] += a.counts_E.float().cpu()
-        d = self.par.dims
-        if self.engine is None:    # (FSDP-managed params were reduce-scattered in backward)
-            sync_gradients(self.dense_params, self.expert_params, self.par.dp_group, self.par.edp_group, d.dp, d.edp)
+                load += torch.stack([a.counts_E for a in auxes]).to(load)
+        if self.grad_sync is not None:     # (FSDP-managed params were reduce-scattered in backward)
+            with record_function("train/grad_sync"):
+                self.grad_sync.finish()
         return sums
 
     def train_step(self, step: int, stats: Optional[StepStats] = None) -> torch.Tensor:
@@ -136,8 +144,10 @@ class Trainer:
         if self.engine is not None:
             norm = self.engine.step()        # DeepSpeed reduces, clips and steps
         else:
-            norm = clip_grad_norm(self.dense_params, self.expert_params, t.grad_clip, self.par.ep_group,
-                                  self.par.dims.ep, self.par.tp_group, self.par.dims.tp)
+            # the one host sync of an optimizer step: the norm decides whether the step is taken
+            with record_function("train/clip"):
+                norm = clip_grad_norm(self.dense_params, self.expert_params, t.grad_clip, self.par.ep_group,
+                                      self.par.dims.ep, self.par.tp_group, self.par.dims.tp)
             if not math.isfinite(norm):      # the same global value on every rank: all stop alike
                 raise TrainingDiverged(
                     f"step {step + 1}: the gradient norm is {norm} (the loss became non-finite); the weights "
@@ -148,7 +158,7 @@ class Trainer:
             self.update_router_biases(self._step_load)
         self.state.step = step + 1
         self.state.tokens_seen += t.global_batch_size * t.seq_len
-        return torch.cat([sums, torch.tensor([norm])])
+        return torch.cat([sums, torch.tensor([float(norm)], dtype=sums.dtype, device=sums.device)])
 
     @property
     def bias_gates(self) -> list:
@@ -167,23 +177,24 @@ class Trainer:
         """Mean CE (nats/token) over fixed validation windows, identical for every layout."""
         t = self.cfg.train
         self.model.eval()
-        total = torch.zeros(2, dtype=torch.float64)
+        total = torch.zeros(2, dtype=torch.float64, device=self.par.device)
         for batch in eval_batches(self.data.val, t.eval_batches, t.global_batch_size, t.seq_len):
             rows = self.local_rows(batch)
             for lo in range(0, rows.shape[0], self.micro):
                 ce_sum, _ = self.forward_loss(rows[lo:lo + self.micro])
-                total[0] += float(ce_sum)
+                total[0] += ce_sum.detach()
                 total[1] += rows[lo:lo + self.micro, 1:].numel()
-        total = self.reduce_dp(total)
+        total = self.reduce_dp(total).cpu()
         self.model.train()
         return float(total[0] / total[1])
 
     def reduce_dp(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum over the data-parallel group, on the training device (NCCL takes no host tensor)."""
         if self.par.dims.dp == 1:
             return x
-        x = x.to(self.par.device)
+        x = x.to(self.par.device, copy=True)
         dist.all_reduce(x, group=self.par.dp_group)
-        return x.cpu()
+        return x
 
 
 def seed_rank_rngs(seed: int, rank: int, device: torch.device) -> None:
@@ -217,7 +228,8 @@ def build_trainer(cfg: Config, par: Parallel, data: TokenData) -> Trainer:
         engine = DeepSpeedEngine(cfg, par, model, expert)
         return Trainer(cfg, par, data, model, engine.optimizer, dense, expert, TrainState(), engine)
     opt = build_optimizer(model, cfg.train)
-    return Trainer(cfg, par, data, model, opt, dense, expert, TrainState())
+    grad_sync = GradientSync(dense, expert, par, cfg.parallel.grad_bucket_mb)
+    return Trainer(cfg, par, data, model, opt, dense, expert, TrainState(), grad_sync=grad_sync)
 
 
 def _open_run_dir(cfg: Config, start_step: int) -> str:
@@ -267,7 +279,8 @@ def run_training(cfg: Config, par: Parallel, data: TokenData, log=print) -> dict
     gpu = GpuStats(par.device)
     if par.is_main:
         log(f"moetrain: world {par.world} (dp {par.dims.dp}, tp {par.dims.tp}, ep {par.dims.ep}) on "
-            f"{par.device}; {total_params / 1e6:.2f}M params, {active_params / 1e6:.2f}M active; data {data.source}")
+            f"{par.device}; {total_params / 1e6:.2f}M params, {active_params / 1e6:.2f}M active; data {data.source}"
+            f"{_expert_impl_note(cfg, par)}{_numerics_note(cfg, par)}")
         if gpu.reason:
             log(f"moetrain: {gpu.reason}")
     num_layers = len(trainer.model.moe_layers())
@@ -277,7 +290,7 @@ def run_training(cfg: Config, par: Parallel, data: TokenData, log=print) -> dict
     for step in range(trainer.state.step, t.steps):
         ckpt.on_step(trainer)     # saves when step % checkpoint.every == 0 (previous step fully logged)
         logged = (step + 1) % lg.every == 0 or step + 1 == t.steps or step == 0
-        stats = StepStats(num_layers, cfg.num_router_outputs) if logged else None
+        stats = StepStats(num_layers, cfg.num_router_outputs, par.device) if logged else None
         init_val = None
         if step == 0 and t.eval_every > 0:
             # every metrics.jsonl record is a training step's (DESIGN): the loss before training
@@ -299,7 +312,7 @@ def run_training(cfg: Config, par: Parallel, data: TokenData, log=print) -> dict
             progress.update(1)
         if not logged:
             continue
-        reduced = trainer.reduce_dp(sums[:3].clone())
+        reduced = trainer.reduce_dp(sums[:3]).cpu()
         rows = gather_stats(stats, step_ms, par.world_group, par.world)
         if writer is not None:
             rec = {"step": step + 1, "loss": float(reduced[0]) / (t.global_batch_size * t.seq_len),
@@ -330,6 +343,28 @@ def run_training(cfg: Config, par: Parallel, data: TokenData, log=print) -> dict
     if writer is not None:
         writer.close()
     return last
+
+
+def _expert_impl_note(cfg: Config, par: Parallel) -> str:
+    """'; experts: <impl> (<why>)' for the run's first line."""
+    layers = []
+    if cfg.moe.num_experts > 0 and cfg.moe.layer == "moe":
+        hidden = cfg.expert_hidden // (par.dims.tp if cfg.parallel.etp else 1)
+        dtype = torch.bfloat16 if par.device.type == "cuda" else torch.float32
+        impl, why = choose_impl(cfg.moe.grouped_mm, par.device, dtype, cfg.model.dim, hidden)
+        layers.append(f"; experts: {impl} ({why})")
+    return "".join(layers)
+
+
+def _numerics_note(cfg: Config, par: Parallel) -> str:
+    parts = []
+    if par.device.type == "cuda":
+        parts.append("bf16 autocast")
+    if par.world > 1:
+        parts.append(f"backend {dist.get_backend(par.world_group)}")
+    if cfg.train.deterministic:
+        parts.append("deterministic")
+    return "; " + ", ".join(parts) if parts else ""
 
 
 def _progress(enabled: bool, total: int, initial: int):

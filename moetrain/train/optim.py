@@ -12,9 +12,12 @@ def build_optimizer(model: nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": t.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    # foreach=False: identical per-tensor math whatever the sharding, so expert shards update
-    # exactly like the same slices of the unsharded stack (the cross-layout property).
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, foreach=False)
+    # CPU: foreach=False, per-tensor math, so expert shards update exactly like the same slices
+    # of the unsharded stack (the cross-layout property; the CPU foreach path is no faster).
+    # CUDA: the multi-tensor (foreach) kernels, a few launches instead of ~10 per parameter; their
+    # math is elementwise, so a shard still updates like its slice of the whole tensor.
+    cuda = any(p.device.type == "cuda" for p in decay + no_decay)
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, foreach=cuda)
 
 
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:

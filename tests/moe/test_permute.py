@@ -19,9 +19,9 @@ def test_sort_by_expert_hand_example():
     idx = torch.tensor([[0, 1], [0, 2], [1, 0], [0, 1]])
     kept = torch.tensor([[T_, T_], [T_, T_], [T_, F_], [F_, F_]])
     token_idx, copy_idx, counts = sort_by_expert(idx, kept, 4)
-    # e0: c0, c2 | e1: c1, c4 | e2: c3 | e3: -
-    assert copy_idx.tolist() == [0, 2, 1, 4, 3]
-    assert token_idx.tolist() == [0, 1, 0, 2, 1]
+    # e0: c0, c2 | e1: c1, c4 | e2: c3 | e3: - | then the dropped copies c5, c6, c7 in order
+    assert copy_idx.tolist() == [0, 2, 1, 4, 3, 5, 6, 7]
+    assert token_idx.tolist() == [0, 1, 0, 2, 1, 2, 3, 3]
     assert counts.tolist() == [2, 2, 1, 0]
 
 
@@ -30,15 +30,15 @@ def test_sort_by_expert_stable_within_expert():
     idx = torch.tensor([[1], [1], [0], [1], [1], [1]])
     kept = torch.tensor([[T_], [T_], [T_], [T_], [F_], [T_]])
     token_idx, copy_idx, counts = sort_by_expert(idx, kept, 3)
-    assert token_idx.tolist() == [2, 0, 1, 3, 5]
-    assert copy_idx.tolist() == [2, 0, 1, 3, 5]
+    assert token_idx.tolist() == [2, 0, 1, 3, 5, 4]
+    assert copy_idx.tolist() == [2, 0, 1, 3, 5, 4]
     assert counts.tolist() == [1, 4, 0]
 
 
 def test_sort_by_expert_nothing_kept():
     idx = torch.tensor([[0, 1], [1, 0]])
     token_idx, copy_idx, counts = sort_by_expert(idx, torch.zeros(2, 2, dtype=torch.bool), 2)
-    assert token_idx.numel() == 0 and copy_idx.numel() == 0
+    assert copy_idx.tolist() == [0, 1, 2, 3] and token_idx.tolist() == [0, 0, 1, 1]    # all dropped
     assert counts.tolist() == [0, 0]
 
 
@@ -58,7 +58,11 @@ def test_sort_by_expert_random_properties(seed):
     kept = torch.rand(T, K, generator=g) < 0.7
     token_idx, copy_idx, counts = sort_by_expert(idx, kept, E)
     flat = idx.reshape(-1)
-    # exactly the kept copies, each once
+    # every copy once; the kept ones first, then the dropped ones in copy order
+    assert sorted(copy_idx.tolist()) == list(range(T * K))
+    N = int(counts.sum())
+    assert copy_idx[N:].tolist() == torch.nonzero(~kept.reshape(-1)).view(-1).tolist()
+    token_idx, copy_idx = token_idx[:N], copy_idx[:N]
     assert sorted(copy_idx.tolist()) == torch.nonzero(kept.reshape(-1)).view(-1).tolist()
     assert torch.equal(token_idx, copy_idx // K)
     assert torch.equal(counts, torch.bincount(flat[kept.reshape(-1)], minlength=E))
@@ -84,7 +88,7 @@ def test_regroup_by_expert_hand_example_with_zero_blocks():
     # received rows, r-major: r0l0 -> 0,1 | r0l1 -> - | r0l2 -> 2 | r1l0 -> 3 | r1l1 -> 4,5 | r1l2 -> -
     # l-major (expert, then source rank): l0 -> 0,1,3 | l1 -> 4,5 | l2 -> 2
     counts_RL = torch.tensor([[2, 0, 1], [1, 2, 0]])
-    perm = regroup_by_expert(counts_RL)
+    perm = regroup_by_expert(counts_RL, int(counts_RL.sum()))
     assert perm.tolist() == [0, 1, 3, 4, 5, 2]
     inv = invert_permutation(perm)
     # inv[perm[i]] = i
@@ -95,9 +99,9 @@ def test_regroup_by_expert_hand_example_with_zero_blocks():
 
 
 def test_regroup_by_expert_single_rank_is_identity_and_empty_is_empty():
-    assert regroup_by_expert(torch.tensor([[2, 0, 3]])).tolist() == [0, 1, 2, 3, 4]
-    assert regroup_by_expert(torch.tensor([[1], [2]])).tolist() == [0, 1, 2]   # L=1: already grouped
-    assert regroup_by_expert(torch.zeros(2, 3, dtype=torch.long)).numel() == 0
+    assert regroup_by_expert(torch.tensor([[2, 0, 3]]), 5).tolist() == [0, 1, 2, 3, 4]
+    assert regroup_by_expert(torch.tensor([[1], [2]]), 3).tolist() == [0, 1, 2]   # L=1: already grouped
+    assert regroup_by_expert(torch.zeros(2, 3, dtype=torch.long), 0).numel() == 0
 
 
 def test_invert_permutation_hand_example():
@@ -115,7 +119,7 @@ def test_regroup_random_round_trip(seed):
     counts_RL[torch.rand(R, L, generator=g) < 0.3] = 0                 # plenty of empty blocks
     M = int(counts_RL.sum())
     recv = torch.randn(M, 2, generator=g)
-    perm = regroup_by_expert(counts_RL)
+    perm = regroup_by_expert(counts_RL, int(counts_RL.sum()))
     inv = invert_permutation(perm)
     assert sorted(perm.tolist()) == list(range(M))
     assert torch.equal(recv[perm][inv], recv)
