@@ -101,6 +101,7 @@ class ParallelConfig:
 
 ENGINES = ("native", "deepspeed")
 BACKENDS = ("auto", "nccl", "gloo")
+PRECISIONS = ("auto", "bf16", "fp32")
 FSDP_DTYPES = ("auto", "float32", "bfloat16")
 ZERO_STAGES = (0, 1, 2)
 
@@ -123,6 +124,7 @@ class TrainConfig:
     zero_stage: int = 1            # engine deepspeed: ZeRO stage 0, 1 or 2
     device: str = "auto"           # auto | cpu | cuda
     deterministic: bool = False    # deterministic CUDA algorithms (layout equality and bitwise resume on GPUs)
+    precision: str = "auto"        # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     eval_every: int = 100
     eval_batches: int = 8
     num_threads: int = 0           # 0 = cores / local ranks
@@ -436,6 +438,7 @@ def validate(cfg: Config) -> None:
     if t.engine == "deepspeed":
         _validate_deepspeed(cfg)
     _need(t.device in ("auto", "cpu", "cuda"), "train.device", t.device, "one of auto, cpu, cuda")
+    _need(t.precision in PRECISIONS, "train.precision", t.precision, f"one of {', '.join(PRECISIONS)}")
     _need(t.eval_every >= 0, "train.eval_every", t.eval_every, "must be >= 0 (0 = only at the end)")
     _need(t.eval_batches >= 1, "train.eval_batches", t.eval_batches, "must be >= 1")
     _need(t.num_threads >= 0, "train.num_threads", t.num_threads, "must be >= 0")
@@ -496,7 +499,21 @@ def _validate_deepspeed(cfg: Config) -> None:
           "train.engine=deepspeed does not resume from checkpoints: set checkpoint.resume=none")
     from importlib.util import find_spec
     _need(find_spec("deepspeed") is not None, "train.engine", "deepspeed",
-          "the deepspeed package is not installed: pip install 'deepspeed>=0.15' (or pip install -e '.[deepspeed]')")
+          f"the deepspeed package is not installed: pip install 'deepspeed=={DEEPSPEED_TESTED}'")
+    from importlib.metadata import version
+    have = version("deepspeed")
+    _need(_deepspeed_version_ok(have), "train.engine", "deepspeed",
+          f"found deepspeed {have}, but train.engine=deepspeed is tested with {DEEPSPEED_TESTED} (0.19.x from "
+          f"0.19.8 on; DeepSpeed changes its ZeRO and MoE internals between releases): "
+          f"pip install 'deepspeed=={DEEPSPEED_TESTED}'")
+
+
+DEEPSPEED_TESTED = "0.19.8"
+
+
+def _deepspeed_version_ok(v: str) -> bool:
+    nums = re.match(r"(\d+)\.(\d+)\.(\d+)", v)
+    return nums is not None and (0, 19, 8) <= tuple(int(x) for x in nums.groups()) < (0, 20, 0)
 
 
 def validate_layout(cfg: Config, world_size: int) -> tuple[int, int, int]:

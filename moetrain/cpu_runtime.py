@@ -46,20 +46,34 @@ def keep_freed_memory() -> bool:
     return ok
 
 
-def threads_per_process(requested: int, local_processes: int) -> int:
+def bound_per_task(launcher: str, environ=os.environ) -> bool:
+    """Whether srun started this process (launcher "slurm", see parallel/mesh.read_launch_env)
+    and pinned it to CPUs of its own: srun binds each task (--cpu-bind=cores, map_cpu, mask_cpu,
+    ... and many sites' defaults) and exports the binding as SLURM_CPU_BIND_TYPE; `none` (or no
+    variable) means the tasks share the allocation. Workers of torchrun or mpiexec inside an
+    allocation inherit the variable from the batch step, so only srun's own tasks count."""
+    kind = environ.get("SLURM_CPU_BIND_TYPE", "").strip().lower()
+    return launcher == "slurm" and bool(kind) and not kind.startswith("none")
+
+
+def threads_per_process(requested: int, local_processes: int, launcher: str = "single",
+                        environ=os.environ) -> int:
     """`requested` if set (> 0), else the cores this process may use (a Slurm/cgroup allocation,
-    taskset) shared evenly by the processes on this node."""
+    taskset) shared evenly by the processes on this node; when srun already bound the task to its
+    own cores, all of them (dividing again would leave most of them idle)."""
     if requested:
         return requested
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if bound_per_task(launcher, environ):
+        return max(1, cores)
     return max(1, cores // max(1, local_processes))
 
 
-def configure_cpu_process(requested_threads: int, local_processes: int) -> int:
+def configure_cpu_process(requested_threads: int, local_processes: int, launcher: str = "single") -> int:
     """Intra-op threads for this process (see threads_per_process) and, off CUDA, allocator
     settings for large tensors. Returns the thread count."""
     import torch
-    threads = threads_per_process(requested_threads, local_processes)
+    threads = threads_per_process(requested_threads, local_processes, launcher)
     torch.set_num_threads(threads)
     if not torch.cuda.is_available():
         keep_freed_memory()

@@ -17,6 +17,14 @@ def autocast_active(device_type: str) -> bool:
     return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
+def uses_bf16_autocast(precision: str, device: torch.device) -> bool:
+    """train.precision: auto = bf16 autocast on CUDA, fp32 on CPU; bf16 / fp32 force either
+    (fp32 on a GPU: the layout-equality checks; bf16 on a CPU: CPU autocast, slow)."""
+    if precision == "auto":
+        return device.type == "cuda"
+    return precision == "bf16"
+
+
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype autocast would compute a matmul of x in: the autocast dtype when autocast is on
     for x's device, else x's own dtype."""

@@ -94,3 +94,29 @@ def test_ep2_one_host_sync_per_moe_layer_and_micro_step(extra):
     """With expert parallelism the only sync is the count exchange's copy to the host."""
     for by_op, expected in run_dist(_ep_counts, 2, (extra,)):
         assert by_op == {"to_host": expected}, by_op
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("extra", [[], ["moe.capacity_factor=null", "moe.shared_experts=1"]])
+def test_world1_cuda_step_has_no_host_sync(extra):
+    """On a real GPU: CUDA's own sync detector (set_sync_debug_mode) raises on any synchronizing
+    call during a whole step's forward and backward (bf16 autocast, grouped GEMM on sm90+; older
+    GPUs take the loop path, which reads the counts once per MoE layer and micro-step)."""
+    from moetrain.moe.experts import choose_impl
+    cfg = _cfg(["train.device=cuda"] + extra)
+    par = init_parallel(1, 1, 1, LaunchEnv(0, 1, 0, 1, "single"), "cuda")
+    trainer = build_trainer(cfg, par, _data(cfg))
+    trainer.compute_gradients(step=0)            # warm-up: allocator, cuBLAS handles, lazy inits
+    torch.cuda.synchronize()
+    impl = choose_impl("auto", par.device, torch.bfloat16, cfg.model.dim, cfg.expert_hidden)[0]
+    if impl == "grouped":
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            trainer.compute_gradients(step=1)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    else:
+        with SyncCounter() as c:
+            trainer.compute_gradients(step=1)
+        micro_steps = cfg.train.global_batch_size // cfg.train.micro_batch_size
+        assert dict(c.by_op) == {"to_host": len(trainer.model.moe_layers()) * micro_steps}

@@ -190,7 +190,7 @@ def rank_main(args, rank: int, world: int) -> None:
     cfg = load_config(args.config, args.overrides)
     dp, tp, ep = validate_layout(cfg, env.world_size)
     data = load_token_data(cfg.data.source, cfg.data.path, cfg.model.vocab_size, cfg.data.cache_dir)
-    configure_cpu_process(args.threads or cfg.train.num_threads, env.local_world_size)   # as training does
+    configure_cpu_process(args.threads or cfg.train.num_threads, env.local_world_size, env.launcher)   # as training does
     configure_determinism(cfg.train.deterministic)
     par = init_parallel(dp, tp, ep, env, cfg.train.device, backend=cfg.parallel.backend)
     try:

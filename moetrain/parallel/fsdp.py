@@ -33,7 +33,10 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 import torch.nn as nn
+
+from moetrain.config import ConfigError
 
 from moetrain.moe.experts import GroupedExperts
 from moetrain.parallel.apply import is_expert_param
@@ -71,13 +74,35 @@ def _plan(model: nn.Module, par: Parallel) -> tuple[dict[int, int], set]:
     return dims, ignored
 
 
-def apply_fsdp(model: nn.Module, par: Parallel) -> list[str]:
+def fsdp_dtypes(param: str, reduce: str, bf16_autocast: bool) -> tuple[Optional[torch.dtype], Optional[torch.dtype]]:
+    """(param_dtype, reduce_dtype) for FSDP's MixedPrecisionPolicy from parallel.fsdp_param_dtype /
+    fsdp_reduce_dtype; None = the parameters' own fp32.
+
+    param auto: bf16 when training runs under bf16 autocast (all-gathers move half the bytes, and
+    the gathered weights are what autocast would cast them to anyway), else fp32. bf16 weights
+    without autocast would meet fp32 activations in every matmul: refused."""
+    if param == "auto":
+        param = "bfloat16" if bf16_autocast else "float32"
+    if param == "bfloat16" and not bf16_autocast:
+        raise ConfigError("parallel.fsdp_param_dtype='bfloat16' is not allowed without bf16 autocast "
+                          "(train.precision=bf16, or auto on CUDA): use float32 (or auto)")
+    as_dtype = {"float32": None, "bfloat16": torch.bfloat16}
+    return as_dtype[param], as_dtype[reduce]
+
+
+def apply_fsdp(model: nn.Module, par: Parallel, param_dtype: Optional[torch.dtype] = None,
+               reduce_dtype: Optional[torch.dtype] = None) -> list[str]:
     """Shard `model` in place with FSDP2 (see the module docstring). Returns the names of the
-    parameters left unsharded (synced by the loop's all-reduce). A no-op when dp == 1."""
+    parameters left unsharded (synced by the loop's all-reduce). A no-op when dp == 1.
+
+    param_dtype / reduce_dtype (see fsdp_dtypes): the all-gather / compute dtype of the
+    unsharded parameters and the reduce-scatter dtype; None keeps fp32. Module inputs are not
+    cast (cast_forward_inputs=False): the residual stream stays fp32 and autocast casts what
+    each matmul reads, as without FSDP."""
     if par.dims.dp == 1 or par.mesh is None:
         return []
     from torch.distributed.device_mesh import DeviceMesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from torch.distributed.tensor import Shard
 
     dims, ignored = _plan(model, par)
@@ -88,7 +113,8 @@ def apply_fsdp(model: nn.Module, par: Parallel) -> list[str]:
     def placement(p):
         return Shard(dims[id(p)])
 
-    common = dict(reshard_after_forward=True, shard_placement_fn=placement, ignored_params=ignored)
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
+    common = dict(reshard_after_forward=True, shard_placement_fn=placement, ignored_params=ignored, mp_policy=mp)
     # the flattened dp axis as a 1-D mesh over our existing dp group (no new groups)
     dp_mesh = DeviceMesh.from_group(par.dp_group, par.device.type, mesh_dim_names=("dp",))
     edp_mesh = par.mesh["edp"]

@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     from moetrain.precision import configure_determinism
     from moetrain.train.loop import TrainingDiverged, run_training
 
-    configure_cpu_process(cfg.train.num_threads, env.local_world_size)
+    configure_cpu_process(cfg.train.num_threads, env.local_world_size, env.launcher)
     configure_determinism(cfg.train.deterministic)
     try:
         par = init_parallel(dp, tp, ep, env, cfg.train.device, backend=cfg.parallel.backend)
@@ -64,8 +64,8 @@ def main(argv=None) -> int:
         return _fail(str(exc))
     try:
         run_training(cfg, par, data, log=lambda m: print(m, flush=True))
-    except CheckpointError as exc:   # raised on every rank alike (rank 0 decides and broadcasts)
-        return _fail(str(exc))
+    except (CheckpointError, ConfigError) as exc:   # raised on every rank alike (rank 0 decides and
+        return _fail(str(exc))                    # broadcasts; device-dependent config checks)
     except TrainingDiverged as exc:  # raised on every rank alike (a global norm)
         print(f"moetrain: error: {exc}", file=sys.stderr, flush=True)
         return EXIT_DIVERGED

@@ -30,6 +30,10 @@ summed over the whole dp group, so every expert of every EP rank counts once): D
 stage 0 DeepSpeed's clipping is off and the native global-norm clip (parallel/grads.py) runs on
 the reduced gradients before engine.step().
 
+Precision: DeepSpeed's bf16 mode is off; the model, its gradients (accumulation and reduction)
+and the optimizer stay fp32 and compute runs under the trainer's bf16 autocast on CUDA (see
+ds_config). Tested with deepspeed 0.19.8 (config validation requires 0.19.x, >= 0.19.8).
+
 Checkpointing is not supported with this engine (config validation refuses checkpoint.every > 0
 and checkpoint.resume != none).
 """
@@ -109,7 +113,11 @@ def ds_config(cfg: Config, dp: int, device: torch.device, bucket_elements: int =
         "zero_optimization": {"stage": stage, "overlap_comm": False, "contiguous_gradients": True,
                               "reduce_scatter": True, "reduce_bucket_size": int(bucket_elements),
                               "allgather_bucket_size": int(bucket_elements)},
-        "bf16": {"enabled": device.type == "cuda"},
+        # DeepSpeed's bf16 mode would make the model bf16 and accumulate and reduce the gradients
+        # in bf16 (its stage-0 path refuses fp32 accumulation with bf16 weights). Instead the model
+        # stays fp32 inside DeepSpeed (fp32 weights, gradients, reductions and optimizer) and the
+        # trainer's bf16 autocast runs the matmuls in bf16, exactly as with the native engine.
+        "bf16": {"enabled": False},
         "fp16": {"enabled": False},
         "zero_allow_untested_optimizer": True,
         "prescale_gradients": False,

@@ -31,10 +31,11 @@ from moetrain.metrics import GpuStats, RunWriter, StepStats, gather_stats, summa
 from moetrain.model.transformer import Transformer, count_params
 from moetrain.moe.experts import choose_impl
 from moetrain.parallel.apply import apply_ep, apply_routing_groups, split_params
-from moetrain.parallel.fsdp import apply_fsdp
+from moetrain.parallel.fsdp import apply_fsdp, fsdp_dtypes
 from moetrain.parallel.grads import GradientSync, clip_grad_norm
 from moetrain.parallel.mesh import Parallel
 from moetrain.parallel.tp import apply_tp, cross_entropy_sum
+from moetrain.precision import uses_bf16_autocast
 from moetrain.train.lr import lr_at
 from moetrain.train.optim import build_optimizer, set_lr
 
@@ -77,8 +78,8 @@ class Trainer:
         return self.cfg.train.global_batch_size // self.micro
 
     def autocast(self):
-        if self.par.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        if uses_bf16_autocast(self.cfg.train.precision, self.par.device):
+            return torch.autocast(self.par.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def local_rows(self, batch: torch.Tensor) -> torch.Tensor:
@@ -218,8 +219,10 @@ def build_trainer(cfg: Config, par: Parallel, data: TokenData) -> Trainer:
     model.init_weights(cfg.train.seed)
     apply_tp(model, par, cfg.parallel.etp)     # after init: TP shards are slices of the full weights
     model.to(par.device)
-    if cfg.parallel.fsdp:
-        apply_fsdp(model, par)                 # parallel/fsdp.py; before the optimizer sees the params
+    if cfg.parallel.fsdp:                      # parallel/fsdp.py; before the optimizer sees the params
+        p = cfg.parallel
+        bf16 = uses_bf16_autocast(cfg.train.precision, par.device)
+        apply_fsdp(model, par, *fsdp_dtypes(p.fsdp_param_dtype, p.fsdp_reduce_dtype, bf16))
     # TP ranks replicate routing (GShard draws, router noise): they share one RNG stream per dp rank
     seed_rank_rngs(cfg.train.seed, par.dp_rank, par.device)
     dense, expert = split_params(model)
@@ -350,7 +353,7 @@ def _expert_impl_note(cfg: Config, par: Parallel) -> str:
     layers = []
     if cfg.moe.num_experts > 0 and cfg.moe.layer == "moe":
         hidden = cfg.expert_hidden // (par.dims.tp if cfg.parallel.etp else 1)
-        dtype = torch.bfloat16 if par.device.type == "cuda" else torch.float32
+        dtype = torch.bfloat16 if uses_bf16_autocast(cfg.train.precision, par.device) else torch.float32
         impl, why = choose_impl(cfg.moe.grouped_mm, par.device, dtype, cfg.model.dim, hidden)
         layers.append(f"; experts: {impl} ({why})")
     return "".join(layers)
@@ -358,8 +361,10 @@ def _expert_impl_note(cfg: Config, par: Parallel) -> str:
 
 def _numerics_note(cfg: Config, par: Parallel) -> str:
     parts = []
-    if par.device.type == "cuda":
+    if uses_bf16_autocast(cfg.train.precision, par.device):
         parts.append("bf16 autocast")
+    elif par.device.type == "cuda":
+        parts.append("fp32")
     if par.world > 1:
         parts.append(f"backend {dist.get_backend(par.world_group)}")
     if cfg.train.deterministic:
