@@ -384,7 +384,7 @@ def ensemble_losses(models: list, batches: Iterable[torch.Tensor], micro_batch_s
     """Mean next-token CE (nats/token) of each model and of the ensemble that averages their
     output probabilities, over the same windows. Each model's loss is computed as
     Trainer.evaluate computes it (fp32 CE summed, divided by the token count)."""
-    sums = torch.zeros(len(models) + 1, dtype=torch.float64)
+    sums = torch.zeros(len(models) + 1, dtype=torch.float64, device=device or "cpu")   # read once, at the end
     count = 0
     for batch in batches:
         for lo in range(0, batch.shape[0], micro_batch_size):
@@ -393,10 +393,10 @@ def ensemble_losses(models: list, batches: Iterable[torch.Tensor], micro_batch_s
             logps = []
             for i, model in enumerate(models):
                 logits = model(inp)[0].float().reshape(-1, model.cfg.model.vocab_size)
-                sums[i] += float(F.cross_entropy(logits, tgt, reduction="sum"))
+                sums[i] += F.cross_entropy(logits, tgt, reduction="sum")
                 logps.append(torch.log_softmax(logits, dim=-1))
             ens = torch.logsumexp(torch.stack(logps), dim=0) - math.log(len(models))
-            sums[-1] += float(F.nll_loss(ens, tgt, reduction="sum"))
+            sums[-1] += F.nll_loss(ens, tgt, reduction="sum")
             count += tgt.numel()
-    means = (sums / max(1, count)).tolist()
+    means = (sums / max(1, count)).cpu().tolist()
     return means[:-1], means[-1]

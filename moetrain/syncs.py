@@ -7,6 +7,8 @@ without `output_size`) stalls that thread until the GPU catches up, and the GPU 
 the host launches the next kernels. `SyncCounter` is a TorchDispatchMode that sees every aten op
 and counts these by name, so a CPU run shows which syncs a GPU run would pay (a `.cpu()` of a CPU
 tensor is invisible on CPU: tests run the model on the meta device too, where any sync raises).
+Blocking host-to-device copies (`x.to(cuda)` from pageable memory) count on a GPU run; a
+`torch.tensor(data, device=...)` never reaches a dispatch mode and must be caught by reading.
 
     with SyncCounter() as c:
         trainer.compute_gradients(step)
@@ -47,13 +49,19 @@ def classify(func, args, kwargs) -> str | None:
         return "repeat_interleave" if kwargs.get("output_size") is None else None
     if func is aten._to_copy.default:
         dev = kwargs.get("device")
-        if dev is not None and torch.device(dev).type == "cpu":
+        if dev is None:
+            return None
+        if torch.device(dev).type == "cpu":
             return "to_host"                  # .to("cpu", ...) of a device tensor (or an explicit copy)
+        if args[0].device.type == "cpu" and not kwargs.get("non_blocking", False):
+            return "blocking_to_device"       # a pageable host->device copy waits for the stream
         return None
     if func is aten.copy_.default:
         dst, src = args[0], args[1]
         if dst.device.type == "cpu" and src.device.type != "cpu":
             return "to_host"
+        if src.device.type == "cpu" and dst.device.type != "cpu" and not (len(args) > 2 and args[2]):
+            return "blocking_to_device"
     return None
 
 

@@ -3,6 +3,7 @@
 
     python tools/a2a_bench.py --world 4                          # spawns 4 gloo ranks on CPU
     torchrun --nproc_per_node 8 tools/a2a_bench.py               # NCCL on 8 GPUs, 1 KiB..256 MiB
+    python tools/a2a_bench.py --world 4 --backend gloo           # 4 ranks sharing the GPU(s): gloo on CUDA
     srun -n 16 python tools/a2a_bench.py / mpiexec -n 4 python tools/a2a_bench.py
     python tools/a2a_bench.py --world 2 --min-bytes 1K --max-bytes 256M --splits uniform,zipf,hot
     python tools/a2a_bench.py --plot w2/a2a_bench.jsonl w4/a2a_bench.jsonl --png docs/img/a2a_bench.png
@@ -33,6 +34,12 @@ Output: a table on stdout (rank 0); one JSON object per (splits, size) in OUT/a2
 a PNG (latency and bus bandwidth against size, one line per split pattern, min..max over ranks
 shaded) in OUT/a2a_bench.png. --plot re-plots one or more JSONL files into one PNG (e.g. world
 2 and 4 side by side). Every call's data is checked once per size (--no-check to skip).
+
+Backend (--backend, as moetrain's parallel.backend): auto = NCCL on CUDA, gloo on CPU; gloo on
+CUDA is torch's "cuda:gloo" (payloads staged through host memory, so several ranks may share one
+GPU; the JSON's "backend" then reads "cuda:gloo"). Every tensor handed to a collective, the
+bookkeeping ones included (warmup time, per-rank results), lives on the rank's device, as NCCL
+requires; results are read back to the host only outside the timed calls.
 """
 from __future__ import annotations
 
@@ -83,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--world", type=int, default=2, help="ranks to spawn when not launched by torchrun/srun/mpiexec")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                     help="cuda (NCCL) when GPUs are visible, else cpu (gloo)")
+    ap.add_argument("--backend", choices=("auto", "nccl", "gloo"), default="auto",
+                    help="process group backend (as parallel.backend): auto = nccl on CUDA, gloo on CPU; "
+                         "gloo on CUDA lets several ranks share one GPU")
     ap.add_argument("--min-bytes", type=parse_bytes, default=parse_bytes("1K"), help="smallest per-rank send size")
     ap.add_argument("--max-bytes", type=parse_bytes, default=None,
                     help="largest per-rank send size (default 256M on GPU, 16M on CPU)")
@@ -121,6 +131,10 @@ def validate(args) -> None:
     need(0.0 <= args.hot_frac <= 1.0, f"--hot-frac {args.hot_frac}: must be in [0, 1]")
     need(args.experts_per_rank >= 1, f"--experts-per-rank {args.experts_per_rank}: must be >= 1")
     need(args.iters >= 1 and args.warmup >= 0, "--iters must be >= 1 and --warmup >= 0")
+    need(args.device != "cuda" or torch.cuda.is_available(), "--device cuda: no GPU is visible")
+    if args.backend == "nccl":
+        need(args.device != "cpu", "--backend nccl needs CUDA, but --device cpu was given")
+        need(torch.cuda.is_available(), "--backend nccl needs CUDA, but no GPU is visible")
 
 
 # ----------------------------------------------------------------------------- split math (pure)
@@ -189,6 +203,21 @@ def _tag(src: int, dst: int, world: int) -> int:
     return (src * world + dst) % 97 + 1     # exact in every DTYPES entry
 
 
+def _host_values(t: torch.Tensor) -> list:
+    """A small result tensor as Python numbers: one device-to-host copy (a sync on CUDA). Only
+    ever called outside the timed calls."""
+    return t.cpu().tolist()
+
+
+def _max_over_ranks(value: float, world: int, group, device: torch.device) -> float:
+    """max of `value` over the group's ranks; the tensor lives on `device` (NCCL takes no CPU
+    tensors)."""
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    if world > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return _host_values(t)[0]
+
+
 def _check_call(S, rank, world, dtype, device, group, uniform: bool) -> None:
     """One all-to-all whose payload names (source, destination): rank r must receive S[src][r]
     elements tagged (src, r) from every src, in source order."""
@@ -236,15 +265,13 @@ def measure(pattern: str, size: int, args, rank: int, world: int, device: torch.
     for _ in range(max(1, args.warmup)):
         call()
     _sync(device)
-    per_call = torch.tensor([(time.perf_counter() - t0) / max(1, args.warmup)], dtype=torch.float64)
-    if world > 1:
-        dist.all_reduce(per_call, op=dist.ReduceOp.MAX, group=group)
-    iters = min(args.iters, max(2, int(args.max_seconds / max(1e-9, float(per_call)))))
+    per_call = _max_over_ranks((time.perf_counter() - t0) / max(1, args.warmup), world, group, device)
+    iters = min(args.iters, max(2, int(args.max_seconds / max(1e-9, per_call))))
 
     dist.barrier(group=group)
     per_call_s = _timed_calls(call, iters, device)
     mine = sorted(per_call_s)[len(per_call_s) // 2]
-    times = _gather_floats([mine, float(sum(recv_splits) * esize)], world, group)
+    times = _gather_floats([mine, float(sum(recv_splits) * esize)], world, group, device)
     if rank != 0:
         return None
     t_rank = [t for t, _ in times]
@@ -280,13 +307,15 @@ def _timed_calls(call, iters: int, device: torch.device) -> list[float]:
     return out
 
 
-def _gather_floats(vals: list[float], world: int, group) -> list[list[float]]:
-    t = torch.tensor(vals, dtype=torch.float64)
+def _gather_floats(vals: list[float], world: int, group, device: torch.device) -> list[list[float]]:
+    """Every rank's `vals`, in rank order; gathered on `device` (NCCL takes no CPU tensors) and
+    read back with one host copy."""
     if world == 1:
         return [vals]
+    t = torch.tensor(vals, dtype=torch.float64, device=device)
     out = [torch.empty_like(t) for _ in range(world)]
     dist.all_gather(out, t, group=group)
-    return [o.tolist() for o in out]
+    return _host_values(torch.stack(out))
 
 
 HEADER = (f"{'splits':<8} {'size':>8} {'count':>10} {'iters':>5} {'time(us)':>11} {'min(us)':>11} "
@@ -303,13 +332,17 @@ def rank_main(args, rank: int, world: int) -> None:
     from moetrain.parallel.mesh import init_parallel, read_launch_env, shutdown
     torch.set_num_threads(max(1, args.threads))
     env = read_launch_env()
-    par = init_parallel(world, 1, 1, env, device_kind=args.device) if world > 1 else None
+    par = init_parallel(world, 1, 1, env, device_kind=args.device, backend=args.backend) if world > 1 else None
     if world == 1:   # a one-rank group still exercises the collective path
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
-        from moetrain.parallel.mesh import pick_device
-        device = pick_device(args.device, 0)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+        from moetrain.parallel.mesh import pick_device, process_group_backend
+        device = pick_device(args.device, env.local_rank, args.backend)
+        pg_backend = process_group_backend(args.backend, device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(pg_backend, rank=0, world_size=1,
+                                device_id=device if pg_backend == "nccl" else None)
     else:
         device = par.device
     group = dist.group.WORLD
@@ -418,8 +451,19 @@ def main(argv=None) -> int:
     if env.world_size > 1 or args.world == 1:   # torchrun / srun / mpiexec, or one rank here
         rank_main(args, env.rank, env.world_size)
         exit_now(0)
+    check_local_gpus(args)
     run_local_ranks(rank_main, args, args.world)
     return 0
+
+
+def check_local_gpus(args) -> None:
+    """Ranks spawned here on CUDA: NCCL needs a GPU per rank (gloo on CUDA may share them)."""
+    on_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if on_cuda and args.backend != "gloo":
+        n = torch.cuda.device_count()
+        if args.world > n:
+            raise SystemExit(f"a2a_bench: error: --world {args.world} ranks on {n} visible GPU(s): NCCL needs "
+                             "one GPU per rank; add --backend gloo to let ranks share GPUs")
 
 
 if __name__ == "__main__":

@@ -145,7 +145,9 @@ def grad_sq_norms(dense: list, expert: list, ep_group=None, ep: int = 1, tp_grou
     """
     from moetrain.parallel.tp import tp_shard_dim
 
-    device = next((p.grad.device for p in list(dense) + list(expert) if p.grad is not None), torch.device("cpu"))
+    # the parameters' device (a rank without any gradient still joins the all-reduces below, and
+    # on NCCL with a tensor on its GPU)
+    device = next((p.device for p in list(dense) + list(expert)), torch.device("cpu"))
 
     def sq(params):
         gs = [p.grad for p in params if p.grad is not None]

@@ -51,7 +51,7 @@ from moetrain.config import Config, micro_batch
 from moetrain.moe.layer import MoELayer
 from moetrain.moe.peer import PEERLayer
 from moetrain.parallel.grads import clip_grad_norm
-from moetrain.parallel.mesh import Parallel
+from moetrain.parallel.mesh import Parallel, process_group_backend
 
 
 def import_deepspeed(device: torch.device):
@@ -143,15 +143,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def register_groups(par: Parallel) -> str:
+def register_groups(par: Parallel, backend: str = "auto") -> str:
     """Hand DeepSpeed our groups (see the module docstring). World 1 has none: a one-process
     group is started here, as DeepSpeed needs torch.distributed."""
     from deepspeed.utils import groups
     name = expert_group_name(par.dims.ep)
     if par.world == 1:
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if par.device.type == "cuda" else "gloo",
-                                    init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+            backend = process_group_backend(backend, par.device)
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+                                    device_id=par.device if backend == "nccl" else None)
         world = dist.new_group([0])
         ep_group, edp_group, dp_group = world, world, world
         ep_ranks, edp_ranks = [0], [0]
@@ -202,7 +203,7 @@ class DeepSpeedEngine:
         self.cfg, self.par = cfg, par
         self.stage = cfg.train.zero_stage
         self.gas = gradient_accumulation_steps(cfg, par.dims.dp)
-        name = register_groups(par)
+        name = register_groups(par, cfg.parallel.backend)
         # DeepSpeed insists on LOCAL_RANK (srun/mpiexec set their own variables): it only picks
         # the device with it, which is already chosen (parallel/mesh.pick_device)
         os.environ.setdefault("LOCAL_RANK", str(par.device.index or 0) if par.device.type == "cuda" else "0")

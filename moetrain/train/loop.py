@@ -159,7 +159,7 @@ class Trainer:
             self.update_router_biases(self._step_load)
         self.state.step = step + 1
         self.state.tokens_seen += t.global_batch_size * t.seq_len
-        return torch.cat([sums, torch.tensor([float(norm)], dtype=sums.dtype, device=sums.device)])
+        return torch.cat([sums, sums.new_full((1,), float(norm))])     # a fill, not a blocking copy
 
     @property
     def bias_gates(self) -> list:

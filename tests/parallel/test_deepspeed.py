@@ -114,7 +114,9 @@ def test_ds_config_is_generated_from_ours():
     assert c["zero_optimization"]["stage"] == 2 and c["gradient_clipping"] == 0.5
     assert c["optimizer"]["type"] == "AdamW" and c["optimizer"]["params"]["weight_decay"] == 0.05
     assert c["optimizer"]["params"]["betas"] == [cfg.train.beta1, cfg.train.beta2]
-    assert not c["bf16"]["enabled"] and ds_config(cfg, 2, torch.device("cuda"))["bf16"]["enabled"]
+    # DeepSpeed's bf16 mode stays off on every device: fp32 weights, gradient accumulation and
+    # reduction inside DeepSpeed, bf16 compute from the trainer's autocast
+    assert not c["bf16"]["enabled"] and not ds_config(cfg, 2, torch.device("cuda"))["bf16"]["enabled"]
     # stage 0: DeepSpeed's clip would average per-rank norms; the engine clips with the global norm
     cfg0 = load_config(CONFIG, TINY + ["train.zero_stage=0"])
     assert ds_config(cfg0, 2, torch.device("cpu"))["gradient_clipping"] == 0.0
@@ -140,3 +142,18 @@ def test_config_without_deepspeed_installed(monkeypatch):
     with pytest.raises(ConfigError, match=r"^train.engine='deepspeed' is not allowed: the deepspeed package is not "):
         load_config(CONFIG, TINY + DS)
     assert load_config(CONFIG, TINY).train.engine == "native"     # native never needs it
+
+
+def test_deepspeed_version_outside_the_tested_range_is_one_line(monkeypatch):
+    """train.engine=deepspeed needs the 0.19 line it is tested with (0.19.8 on)."""
+    import importlib.metadata as md
+
+    from moetrain.config import ConfigError
+    if not HAVE_DS:
+        pytest.skip("deepspeed is not installed")
+    for bad in ("0.15.4", "0.20.0", "0.19.7"):
+        monkeypatch.setattr(md, "version", lambda name, v=bad: v)
+        with pytest.raises(ConfigError, match=f"found deepspeed {bad}, but train.engine=deepspeed is tested with 0.19.8"):
+            load_config(CONFIG, TINY + ["train.engine=deepspeed"])
+    monkeypatch.setattr(md, "version", lambda name: "0.19.9")
+    load_config(CONFIG, TINY + ["train.engine=deepspeed"])

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "tools" / "a2a_bench.py"
@@ -57,8 +58,8 @@ def test_bus_bandwidth_is_nccl_tests_formula(bench):
 
 def test_two_rank_sweep_writes_table_json_and_png(bench, tmp_path):
     out = tmp_path / "a2a"
-    r = subprocess.run([sys.executable, str(SCRIPT), "--world", "2", "--min-bytes", "1K", "--max-bytes", "16K",
-                        "--warmup", "1", "--iters", "3", "--out", str(out)],
+    r = subprocess.run([sys.executable, str(SCRIPT), "--world", "2", "--device", "cpu", "--min-bytes", "1K",
+                        "--max-bytes", "16K", "--warmup", "1", "--iters", "3", "--out", str(out)],
                        cwd=REPO, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     assert "busbw" in r.stdout and "uniform" in r.stdout
@@ -82,8 +83,151 @@ def test_two_rank_sweep_writes_table_json_and_png(bench, tmp_path):
 
 
 def test_bad_pattern_is_one_line(tmp_path):
-    r = subprocess.run([sys.executable, str(SCRIPT), "--splits", "uniform,bogus", "--out", str(tmp_path)],
-                       cwd=REPO, capture_output=True, text=True, timeout=60)
+    r = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--splits", "uniform,bogus",
+                        "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert r.returncode != 0
     assert r.stderr.strip().splitlines() == ["a2a_bench: error: --splits: unknown pattern(s) ['bogus']; "
                                              "allowed: uniform, zipf, hot"]
+
+
+# ----------------------------------------------------------------------------- device placement
+# NCCL (and gloo made for CUDA, "cuda:gloo") rejects CPU tensors, so every tensor the tool hands to
+# a collective must be on the benchmark's device. On this CPU-only machine the "meta" device stands
+# in for CUDA: a meta tensor is not a CPU tensor, so a collective that sees only meta tensors was
+# given everything on the requested device.
+
+META = torch.device("meta")
+
+
+class FakeDist:
+    """Records (collective, device of every tensor argument); moves no data."""
+
+    class ReduceOp:
+        MAX = "max"
+
+    def __init__(self):
+        self.calls: list[tuple[str, set]] = []
+
+    def _record(self, name, *tensors):
+        devs = set()
+        for t in tensors:
+            for x in (t if isinstance(t, (list, tuple)) else [t]):
+                if hasattr(x, "device"):
+                    devs.add(x.device)
+        self.calls.append((name, devs))
+
+    def all_reduce(self, t, op=None, group=None):
+        self._record("all_reduce", t)
+
+    def all_gather(self, out, t, group=None):
+        self._record("all_gather", out, t)
+
+    def all_to_all_single(self, out, inp, out_splits=None, in_splits=None, group=None):
+        self._record("all_to_all_single", out, inp)
+
+    def barrier(self, group=None):
+        self.calls.append(("barrier", set()))
+
+    def get_backend(self, group=None):
+        return "fake"
+
+
+@pytest.fixture
+def fake(bench, monkeypatch):
+    d = FakeDist()
+    monkeypatch.setattr(bench, "dist", d)
+    # meta tensors hold no data: answer the host reads with plausible numbers of the right shape
+    def host_values(t):
+        assert t.device == META, f"host read of a {t.device} tensor, expected {META}"
+        if t.dim() == 1:
+            return [1e-4] * t.shape[0]
+        return [[1e-4 * (r + 1), 1024.0 * (r + 1)] for r in range(t.shape[0])]
+    monkeypatch.setattr(bench, "_host_values", host_values, raising=False)
+    return d
+
+
+def _devices(d: FakeDist) -> set:
+    return set().union(*(devs for _, devs in d.calls)) if d.calls else set()
+
+
+def test_bookkeeping_collectives_use_the_requested_device(bench, fake):
+    assert bench._max_over_ranks(0.5, 2, None, META) == 1e-4
+    assert bench._gather_floats([1.0, 2.0], 2, None, META) == [[1e-4, 1024.0], [2e-4, 2048.0]]
+    assert [n for n, _ in fake.calls] == ["all_reduce", "all_gather"]
+    assert _devices(fake) == {META}
+    # one rank: no collective at all, the values come straight back
+    fake.calls.clear()
+    assert bench._gather_floats([1.0, 2.0], 1, None, META) == [[1.0, 2.0]]
+    assert fake.calls == []
+
+
+def test_measure_hands_only_device_tensors_to_collectives(bench, fake, monkeypatch):
+    compared = []
+
+    def equal(a, b):            # meta tensors cannot be compared: check where they are instead
+        compared.append((a.device, b.device))
+        return True
+    monkeypatch.setattr(torch, "equal", equal)
+    args = bench.build_parser().parse_args(["--warmup", "2", "--iters", "3"])
+    for pattern in bench.PATTERNS:
+        fake.calls.clear()
+        row = bench.measure(pattern, 4096, args, 0, 2, META, group=None)
+        names = [n for n, _ in fake.calls]
+        # data check, warmup x2, per-call max, timed calls, per-rank results
+        assert names[0] == "all_to_all_single" and names.count("all_reduce") == 1
+        assert names.count("all_gather") == 1 and names.count("all_to_all_single") == 1 + 2 + row["iters"]
+        assert _devices(fake) == {META}, fake.calls
+        assert row["time_us_per_rank"] == [100.0, 200.0] and row["recv_max_bytes"] == 2048
+    assert compared and set(compared) == {(META, META)}
+    # rank 1 takes part in the same collectives and returns nothing
+    fake.calls.clear()
+    assert bench.measure("hot", 4096, args, 1, 2, META, group=None) is None
+    assert _devices(fake) == {META}
+
+
+def test_backend_flag_reaches_init_parallel(bench, monkeypatch):
+    import moetrain.parallel.mesh as mesh
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def init_parallel(*a, **kw):
+        seen.update(kw)
+        raise Stop
+    monkeypatch.setattr(mesh, "init_parallel", init_parallel)
+    args = bench.build_parser().parse_args(["--backend", "gloo", "--device", "cpu"])
+    with pytest.raises(Stop):
+        bench.rank_main(args, 0, 2)
+    assert seen == {"device_kind": "cpu", "backend": "gloo"}
+    assert bench.build_parser().parse_args([]).backend == "auto"
+
+
+def test_local_ranks_on_too_few_gpus_need_gloo(bench, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    args = bench.build_parser().parse_args(["--world", "2"])
+    with pytest.raises(SystemExit, match="NCCL needs one GPU per rank; add --backend gloo"):
+        bench.check_local_gpus(args)
+    bench.check_local_gpus(bench.build_parser().parse_args(["--world", "2", "--backend", "gloo"]))
+    bench.check_local_gpus(bench.build_parser().parse_args(["--world", "2", "--device", "cpu"]))
+    bench.check_local_gpus(bench.build_parser().parse_args(["--world", "1"]))
+
+
+def test_nccl_without_cuda_is_one_line(tmp_path):
+    r = subprocess.run([sys.executable, str(SCRIPT), "--backend", "nccl", "--device", "cpu", "--out", str(tmp_path)],
+                       cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines() == ["a2a_bench: error: --backend nccl needs CUDA, but --device cpu was given"]
+
+
+def test_one_rank_gloo_run(tmp_path):
+    out = tmp_path / "a2a1"
+    r = subprocess.run([sys.executable, str(SCRIPT), "--world", "1", "--backend", "gloo", "--device", "cpu",
+                        "--min-bytes", "1K", "--max-bytes", "4K", "--splits", "uniform,hot", "--warmup", "1",
+                        "--iters", "2", "--no-plot", "--out", str(out)],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    rows = [json.loads(line) for line in (out / "a2a_bench.jsonl").read_text().splitlines()]
+    assert [(x["splits"], x["size_bytes"]) for x in rows] == [(p, s) for p in ("uniform", "hot") for s in (1024, 4096)]
+    assert all(x["world"] == 1 and x["backend"] == "gloo" and x["device"] == "cpu" for x in rows)
