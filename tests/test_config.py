@@ -221,8 +221,8 @@ def test_cli_bad_config_exits_2_with_one_line():
            if k not in LAUNCH_VARS and not k.startswith(LAUNCH_PREFIXES)}
     env["PYTHONPATH"] = str(REPO)
     proc = subprocess.run([sys.executable, "-m", "moetrain.train", "--config", "configs/tiny_cpu.yaml",
-                           "moe.top_k=99"], cwd=str(REPO), env=env, capture_output=True, text=True,
-                          timeout=120)
+                           "train.device=cpu", "moe.top_k=99"], cwd=str(REPO), env=env, capture_output=True,
+                          text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1, proc.stderr
@@ -238,7 +238,7 @@ def test_cli_non_finite_gradient_stops_every_rank_with_one_line(tmp_path):
     tiny = ["model.dim=32", "model.n_layers=1", "model.n_heads=2", "model.ffn_hidden=64", "train.seq_len=32",
             "train.global_batch_size=4", "train.micro_batch_size=2", "train.steps=3", "train.eval_every=0",
             "train.progress=false", "logging.tensorboard=false", f"logging.dir={tmp_path}", "model.init_std=1e30",
-            "parallel.ep=2"]
+            "parallel.ep=2", "train.device=cpu"]       # 2 gloo CPU ranks, not NCCL on one GPU
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "-m", "moetrain.train", "--config", "configs/tiny_cpu.yaml", *tiny],
                           cwd=str(REPO), env=env, capture_output=True, text=True, timeout=300)

@@ -212,7 +212,7 @@ def test_depth_upscale_renumbers_and_trains(dense, tmp_path, capsys):
 def test_ensemble_beats_mean_of_members(dense):
     ckpts = sorted(p for p in os.listdir(dense["ckpt"]) if p.startswith("step_"))
     assert ckpts == ["step_00000005", "step_00000010"]
-    res = _tool("ensemble_eval").evaluate([str(dense["ckpt"] / c) for c in ckpts])
+    res = _tool("ensemble_eval").evaluate([str(dense["ckpt"] / c) for c in ckpts], device="cpu")
     a, b = (r["val_loss"] for r in res["models"])
     assert b == pytest.approx(dense["val_loss"], rel=1e-6, abs=0)     # same windows as training's eval
     assert a != b and res["ensemble_val_loss"] <= (a + b) / 2

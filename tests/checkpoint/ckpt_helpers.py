@@ -23,7 +23,8 @@ TINY = ["model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.max_seq_le
         "moe.num_experts=8", "moe.top_k=2", "moe.capacity_factor=null", "moe.aux_loss_coef=0.01",
         "train.seq_len=32", "train.global_batch_size=8", "train.micro_batch_size=2",
         "train.warmup_steps=2", "train.lr=3e-3", "train.eval_every=0", "train.eval_batches=1",
-        "train.progress=false", "train.num_threads=1", "logging.every=1", "logging.tensorboard=false"]
+        "train.progress=false", "train.num_threads=1", "logging.every=1", "logging.tensorboard=false",
+        "train.device=cpu"]     # CLI runs too: `auto` would take a GPU where there is one
 
 # Exercises everything exact continuation needs beyond weights: a router buffer updated every step
 # (aux-free bias) and the global torch RNG (router jitter), restored per rank.

@@ -17,7 +17,7 @@ TINY = ["model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.max_seq_le
         "model.ffn_hidden=64", "train.seq_len=32", "train.global_batch_size=4",
         "train.micro_batch_size=2", f"train.steps={STEPS}", "train.eval_every=0",
         "logging.tensorboard=false", "logging.every=1", "train.progress=false", "train.num_threads=1",
-        "parallel.ep=2"]
+        "parallel.ep=2", "train.device=cpu"]     # gloo CPU ranks even where a GPU is visible
 
 
 def tiny_overrides(tmp: Path, run_name: str = "run") -> list[str]:

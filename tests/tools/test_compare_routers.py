@@ -10,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["model.dim=16", "model.n_layers=1", "model.n_heads=2", "model.ffn_hidden=32", "model.max_seq_len=16",
         "train.seq_len=16", "train.global_batch_size=2", "train.micro_batch_size=2", "train.eval_batches=1",
-        "train.warmup_steps=1", "train.num_threads=1", "data.source=stdlib"]
+        "train.warmup_steps=1", "train.num_threads=1", "data.source=stdlib", "train.device=cpu"]
 
 
 def _run(out, *extra, sets=()):

@@ -14,7 +14,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 TOOLS = REPO / "tools"
 TINY = ["model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.max_seq_len=32", "model.ffn_hidden=64",
-        "train.seq_len=32", "train.global_batch_size=4", "train.micro_batch_size=2", "train.progress=false"]
+        "train.seq_len=32", "train.global_batch_size=4", "train.micro_batch_size=2", "train.progress=false",
+        "train.device=cpu"]
 
 
 def _load(name: str):
