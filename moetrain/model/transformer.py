@@ -115,6 +115,9 @@ class Transformer(nn.Module):
 
     def forward(self, tokens_BS: torch.Tensor) -> tuple[torch.Tensor, list[MoEAux]]:
         x = self.embed(tokens_BS)
+        # the residual stream is at least fp32, also when FSDP all-gathers bf16 weights
+        # (parallel.fsdp_param_dtype): autocast rounds what each matmul reads, never the stream
+        x = x.to(torch.promote_types(x.dtype, torch.float32))
         auxes: list[MoEAux] = []
         prev_logits = None
         for layer in self.layers:
