@@ -65,7 +65,7 @@ class LocalDispatcher:
         token_idx, copy_idx, counts_E = sort_by_expert(routing.expert_idx_TK, routing.kept_TK, self.num_experts)
         weights = gather_rows(routing.weights_TK.reshape(-1), copy_idx)
         if host_counts:
-            counts_L = to_host(counts_E).tolist()
+            counts_L = to_host(counts_E).tolist()      # sync ok: the loop/bmm paths' one read
             n = sum(counts_L)
             token_idx, weights = token_idx[:n], weights[:n]
             counts = ExpertCounts(counts_E, counts_L)
@@ -111,8 +111,8 @@ class AllToAllDispatcher:
         recv_counts_RL = exchange_counts(counts_E.view(R, L), self.group)
         counts_cpu = to_host(torch.stack([counts_E.view(R, L), recv_counts_RL]))   # the one host sync
         timer.stop("counts", start, x_TD.device, counts_E.numel() * 8)
-        send_splits = rank_splits(counts_cpu[0].reshape(-1), R).tolist()
-        recv_splits = counts_cpu[1].sum(1).tolist()
+        send_splits = rank_splits(counts_cpu[0].reshape(-1), R).tolist()   # sync ok: host tensor
+        recv_splits = counts_cpu[1].sum(1).tolist()                       # sync ok: host tensor
         n_send, n_recv = sum(send_splits), sum(recv_splits)
         token_idx = token_idx[:n_send]
         weights = gather_rows(routing.weights_TK.reshape(-1), copy_idx[:n_send])
@@ -122,7 +122,7 @@ class AllToAllDispatcher:
         x_recv = pending.wait(x_send)
         regroup = regroup_by_expert(recv_counts_RL, n_recv)
         ungroup = invert_permutation(regroup)
-        counts = ExpertCounts(recv_counts_RL.sum(0), counts_cpu[1].sum(0).tolist())
+        counts = ExpertCounts(recv_counts_RL.sum(0), counts_cpu[1].sum(0).tolist())   # sync ok: host tensor
         meta = DispatchMeta(x_TD.shape[0], token_idx, weights, send_splits, recv_splits, regroup, ungroup, timer)
         return permute_rows(x_recv, regroup, ungroup), counts, meta, overlapped
 

@@ -50,7 +50,7 @@ class ExpertCounts:
     host: Optional[list] = None
 
     def to_host(self) -> list:
-        return self.host if self.host is not None else self.device.tolist()
+        return self.host if self.host is not None else self.device.tolist()   # sync ok: only without host counts
 
 
 @functools.lru_cache(maxsize=None)
@@ -114,12 +114,14 @@ class GroupedExperts(nn.Module):
         counts_L = counts.to_host()
         n = sum(counts_L)
         if n < x_ND.shape[0]:        # the sync-free dispatch's dropped copies: no output, no gradient
-            y = self._forward_rows(impl, x_ND[:n], counts_L)
+            y = self._forward_rows(impl, x_ND[:n], counts_L, counts.device)
             return torch.cat([y, y.new_zeros(x_ND.shape[0] - n, y.shape[1])])
-        return self._forward_rows(impl, x_ND, counts_L)
+        return self._forward_rows(impl, x_ND, counts_L, counts.device)
 
-    def _forward_rows(self, impl, x_ND, counts_L):
-        return self._forward_bmm(x_ND, counts_L) if impl == "bmm" else self._forward_loop(x_ND, counts_L)
+    def _forward_rows(self, impl, x_ND, counts_L, counts_dev):
+        if impl == "bmm":
+            return self._forward_bmm(x_ND, counts_L, counts_dev)
+        return self._forward_loop(x_ND, counts_L)
 
     def _forward_loop(self, x_ND, counts_L):
         w1, w3, w2 = self.w1, self.w3, self.w2
@@ -133,12 +135,13 @@ class GroupedExperts(nn.Module):
     def _touch(self):
         return self.w1.sum() + self.w2.sum() + self.w3.sum()
 
-    def _forward_bmm(self, x_ND, counts_L):
+    def _forward_bmm(self, x_ND, counts_L, counts):
+        """counts_L (host) sizes the padded batch; counts (the same, on x's device) places the rows
+        without a host-to-device copy."""
         L, C = len(counts_L), max(counts_L) if counts_L else 0
         if C == 0:
             return x_ND @ self.w1.new_zeros(self.dim, self.dim) + 0.0 * self._touch()
         N = x_ND.shape[0]
-        counts = torch.tensor(counts_L, device=x_ND.device)
         expert_of_row = torch.repeat_interleave(torch.arange(L, device=x_ND.device), counts, output_size=N)
         starts = torch.cumsum(counts, 0) - counts
         slot = torch.arange(N, device=x_ND.device) - starts[expert_of_row]

@@ -187,7 +187,7 @@ def _reroute(idx, kept, counted, pref_TE, F_, capacity):
     ptr = torch.zeros(T, K, dtype=torch.long, device=idx.device)
     # terminates: every round each token with a pending copy advances a pointer or settles a copy
     while bool(pending.any()):
-        t_ids, k_ids = torch.nonzero(pending, as_tuple=True)
+        t_ids, k_ids = torch.nonzero(pending, as_tuple=True)     # sync ok: reroute rounds (documented)
         # advance each pending copy's pointer past experts the token already uses or that are full
         cand = pref[t_ids, ptr[t_ids, k_ids].clamp_max(pref.shape[1] - 1)]
         exhausted = ptr[t_ids, k_ids] >= pref.shape[1]

@@ -349,14 +349,13 @@ def run_training(cfg: Config, par: Parallel, data: TokenData, log=print) -> dict
 
 
 def _expert_impl_note(cfg: Config, par: Parallel) -> str:
-    """'; experts: <impl> (<why>)' for the run's first line."""
-    layers = []
-    if cfg.moe.num_experts > 0 and cfg.moe.layer == "moe":
-        hidden = cfg.expert_hidden // (par.dims.tp if cfg.parallel.etp else 1)
-        dtype = torch.bfloat16 if uses_bf16_autocast(cfg.train.precision, par.device) else torch.float32
-        impl, why = choose_impl(cfg.moe.grouped_mm, par.device, dtype, cfg.model.dim, hidden)
-        layers.append(f"; experts: {impl} ({why})")
-    return "".join(layers)
+    """'; experts: <impl> (<why>)' for the run's first line ('' without routed FFN experts)."""
+    if cfg.moe.num_experts == 0 or cfg.moe.layer != "moe":
+        return ""
+    hidden = cfg.expert_hidden // (par.dims.tp if cfg.parallel.etp else 1)
+    dtype = torch.bfloat16 if uses_bf16_autocast(cfg.train.precision, par.device) else torch.float32
+    impl, why = choose_impl(cfg.moe.grouped_mm, par.device, dtype, cfg.model.dim, hidden)
+    return f"; experts: {impl} ({why})"
 
 
 def _numerics_note(cfg: Config, par: Parallel) -> str:
