@@ -12,7 +12,7 @@ import os
 import re
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -129,6 +129,8 @@ class TrainConfig:
     eval_batches: int = 8
     num_threads: int = 0           # 0 = cores / local ranks
     progress: bool = True
+    # signals that stop training gracefully (finish the step, save, exit 128 + signal); [] = off
+    exit_signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
 
 
 DATA_SOURCES = ("stdlib", "memmap")
@@ -278,6 +280,27 @@ def to_yaml(cfg: Config) -> str:
 
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
+
+
+# Keys that may differ between ranks: where each node caches the tokenized corpus (node-local
+# scratch; the bytes are the same) and its thread count (cores per node). Everything else must be
+# identical on every rank (moetrain.parallel.rendezvous.agree_at_startup checks it at start-up).
+PER_RANK_KEYS = ("data.cache_dir", "train.num_threads")
+
+
+def agreement_view(cfg: Config) -> dict:
+    """{"config": {dotted key: value}}: the resolved config every rank must share (all keys but
+    PER_RANK_KEYS), for the start-up comparison across ranks."""
+    flat: dict = {}
+
+    def walk(node: dict, prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            elif f"{prefix}{key}" not in PER_RANK_KEYS:
+                flat[f"{prefix}{key}"] = value
+    walk(to_dict(cfg), "")
+    return {"config": flat}
 
 
 GROUPED_ALIGN = 8          # bf16 elements per 16 bytes: torch._grouped_mm's row-stride alignment
@@ -442,6 +465,11 @@ def validate(cfg: Config) -> None:
     _need(t.eval_every >= 0, "train.eval_every", t.eval_every, "must be >= 0 (0 = only at the end)")
     _need(t.eval_batches >= 1, "train.eval_batches", t.eval_batches, "must be >= 1")
     _need(t.num_threads >= 0, "train.num_threads", t.num_threads, "must be >= 0")
+    from moetrain.train.preempt import parse_signals    # torch-free import, no cycle
+    try:
+        parse_signals(t.exit_signals)
+    except ValueError as exc:
+        raise ConfigError(f"train.exit_signals={list(t.exit_signals)!r} is not allowed: {exc}") from None
 
     _need(cfg.data.source in DATA_SOURCES, "data.source", cfg.data.source, f"one of {', '.join(DATA_SOURCES)}")
     if cfg.data.source == "memmap":
@@ -465,12 +493,7 @@ def _usable_dir(key: str, value: str, path: str) -> None:
     """`path` is, or can become, a directory we write into: its nearest existing ancestor is a
     directory in which a (promptly removed) probe directory can be made. Every rank checks this
     before any collective, so a bad path ends every rank alike instead of rank 0 alone."""
-    probe = os.path.abspath(path)
-    while not os.path.exists(probe):
-        parent = os.path.dirname(probe)
-        if parent == probe:
-            break
-        probe = parent
+    probe = _existing_ancestor(path)
     if not os.path.isdir(probe):
         raise ConfigError(f"{key}={value!r} is not allowed: {probe} is a file, not a directory")
     try:
@@ -480,10 +503,104 @@ def _usable_dir(key: str, value: str, path: str) -> None:
                           f"({exc.strerror or type(exc).__name__})") from None
 
 
-def check_output_dirs(cfg: Config) -> None:
-    """The run directory, and checkpoint.dir when saving is on, can be written."""
-    _usable_dir("logging.dir", cfg.logging.dir, os.path.join(cfg.logging.dir, cfg.logging.run_name))
+def _existing_ancestor(path: str) -> str:
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    return probe
+
+
+def _pathconf(path: str, name: str, default: int) -> int:
+    try:
+        value = os.pathconf(path, name)
+    except (OSError, ValueError):
+        return default
+    return value if value and value > 0 else default
+
+
+def _short(value: str) -> str:
+    return repr(value) if len(value) <= 60 else repr(value[:40]) + f"... ({len(value)} characters)"
+
+
+def _check_path_lengths(owners: list[tuple[str, str]], path: str, inside: tuple[str, int]) -> None:
+    """Every component of `path` fits the filesystem's NAME_MAX, and `path`/<the longest name
+    moetrain creates under it> its PATH_MAX, both read with pathconf on the nearest existing
+    ancestor (bytes, as the kernel counts them). `inside`: (that name as shown, its length in
+    bytes). `owners`: (key, value) pairs whose values make up `path` in order, so the message names
+    the key holding the long component (the first owner for a path too long as a whole)."""
+    probe = _existing_ancestor(path)
+    name_max = _pathconf(probe, "PC_NAME_MAX", 255)
+    path_max = _pathconf(probe, "PC_PATH_MAX", 4096)
+    for key, value in owners:
+        for comp in value.split(os.sep):
+            size = len(os.fsencode(comp))
+            if size > name_max:
+                raise ConfigError(f"{key}={_short(value)} is not allowed: the name {_short(comp)} is {size} "
+                                  f"bytes, over the {name_max} bytes a file name may have on the filesystem of "
+                                  f"{probe} (NAME_MAX)")
+    shown, inner = inside
+    size = len(os.fsencode(path.rstrip(os.sep))) + 1 + inner
+    if size >= path_max:           # PATH_MAX counts the terminating NUL
+        key, value = owners[0]
+        keys = " + ".join(k for k, _ in owners)
+        raise ConfigError(f"{key}={_short(value)} is not allowed: {keys} plus the longest name moetrain creates "
+                          f"inside ({shown}, {inner} bytes) make a path of {size} bytes, over the {path_max - 1} "
+                          f"allowed on the filesystem of {probe} (PATH_MAX)")
+
+
+HOST_NAME_MAX = 64        # TensorBoard puts the host name in its event file names; the longest one
+
+
+def _longest(names: list[tuple[str, int]]) -> tuple[str, int]:
+    return max(names, key=lambda n: n[1])
+
+
+def _longest_run_file(cfg: Config, world_size: int) -> tuple[str, int]:
+    """(name, bytes) of the longest relative path moetrain writes under
+    <logging.dir>/<logging.run_name>: metrics.N.jsonl (an older metrics.jsonl moved aside),
+    metrics.jsonl.tmp, config.yaml and, with TensorBoard, tb/<tag>_<i>/events.out.tfevents.
+    <time>.<host>.<pid>.<n> (add_scalars makes a directory per list entry: ranks.* and
+    moe.layer{l}.recv_tokens per rank, moe.layer{l}.routed/kept per expert). Host name, pid and
+    counter are taken at their longest, so every rank decides alike."""
+    names = [(n, len(n)) for n in ("metrics.999999.jsonl", "metrics.jsonl.tmp", "config.yaml")]
+    if cfg.logging.tensorboard:
+        events = len(f"events.out.tfevents.{'9' * 10}.{'h' * HOST_NAME_MAX}.{'9' * 7}.{'9' * 4}")
+        last_layer = max(0, cfg.model.n_layers - 1)
+        last_rank, last_expert = max(world_size, 1) - 1, max(cfg.num_router_outputs, 1) - 1
+        tags = [f"ranks_a2a_dispatch_ms_{last_rank}", f"moe_layer{last_layer}_recv_tokens_{last_rank}",
+                f"moe_layer{last_layer}_routed_{last_expert}"]
+        names += [("tb/events.out.tfevents.<time>.<host>.<pid>.<n>", len("tb/") + events)]
+        names += [(f"tb/{t}/events.out.tfevents.<time>.<host>.<pid>.<n>", len(f"tb/{t}/") + events) for t in tags]
+    return _longest(names)
+
+
+def _longest_checkpoint_file(cfg: Config, world_size: int) -> tuple[str, int]:
+    """(name, bytes) of the longest relative path a save writes under checkpoint.dir:
+    .tmp-step_NNNNNNNN/ (also .old-step_) holding manifest.json.tmp, DCP's
+    [__<rank>].metadata.tmp and __<rank>_<n>.distcp, and latest.tmp (moetrain/ckpt/store.py;
+    torch/distributed/checkpoint/filesystem.py)."""
+    step_dir = f".tmp-step_{max(cfg.train.steps, 99_999_999):08d}"
+    last = max(world_size - 1, 0)
+    names = ["latest.tmp"] + [f"{step_dir}/{n}" for n in
+                              ("manifest.json.tmp", f"__{last}.metadata.tmp", f"__{last}_999.distcp")]
+    return _longest([(n, len(n)) for n in names])
+
+
+def check_output_dirs(cfg: Config, world_size: int = 1) -> None:
+    """The run directory, and checkpoint.dir when saving is on, can be written, and the longest
+    path moetrain creates in each fits the filesystem's NAME_MAX / PATH_MAX (otherwise a long
+    logging.run_name fails after the model is built, a long checkpoint.dir at the first save)."""
+    lg = cfg.logging
+    run_dir = os.path.join(lg.dir, lg.run_name)
+    _check_path_lengths([("logging.dir", lg.dir), ("logging.run_name", lg.run_name)], run_dir,
+                        _longest_run_file(cfg, world_size))
+    _usable_dir("logging.dir", lg.dir, run_dir)
     if cfg.checkpoint.every > 0:
+        _check_path_lengths([("checkpoint.dir", cfg.checkpoint.dir)], cfg.checkpoint.dir,
+                            _longest_checkpoint_file(cfg, world_size))
         _usable_dir("checkpoint.dir", cfg.checkpoint.dir, cfg.checkpoint.dir)
 
 

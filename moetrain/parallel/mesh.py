@@ -14,6 +14,7 @@ import gc
 import os
 import re
 import socket
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Optional
@@ -236,42 +237,66 @@ def _check_mpi_size(comm, env: LaunchEnv) -> None:
                           "process(es): start it with mpiexec -n N (or unset the PMI_/OMPI_ variables)")
 
 
-def _timeout(timeout_s: Optional[float]) -> timedelta:
-    if timeout_s:
-        return timedelta(seconds=timeout_s)
-    raw = os.environ.get("MOETRAIN_DIST_TIMEOUT", "600")
+def _seconds_env(name: str, default: float) -> float:
+    raw = os.environ.get(name, str(default))
     try:
         value = float(raw)
     except ValueError:
         value = float("nan")
     if not 0 < value <= 1e7:          # timedelta overflows far above; ~115 days is already "never"
-        raise LaunchError(f"environment variable MOETRAIN_DIST_TIMEOUT={raw!r} is not a number of seconds "
-                          "in (0, 1e7]")
-    return timedelta(seconds=value)
+        raise LaunchError(f"environment variable {name}={raw!r} is not a number of seconds in (0, 1e7]")
+    return value
+
+
+def _timeout(timeout_s: Optional[float]) -> timedelta:
+    """The collective timeout: MOETRAIN_DIST_TIMEOUT seconds (default 600)."""
+    if timeout_s:
+        return timedelta(seconds=timeout_s)
+    return timedelta(seconds=_seconds_env("MOETRAIN_DIST_TIMEOUT", 600))
 
 
 def init_parallel(dp: int, tp: int, ep: int, env: LaunchEnv, device_kind: str = "auto",
-                  timeout_s: Optional[float] = None, backend: str = "auto") -> Parallel:
+                  timeout_s: Optional[float] = None, backend: str = "auto",
+                  agree: Optional[dict] = None) -> Parallel:
     """Create the process group and mesh. Call only after the config was validated against
-    env.world_size, so a bad layout never reaches a collective."""
+    env.world_size, so a bad layout never reaches a collective.
+
+    Before the process group exists, the ranks meet at the rendezvous store (waiting at most
+    MOETRAIN_RENDEZVOUS_TIMEOUT) and compare the code fingerprint and `agree` (the CLI passes
+    its resolved config, moetrain.config.agreement_view): a rank that differs or never arrives
+    ends every arrived rank with LaunchError, the same line on each."""
     dims = ParallelDims(dp, tp, ep)
     device = pick_device(device_kind, env.local_rank, backend)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if env.world_size == 1:
         return Parallel(dims, 0, device)
+    from moetrain.parallel.rendezvous import agree_at_startup, code_fingerprint, open_store, rendezvous_timeout
     timeout = _timeout(timeout_s)
+    rdzv_s = rendezvous_timeout()
     pg_backend = process_group_backend(backend, device)
     _ensure_rendezvous(env)
     if not dist.is_initialized():
+        where = f" at {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+        try:
+            deadline = time.monotonic() + rdzv_s
+            store = open_store(env, rdzv_s, deadline)
+            agree_at_startup(store, env.rank, env.world_size, {"code": code_fingerprint(), **(agree or {})},
+                             rdzv_s, where, deadline)
+            store.set_timeout(timeout)
+        except (dist.DistStoreError, dist.DistNetworkError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise LaunchError(f"rendezvous of {env.world_size} ranks{where} failed ({first}): "
+                              "are all ranks started?") from None
         try:
             # device_id (NCCL): the communicator is created now, so a bad GPU binding fails here
-            dist.init_process_group(pg_backend, rank=env.rank, world_size=env.world_size, timeout=timeout,
+            dist.init_process_group(pg_backend, store=dist.PrefixStore("default_pg", store), rank=env.rank,
+                                    world_size=env.world_size, timeout=timeout,
                                     device_id=device if pg_backend == "nccl" else None)
         except (dist.DistStoreError, dist.DistNetworkError) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise LaunchError(f"rendezvous of {env.world_size} ranks at {os.environ.get('MASTER_ADDR')}:"
-                              f"{os.environ.get('MASTER_PORT')} failed ({first}): are all ranks started?") from None
+            raise LaunchError(f"rendezvous of {env.world_size} ranks{where} failed ({first}): "
+                              "are all ranks started?") from None
         except dist.DistBackendError as exc:
             if "Duplicate GPU" not in str(exc):
                 raise

@@ -1,7 +1,8 @@
 """Command line: python -m moetrain.train --config configs/X.yaml [group.key=value ...]
 
 Everything that can be wrong with the input (config, launch environment, data files) is checked
-here on every rank BEFORE the first collective, so each rank exits 2 with the same single line.
+here on every rank BEFORE the first collective, so each rank exits 2 with the same single line;
+then the ranks check at the rendezvous that they all arrived and agree on config and code.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def _out_of_memory(exc: BaseException) -> bool:
 def main(argv=None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
     # imports after argparse so `--help` is instant
-    from moetrain.config import ConfigError, check_output_dirs, load_config, validate_layout
+    from moetrain.config import ConfigError, agreement_view, check_output_dirs, load_config, validate_layout
     from moetrain.data import DataError, load_token_data
     from moetrain.parallel.mesh import LaunchError, init_parallel, read_launch_env, shutdown
 
@@ -43,7 +44,7 @@ def main(argv=None) -> int:
         env = read_launch_env()
         cfg = load_config(args.config, args.overrides)
         dp, tp, ep = validate_layout(cfg, env.world_size)
-        check_output_dirs(cfg)
+        check_output_dirs(cfg, env.world_size)
         data = load_token_data(cfg.data.source, cfg.data.path, cfg.model.vocab_size, cfg.data.cache_dir)
         if len(data.train) <= cfg.train.seq_len or len(data.val) <= cfg.train.seq_len:
             raise DataError(f"data split shorter than train.seq_len+1={cfg.train.seq_len + 1} tokens "
@@ -54,12 +55,16 @@ def main(argv=None) -> int:
     from moetrain.checkpoint import CheckpointError
     from moetrain.cpu_runtime import configure_cpu_process
     from moetrain.precision import configure_determinism
-    from moetrain.train.loop import TrainingDiverged, run_training
+    from moetrain.train.loop import Preempted, TrainingDiverged, run_training
 
     configure_cpu_process(cfg.train.num_threads, env.local_world_size, env.launcher)
     configure_determinism(cfg.train.deterministic)
     try:
-        par = init_parallel(dp, tp, ep, env, cfg.train.device, backend=cfg.parallel.backend)
+        # the ranks meet at the rendezvous (MOETRAIN_RENDEZVOUS_TIMEOUT) and compare their resolved
+        # configs and code before the process group exists: a difference or a missing rank ends
+        # every rank with one line instead of a hang, a gloo abort or silently different weights
+        par = init_parallel(dp, tp, ep, env, cfg.train.device, backend=cfg.parallel.backend,
+                            agree=agreement_view(cfg))
     except LaunchError as exc:
         return _fail(str(exc))
     try:
@@ -69,6 +74,8 @@ def main(argv=None) -> int:
     except TrainingDiverged as exc:  # raised on every rank alike (a global norm)
         print(f"moetrain: error: {exc}", file=sys.stderr, flush=True)
         return EXIT_DIVERGED
+    except Preempted as exc:         # every rank alike, after the checkpoint (if any) committed
+        return exc.exit_code         # 128 + signal number: 143 SIGTERM, 138 SIGUSR1
     except (MemoryError, RuntimeError) as exc:
         if not _out_of_memory(exc):
             raise

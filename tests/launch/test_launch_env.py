@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from moetrain.parallel import mesh
+from moetrain.parallel import mesh, rendezvous
 from moetrain.parallel.mesh import LaunchError, first_slurm_host, read_launch_env
 
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS",
@@ -119,3 +119,22 @@ def test_mpi_variables_without_mpiexec_are_refused(rdv):
     rdv(PMI_RANK="0", PMI_SIZE="2")
     with pytest.raises(LaunchError, match="MPI world 2 but MPI reports 1"):
         mesh._ensure_rendezvous(read_launch_env())
+
+
+@pytest.mark.parametrize("raw", ["abc", "-5", "0", "inf", "nan", "1e300"])
+def test_bad_rendezvous_timeout_is_one_line(monkeypatch, raw):
+    monkeypatch.setenv("MOETRAIN_RENDEZVOUS_TIMEOUT", raw)
+    with pytest.raises(LaunchError, match="MOETRAIN_RENDEZVOUS_TIMEOUT"):
+        rendezvous.rendezvous_timeout()
+    monkeypatch.setenv("MOETRAIN_RENDEZVOUS_TIMEOUT", "7.5")
+    assert rendezvous.rendezvous_timeout() == 7.5
+    monkeypatch.delenv("MOETRAIN_RENDEZVOUS_TIMEOUT")
+    assert rendezvous.rendezvous_timeout() == rendezvous.DEFAULT_RENDEZVOUS_TIMEOUT_S == 300
+
+
+def test_rendezvous_timeout_is_separate_from_the_collective_timeout(monkeypatch):
+    """A rank that never arrives ends the others at the (short) rendezvous timeout; a collective
+    that waits on a slow peer later still gets MOETRAIN_DIST_TIMEOUT."""
+    monkeypatch.setenv("MOETRAIN_RENDEZVOUS_TIMEOUT", "5")
+    monkeypatch.setenv("MOETRAIN_DIST_TIMEOUT", "900")
+    assert rendezvous.rendezvous_timeout() == 5 and mesh._timeout(None).total_seconds() == 900
