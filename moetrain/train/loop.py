@@ -38,6 +38,7 @@ from moetrain.parallel.tp import apply_tp, cross_entropy_sum
 from moetrain.precision import uses_bf16_autocast
 from moetrain.train.lr import lr_at
 from moetrain.train.optim import build_optimizer, set_lr
+from moetrain.train.preempt import Preempted, PreemptionWatch, configured_signals, signal_name  # noqa: F401
 
 
 class TrainingDiverged(RuntimeError):
@@ -64,6 +65,8 @@ class Trainer:
     engine: Any = None
     # native engine: the gradient all-reduce over dp/edp (None when DeepSpeed reduces)
     grad_sync: Optional[GradientSync] = None
+    # run_training's preemption watch (train/preempt.py): its per-step agreement rides on the step
+    preempt: Optional[PreemptionWatch] = None
 
     @property
     def local_batch(self) -> int:
@@ -140,10 +143,14 @@ class Trainer:
     def train_step(self, step: int, stats: Optional[StepStats] = None) -> torch.Tensor:
         """One optimizer step. Returns [ce_sum, aux_sum, z_sum, grad_norm] (ce not reduced over dp)."""
         t = self.cfg.train
+        if self.preempt is not None:
+            self.preempt.launch()            # async: the tiny all-reduce overlaps forward/backward
         set_lr(self.opt, lr_at(step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio))
         sums = self.compute_gradients(step, stats)
         if self.engine is not None:
             norm = self.engine.step()        # DeepSpeed reduces, clips and steps
+            if self.preempt is not None:
+                self.preempt.resolve()
         else:
             # the one host sync of an optimizer step: the norm decides whether the step is taken
             with record_function("train/clip"):
@@ -153,6 +160,9 @@ class Trainer:
                 raise TrainingDiverged(
                     f"step {step + 1}: the gradient norm is {norm} (the loss became non-finite); the weights "
                     "were not updated. Lower train.lr, raise train.warmup_steps or set train.grad_clip")
+            if self.preempt is not None:
+                # right after the norm read: the stream is drained, so this 4-byte read adds no stall
+                self.preempt.resolve()
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
         if self.bias_gates:
@@ -272,9 +282,21 @@ def _truncate_metrics(path: str, last_step: int) -> None:
 
 
 def run_training(cfg: Config, par: Parallel, data: TokenData, log=print) -> dict:
-    """Train cfg.train.steps steps. Returns the last logged record (rank 0) or {}."""
+    """Train cfg.train.steps steps. Returns the last logged record (rank 0) or {}.
+    Raises Preempted (every rank alike) when an exit signal stopped it (train/preempt.py)."""
+    # exit signals are recorded from here on (a signal during start-up stops after the first step)
+    watch = PreemptionWatch(configured_signals(cfg), par)
+    watch.install()
+    try:
+        return _run_training(cfg, par, data, log, watch)
+    finally:
+        watch.restore()
+
+
+def _run_training(cfg: Config, par: Parallel, data: TokenData, log, watch: PreemptionWatch) -> dict:
     t, lg = cfg.train, cfg.logging
     trainer = build_trainer(cfg, par, data)
+    trainer.preempt = watch if watch.enabled else None
     ckpt = Checkpointer(cfg, par, log)
     ckpt.resume(trainer)          # checkpoint.resume: sets trainer.state.step, model, optimizer, RNG
     total_params, active_params = count_params(trainer.model, cfg)
@@ -291,7 +313,10 @@ def run_training(cfg: Config, par: Parallel, data: TokenData, log=print) -> dict
     last: dict = {}
     window_s, window_tokens = 0.0, 0
     for step in range(trainer.state.step, t.steps):
+        if watch.agreed:          # every rank agreed during the previous step (train_step)
+            break
         ckpt.on_step(trainer)     # saves when step % checkpoint.every == 0 (previous step fully logged)
+        watch.maybe_test_signal(step, par.rank)
         logged = (step + 1) % lg.every == 0 or step + 1 == t.steps or step == 0
         stats = StepStats(num_layers, cfg.num_router_outputs, par.device) if logged else None
         init_val = None
@@ -340,12 +365,41 @@ def run_training(cfg: Config, par: Parallel, data: TokenData, log=print) -> dict
             if progress is not None:
                 progress.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
         window_s, window_tokens = 0.0, 0
+    if watch.agreed and trainer.state.step < t.steps:
+        _stop_preempted(trainer, ckpt, watch, progress, writer, log)
+    if watch.agreed and par.is_main:   # during the last step: the run is complete, exit normally
+        log(f"moetrain: {signal_name(watch.agreed)} during the last step: finishing normally")
     ckpt.finish(trainer)          # final save when checkpointing is on; waits for an async write
     if progress is not None:
         progress.close()
     if writer is not None:
         writer.close()
     return last
+
+
+def _stop_preempted(trainer: Trainer, ckpt: Checkpointer, watch: PreemptionWatch, progress, writer, log) -> None:
+    """Every rank: save (when checkpointing is on) and wait for the commit, rank 0 logs one line,
+    then raise Preempted everywhere. The step in progress has finished and been logged."""
+    from moetrain.ckpt.store import step_dirname
+    step, name = trainer.state.step, signal_name(watch.agreed)
+    if progress is not None:
+        progress.close()
+    if writer is not None:
+        writer.close()
+    if ckpt.enabled:
+        ckpt.finish(trainer)      # saves unless this step's checkpoint exists; waits for the commit
+        path = os.path.join(ckpt.root, step_dirname(step))
+        msg = (f"preempted by {name} at step {step}: checkpoint {step_dirname(step)} saved in {ckpt.root}; "
+               "resume with checkpoint.resume=auto")
+    else:
+        ckpt.wait()
+        path = None
+        msg = (f"preempted by {name} at step {step}: checkpointing is off (checkpoint.every=0), nothing was "
+               "saved; set checkpoint.every to make a preemption resumable")
+    if trainer.par.is_main:
+        log(f"moetrain: {msg}")
+    watch.sync()                  # nobody exits (srun -K would kill the rest) before rank 0 logged
+    raise Preempted(msg, watch.agreed, step, path)
 
 
 def _expert_impl_note(cfg: Config, par: Parallel) -> str:
