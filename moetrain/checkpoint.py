@@ -21,15 +21,18 @@ Config keys (checkpoint.*):
 
 What a checkpoint holds and under which keys: moetrain/ckpt/state.py. Exact continuation: model,
 optimizer, step (which fixes the LR and the data position), tokens seen and every rank's RNG
-states. Resuming at another world size restores rank r's RNG state when the checkpoint has one
-for rank r and keeps a fresh one otherwise: random streams (router jitter) then differ from an
-uninterrupted run, everything else continues exactly (up to float reduction order).
+states, all of them tensors. Resuming at another world size restores rank r's RNG state when
+the checkpoint has one for rank r and keeps a fresh one otherwise: random streams (router jitter)
+then differ from an uninterrupted run, everything else continues exactly (up to float reduction
+order). Reading a checkpoint never runs code from it (ckpt/store.py, ckpt/dcp_reader.py): a
+crafted one is refused with one line (exit 2 on every rank), never skipped past.
 
 Every resume decision (which checkpoint, or which error) is made by rank 0 alone, from files,
 and broadcast: all ranks then load the same checkpoint or raise the same one-line
 CheckpointError, and nobody is left waiting in a collective. DCP's own collectives gather an
 exception on any rank and re-raise it on every rank, so a read that fails midway (garbage bytes
-of the right size) also ends every rank alike, or falls back to an older checkpoint under auto.
+of the right size) also ends every rank alike, or falls back to an older checkpoint under auto;
+what each rank checks after reading (its RNG states, the step) is agreed on the same way.
 
 Test hooks (environment): MOETRAIN_CKPT_CRASH=<written|manifest|renamed>[@step] ends rank 0 with
 os._exit(86) at that point of a commit (moetrain/ckpt/store.py); MOETRAIN_TEST_KILL=
@@ -135,6 +138,8 @@ class Checkpointer:
         removed = store.remove_stale(self.root)
         if removed:
             out["notes"].append(f"removed leftovers of interrupted saves in {self.root}: {', '.join(removed)}")
+        if self.enabled:
+            self._refuse_foreign_steps()
         if c.resume == "none":
             self._refuse_overwriting("checkpoint.resume=none would mix a new run into them: set "
                                      "checkpoint.resume=auto to continue, or choose another checkpoint.dir")
@@ -170,10 +175,9 @@ class Checkpointer:
                 changed = _config_changes(info.manifest.get("config", {}), to_dict(self.cfg), skip=_IGNORED_GROUPS)
                 if changed:
                     out["notes"].append("config differs from the checkpoint's: " + "; ".join(changed))
-            md = info.metadata.state_dict_metadata
             out["candidates"].append({
                 "path": info.path, "step": info.step, "schema": S.optim_schema(info.metadata),
-                "rng_keys": sorted(k for k in md if k.startswith("rng/")),
+                "rng": S.rng_layout(info.metadata, info.path),
                 "world": info.manifest.get("world"), "layout": info.manifest.get("layout")})
 
     def _refuse_mixing_runs(self, source: str) -> None:
@@ -189,6 +193,17 @@ class Checkpointer:
                 f"checkpoint.resume={source!r} is older: saving would interleave the abandoned steps with the "
                 "new run's; move the newer step_* directories away or save into another checkpoint.dir",
                 unless=source)
+
+    def _refuse_foreign_steps(self) -> None:
+        """A step_NNNNNNNN directory that is not ours (no moetrain manifest) at a step this run may
+        save would be in the way of that save: refuse now rather than after hours of training."""
+        every, last = self.cfg.checkpoint.every, self.cfg.train.steps
+        for step, path in store.list_step_dirs(self.root):
+            if 0 < step <= last and (step % every == 0 or step == last):
+                why = store.foreign_reason(path)
+                if why:
+                    raise CheckpointError(f"{path} {why}, and this run saves step {step} there "
+                                          f"(checkpoint.every={every}): move it out of checkpoint.dir or choose another one")
 
     def _refuse_overwriting(self, why: str, unless: Optional[str] = None) -> None:
         """When saving is on and checkpoint.dir already holds complete checkpoints (other than
@@ -209,15 +224,26 @@ class Checkpointer:
         model, par = trainer.model, self.par
         flat: dict[str, Any] = S.model_entries(model, par.mesh)
         flat.update(S.build_optim_state(model, trainer.opt, cand["schema"], par.mesh))
-        flat.update(S.train_entries(0, 0))
-        rk = S.rng_key(par.rank)
-        if rk in cand["rng_keys"]:
-            flat[rk] = b""
+        flat.update(S.train_entries(-1, -1))
+        rng_parts = cand["rng"].get(par.rank)
+        if rng_parts:
+            flat.update(S.rng_targets(par.rank, rng_parts))
         store.load_dcp(flat, cand["path"], self.group)
-        trainer.state.step = int(flat[S.STEP_KEY])
-        trainer.state.tokens_seen = int(flat[S.TOKENS_KEY])
-        if rk in cand["rng_keys"]:
-            S.restore_rng(flat[rk], par.device)
+        step, tokens = int(flat[S.STEP_KEY]), int(flat[S.TOKENS_KEY])
+        error, install_rng = None, None
+        try:
+            if step != cand["step"] or tokens < 0:
+                raise ValueError(f"{S.STEP_KEY}={step} and {S.TOKENS_KEY}={tokens}, the manifest says step {cand['step']}")
+            if rng_parts:
+                install_rng = S.prepare_rng(par.rank, flat, par.device)
+        except ValueError as exc:
+            error = f"checkpoint {cand['path']}: {exc}"
+        error = self._agree(error)        # a bad RNG state of one rank stops every rank
+        if error:
+            raise CheckpointError(error)
+        trainer.state.step, trainer.state.tokens_seen = step, tokens
+        if install_rng is not None:
+            install_rng()
 
     # ------------------------------------------------------------------ save
 
@@ -243,7 +269,7 @@ class Checkpointer:
         flat: dict[str, Any] = S.model_entries(trainer.model, par.mesh)
         flat.update(S.optim_entries(trainer.model, trainer.opt, par.mesh))
         flat.update(S.train_entries(step, trainer.state.tokens_seen))
-        flat[S.rng_key(par.rank)] = S.capture_rng(par.device)
+        flat.update(S.capture_rng(par.rank, par.device))
         fields = self._manifest_fields(trainer)
         tmp = store.tmp_dir_for(self.root, step)
         future = store.save_dcp(flat, tmp, self.group, async_save=self.async_save)
@@ -303,6 +329,21 @@ class Checkpointer:
                 "buffers": S.buffer_names(trainer.model),
                 "async_save": self.async_save, "torch_version": torch.__version__,
                 "config": to_dict(self.cfg)}
+
+    def _agree(self, error: Optional[str]) -> Optional[str]:
+        """Every rank: the error of the lowest rank that has one, or None when none has."""
+        if self.par.world == 1:
+            return error
+        cuda_group = self.group is self.par.world_group and self.par.device.type == "cuda"
+        device = self.par.device if cuda_group else torch.device("cpu")
+        first = torch.tensor([self.par.rank if error else self.par.world], device=device)
+        dist.all_reduce(first, op=dist.ReduceOp.MIN, group=self.group)
+        src = int(first.item())
+        if src == self.par.world:
+            return None
+        box = [error]
+        dist.broadcast_object_list(box, src=src, group=self.group, device=device if cuda_group else None)
+        return box[0]
 
     def _broadcast(self, obj):
         if self.par.world == 1:

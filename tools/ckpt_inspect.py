@@ -5,18 +5,26 @@
     python tools/ckpt_inspect.py CKPT --verify              # + read every byte, check completeness
     python tools/ckpt_inspect.py CKPT --consolidate full.pt # one file: torch.save (or .safetensors)
     python tools/ckpt_inspect.py --from-consolidated full.pt --out CKPT_DIR   # back to sharded
+    python tools/ckpt_inspect.py OLD_CKPT --upgrade CKPT_DIR  # format_version 1 -> current
 
-CKPT is a step_NNNNNNNN directory or a checkpoint.dir (then its newest complete checkpoint).
+CKPT is a step_NNNNNNNN directory, a checkpoint.dir (then its newest complete checkpoint) or a
+checkpoint.dir's `latest` file.
 
 The consolidated file (torch) is {"model": state dict of the full model (experts stacked
 [E, ...], loads into a world-1 Transformer), "optim": {param: {state: tensor}}, "train": {step,
-tokens_seen}, "rng": {rank: bytes}, "manifest": dict}. As .safetensors (needs the safetensors
-package) the same tensors are flat under their checkpoint keys with experts stacked
-(model/<fqn>, optim/<fqn>/<state>, train/step, rng/rank_<r> as uint8) and the manifest as JSON
-in the file's metadata. --from-consolidated writes <out>/step_<step>/ and updates <out>/latest;
-the result resumes at any layout like a checkpoint written by training.
+tokens_seen}, "rng": {rank: {part: tensor}}, "manifest": dict}; read back with
+torch.load(weights_only=True). As .safetensors (needs the safetensors package) the same tensors
+are flat under their checkpoint keys with experts stacked (model/<fqn>, optim/<fqn>/<state>,
+train/step, rng/rank_<r>/<part>) and the manifest as JSON in the file's metadata.
+--from-consolidated writes <out>/step_<step>/ and updates <out>/latest; the result resumes at any
+layout like a checkpoint written by training.
 
-Exit codes: 0 ok, 1 the checkpoint is damaged or incomplete, 2 bad arguments.
+Reading never runs code from the checkpoint (see moetrain/ckpt/dcp_reader.py): a crafted one is
+refused with one line. --upgrade rewrites a format_version 1 checkpoint (an older moetrain, which
+pickled the RNG states: refused everywhere else) into CKPT_DIR: every tensor is kept, the
+pickled RNG states are dropped unread (a resume starts fresh RNG streams).
+
+Exit codes: 0 ok, 1 the checkpoint is damaged, incomplete or refused, 2 bad arguments.
 """
 from __future__ import annotations
 
@@ -31,7 +39,7 @@ import torch  # noqa: E402
 
 from moetrain.ckpt import state as S  # noqa: E402
 from moetrain.ckpt.convert import (load_all, read_consolidated, resolve, run_tool,  # noqa: E402
-                                   save_consolidated, write_sharded)
+                                   save_consolidated, upgrade, write_sharded)
 from moetrain.ckpt import store  # noqa: E402
 from moetrain.ckpt.store import CheckpointError  # noqa: E402
 
@@ -54,11 +62,8 @@ def describe(info: store.CheckpointInfo, out=sys.stdout) -> None:
             expert = str(mk[1])
         elif (ok := S.parse_optim_key(key)) is not None and ok[1] is not None:
             expert = str(ok[1])
-        if hasattr(md, "size"):
-            rows.append((key, "x".join(map(str, md.size)) or "scalar", str(md.properties.dtype).replace("torch.", ""),
-                         expert))
-        else:
-            rows.append((key, "-", "bytes", expert))
+        rows.append((key, "x".join(map(str, md.size)) or "scalar", str(md.properties.dtype).replace("torch.", ""),
+                     expert))
     width = max(len(r[0]) for r in rows) if rows else 10
     print(f"  {'tensor':<{width}}  {'shape':<14} {'dtype':<8} expert", file=out)
     for key, shape, dtype, expert in rows:
@@ -93,6 +98,8 @@ def main(argv=None) -> int:
     ap.add_argument("--consolidate", metavar="OUT", help="write one consolidated file (.pt, or .safetensors)")
     ap.add_argument("--from-consolidated", metavar="IN", help="convert a consolidated file back into a sharded checkpoint")
     ap.add_argument("--out", metavar="CKPT_DIR", help="checkpoint.dir to write with --from-consolidated")
+    ap.add_argument("--upgrade", metavar="CKPT_DIR", help="rewrite a format_version 1 checkpoint into CKPT_DIR "
+                    "(its pickled RNG states are dropped unread)")
     ap.add_argument("--quiet", "-q", action="store_true", help="no tensor listing")
     args = ap.parse_args(argv)
 
@@ -105,6 +112,9 @@ def main(argv=None) -> int:
             return
         if not args.path:
             ap.error("give a checkpoint path (or --from-consolidated IN --out DIR)")
+        if args.upgrade:
+            print(f"wrote {upgrade(args.path, args.upgrade)}")
+            return
         info = resolve(args.path)
         if not args.quiet:
             describe(info)

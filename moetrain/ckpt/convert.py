@@ -3,8 +3,13 @@
 resolve/load_all read every tensor of a sharded checkpoint into CPU memory; read_checkpoint gives
 the consolidated dict (experts as full [E, ...] tensors, see ckpt/state.py); write_sharded commits
 a consolidated dict as a world-1 sharded checkpoint exactly like training does; save/read
-_consolidated move that dict to and from one .pt or .safetensors file. run_tool maps the errors
+_consolidated move that dict to and from one .pt or .safetensors file; upgrade rewrites a
+format_version 1 checkpoint (pickled RNG states) without reading those. run_tool maps the errors
 of a tool's body to one `prog: error: ...` line and an exit code.
+
+Like training, nothing here runs code from a file it reads: checkpoints go through store.verify
+and store.load_dcp (restricted unpickler, tensors only), .pt files through
+torch.load(weights_only=True), .safetensors hold tensors and a JSON manifest.
 """
 from __future__ import annotations
 
@@ -31,13 +36,13 @@ def resolve(path: str) -> store.CheckpointInfo:
 
 
 def load_all(info: store.CheckpointInfo) -> dict:
-    """Every key of the checkpoint, read into fresh CPU tensors (bytes values as bytes)."""
+    """Every tensor of the checkpoint, read into fresh CPU tensors. Pickled entries (only a
+    format_version 1 checkpoint verified with old_format=True gets here with any) are skipped
+    unread."""
     flat: dict = {}
     for key, md in info.metadata.state_dict_metadata.items():
         if hasattr(md, "size"):
             flat[key] = torch.empty(tuple(md.size), dtype=md.properties.dtype)
-        else:
-            flat[key] = b""
     store.load_dcp(flat, info.path, None)
     return flat
 
@@ -64,7 +69,7 @@ def save_consolidated(full: dict, out: str) -> None:
         for name, states in full["optim"].items():
             flat.update({f"optim/{name}/{k}": v for k, v in states.items()})
         flat.update({f"train/{k}": torch.tensor(v, dtype=torch.int64) for k, v in full["train"].items()})
-        flat.update({S.rng_key(r): torch.frombuffer(bytearray(b), dtype=torch.uint8) for r, b in full["rng"].items()})
+        flat.update({S.rng_key(r, part): t for r, parts in full["rng"].items() for part, t in parts.items()})
         save_file({k: v.contiguous().clone() for k, v in flat.items()}, out,
                   metadata={"manifest": json.dumps(full["manifest"])})
     else:
@@ -78,18 +83,27 @@ def read_consolidated(path: str) -> dict:
         except ImportError:
             raise CheckpointError("reading .safetensors needs the safetensors package") from None
         full: dict = {"model": {}, "optim": {}, "train": {}, "rng": {}}
-        with safe_open(path, framework="pt") as f:
-            full["manifest"] = json.loads(f.metadata()["manifest"])
-            for key in f.keys():
-                t = f.get_tensor(key)
-                if (mk := S.parse_model_key(key)) is not None:
-                    full["model"][mk[0]] = t
-                elif (ok := S.parse_optim_key(key)) is not None:
-                    full["optim"].setdefault(ok[0], {})[ok[2]] = t
-                elif key.startswith("train/"):
-                    full["train"][key[len("train/"):]] = int(t)
-                elif key.startswith("rng/rank_"):
-                    full["rng"][int(key[len("rng/rank_"):])] = t.numpy().tobytes()
+        try:
+            with safe_open(path, framework="pt") as f:
+                full["manifest"] = json.loads((f.metadata() or {})["manifest"])
+                for key in f.keys():
+                    t = f.get_tensor(key)
+                    if (mk := S.parse_model_key(key)) is not None:
+                        full["model"][mk[0]] = t
+                    elif (ok := S.parse_optim_key(key)) is not None:
+                        full["optim"].setdefault(ok[0], {})[ok[2]] = t
+                    elif key.startswith("train/"):
+                        full["train"][key[len("train/"):]] = int(t)
+                    elif (rk := S.parse_rng_key(key)) is not None:
+                        full["rng"].setdefault(rk[0], {})[rk[1]] = t
+                    else:
+                        raise ValueError(f"unknown key {key}")
+        except (FileNotFoundError, PermissionError, IsADirectoryError):
+            raise
+        except Exception as exc:    # not safetensors, no manifest, a non-scalar train/ entry...
+            raise CheckpointError(f"{path}: not a readable consolidated checkpoint ({type(exc).__name__}: "
+                                  f"{_first_line(exc)[:200]})") from None
+        _check_consolidated(full, path)
         return full
     try:
         # weights_only: tensors and plain containers only; a crafted .pt cannot run code here
@@ -97,9 +111,8 @@ def read_consolidated(path: str) -> dict:
     except (FileNotFoundError, PermissionError, IsADirectoryError):
         raise
     except Exception as exc:    # truncated zip, random bytes (EINVAL), a pickle with foreign objects
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise CheckpointError(f"{path}: not a readable consolidated checkpoint ({type(exc).__name__}: "
-                              f"{first[:200]})") from None
+                              f"{_first_line(exc)[:200]})") from None
     if not isinstance(full, dict) or "model" not in full or "manifest" not in full:
         raise CheckpointError(f"{path}: not a consolidated moetrain checkpoint (needs 'model' and 'manifest')")
     _check_consolidated(full, path)
@@ -129,8 +142,13 @@ def _check_consolidated(full: dict, path: str) -> None:
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             bad(f"train.{key} must be an integer >= 0, got {v!r}")
     rng = full.get("rng", {})
-    if not isinstance(rng, dict) or not all(isinstance(b, (bytes, bytearray)) for b in rng.values()):
-        bad("'rng' must be a dict of rank -> bytes")
+    if not isinstance(rng, dict) or not all(
+            isinstance(r, int) and r >= 0 and isinstance(parts, dict) and all(
+                part in S.RNG_PARTS and torch.is_tensor(t) and t.dtype == S.RNG_PARTS[part][0] and t.dim() == 1
+                for part, t in parts.items())
+            for r, parts in rng.items()):
+        bad("'rng' must be a dict of rank -> {python|numpy|gauss|torch|cuda: 1-d tensor} (files written before "
+            "format_version 2 held pickled bytes there)")
 
 
 def write_sharded(full: dict, out_dir: str, source: str) -> str:
@@ -149,6 +167,28 @@ def write_sharded(full: dict, out_dir: str, source: str) -> str:
     store.remove_stale(out_dir)
     store.save_dcp(flat, tmp, None)
     return store.commit(tmp, out_dir, step, fields)
+
+
+def upgrade(path: str, out_dir: str) -> str:
+    """A format_version 1 checkpoint (RNG states pickled) -> a current one in out_dir: every tensor
+    (model, optimizer, step, tokens seen) is copied; the pickled entries are never read, so a resume
+    from the result starts fresh RNG streams (as after a change of world size)."""
+    infos, warnings = store.resolve_path(path, old_format=True)
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    info = infos[0]
+    if info.manifest["format_version"] >= 2:
+        raise CheckpointError(f"checkpoint {info.path} is already format_version {info.manifest['format_version']}: "
+                              "nothing to upgrade")
+    store.check_contents(info)
+    full = S.to_consolidated(load_all(info), info.manifest)
+    full["rng"] = {}
+    full["manifest"] = dict(full["manifest"], upgraded_from_format_version=info.manifest["format_version"])
+    return write_sharded(full, out_dir, info.path)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def run_tool(prog: str, body: Callable[[], object], usage_errors: tuple = ()) -> int:

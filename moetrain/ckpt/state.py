@@ -11,7 +11,15 @@ Keys (tensor values unless noted):
                                         stays whole under optim/<param fqn>/<state>
   train/step, train/tokens_seen         int64 scalars (the data position and the LR schedule
                                         are functions of step: batches depend only on seed+step)
-  rng/rank_<r>                          bytes: pickled python/numpy/torch(/cuda) RNG states of rank r
+  rng/rank_<r>/python                   int64 [625]: rank r's `random` Mersenne Twister words +
+                                        position (random.getstate()[1])
+  rng/rank_<r>/numpy                    int64 [626]: np.random's 624 key words, pos, has_gauss
+  rng/rank_<r>/gauss                    float64 [3]: python has gauss_next (0/1), gauss_next,
+                                        numpy's cached gaussian
+  rng/rank_<r>/torch, .../cuda          uint8: torch.get_rng_state() (and the CUDA generator's)
+
+Every entry is a tensor: nothing in a checkpoint is a pickled object (reading one with DCP's
+default planner would run torch.load(weights_only=False) on it, see ckpt/dcp_reader.py).
 
 Because experts are addressed by global id, an ep=4 rank holding experts 4..5 and an ep=2 rank
 holding 4..7 name the same keys, and DCP maps them to whatever was written.
@@ -33,7 +41,6 @@ shapes do not change, so an FSDP checkpoint loads at any layout, with or without
 """
 from __future__ import annotations
 
-import pickle
 import random
 import re
 from typing import Optional
@@ -48,11 +55,21 @@ from moetrain.moe.peer import PEERLayer
 
 _MODEL_RE = re.compile(r"^model/(?P<name>[^/]+)(?:/expert_(?P<g>\d+))?$")
 _OPTIM_RE = re.compile(r"^optim/(?P<name>[^/]+?)(?:/expert_(?P<g>\d+))?/(?P<k>[^/]+)$")
+_RNG_RE = re.compile(r"^rng/rank_(?P<r>\d{5,})/(?P<part>[a-z]+)$")
 STEP_KEY, TOKENS_KEY = "train/step", "train/tokens_seen"
+_MT_N = 624                                  # Mersenne Twister state words (python and numpy)
+# part -> (dtype, shape or None for "any 1-d length"); cuda is optional (only CUDA ranks save it)
+RNG_PARTS = {"python": (torch.int64, (_MT_N + 1,)), "numpy": (torch.int64, (_MT_N + 2,)),
+             "gauss": (torch.float64, (3,)), "torch": (torch.uint8, None), "cuda": (torch.uint8, None)}
 
 
-def rng_key(rank: int) -> str:
-    return f"rng/rank_{rank:05d}"
+def rng_key(rank: int, part: str) -> str:
+    return f"rng/rank_{rank:05d}/{part}"
+
+
+def parse_rng_key(key: str) -> Optional[tuple[int, str]]:
+    m = _RNG_RE.match(key)
+    return (int(m.group("r")), m.group("part")) if m else None
 
 
 def model_key(name: str, expert: Optional[int] = None) -> str:
@@ -234,8 +251,11 @@ def optim_entries(model: nn.Module, opt: torch.optim.Optimizer, mesh=None) -> di
         for k, v in st.items():
             if _like_param(v, p):
                 out.update(_entries(pl, f"optim/{name}", v, mesh, f"/{k}"))
-            else:
-                out[optim_key(name, k)] = v.detach() if torch.is_tensor(v) else v
+            elif torch.is_tensor(v):
+                out[optim_key(name, k)] = v.detach()
+            else:      # DCP would pickle it, and reading it back would unpickle it: never
+                raise CheckpointError(f"optimizer state {k} of {name} is a {type(v).__name__}, not a tensor: "
+                                      "moetrain checkpoints hold tensors only")
     return out
 
 
@@ -299,8 +319,13 @@ def check_fits(metadata, model: nn.Module, sizes: dict[str, int], where: str, hi
     for key in stored:
         if key.startswith("model/") and key not in expected:
             fail(f"the checkpoint holds tensor {key}, which the model does not have")
-    if STEP_KEY not in stored:
-        fail(f"{STEP_KEY} is missing")
+    for key in (STEP_KEY, TOKENS_KEY):
+        md = stored.get(key)
+        if md is None:
+            fail(f"{key} is missing")
+        if not hasattr(md, "size") or tuple(md.size) != () or md.properties.dtype != torch.int64:
+            fail(f"{key} is not an int64 scalar tensor")
+    rng_layout(metadata, where)
 
     schema = optim_schema(metadata)
     if not schema:
@@ -332,23 +357,86 @@ def train_entries(step: int, tokens_seen: int) -> dict[str, torch.Tensor]:
     return {STEP_KEY: torch.tensor(step, dtype=torch.int64), TOKENS_KEY: torch.tensor(tokens_seen, dtype=torch.int64)}
 
 
-def capture_rng(device: torch.device) -> bytes:
-    """Torch generator states as raw bytes (pickling a tensor would embed process-specific storage
-    keys, so equal states would not give equal checkpoints)."""
-    st = {"python": random.getstate(), "numpy": np.random.get_state(),
-          "torch": torch.get_rng_state().numpy().tobytes()}
+def rng_layout(metadata, where: str = "checkpoint") -> dict[int, dict[str, tuple]]:
+    """{rank: {part: (shape, dtype)}} of the RNG states a checkpoint holds. Raises CheckpointError
+    for an rng/ entry that is not one of RNG_PARTS with its dtype and shape, or a rank that lacks
+    a part every rank saves."""
+    out: dict[int, dict[str, tuple]] = {}
+    for key, md in metadata.state_dict_metadata.items():
+        if not key.startswith("rng/"):
+            continue
+        parsed = parse_rng_key(key)
+        if parsed is None or parsed[1] not in RNG_PARTS:
+            raise CheckpointError(f"checkpoint {where}: unknown RNG entry {key}")
+        dtype, shape = RNG_PARTS[parsed[1]]
+        if not hasattr(md, "size") or md.properties.dtype != dtype or len(md.size) != 1 or (
+                shape is not None and tuple(md.size) != shape):
+            raise CheckpointError(f"checkpoint {where}: RNG entry {key} is not a {dtype} tensor"
+                                  + (f" of shape {list(shape)}" if shape else " of one dimension"))
+        out.setdefault(parsed[0], {})[parsed[1]] = (tuple(md.size), dtype)
+    for rank, parts in out.items():
+        missing = sorted(set(RNG_PARTS) - {"cuda"} - set(parts))
+        if missing:
+            raise CheckpointError(f"checkpoint {where}: RNG entry {rng_key(rank, missing[0])} is missing")
+    return out
+
+
+def rng_targets(rank: int, parts: dict[str, tuple]) -> dict[str, torch.Tensor]:
+    """Load targets (CPU tensors) for one rank's RNG parts, as rng_layout describes them."""
+    return {rng_key(rank, part): torch.empty(shape, dtype=dtype) for part, (shape, dtype) in parts.items()}
+
+
+def capture_rng(rank: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """This process's RNG states as tensors under rng/rank_<rank>/<part> (see the module doc)."""
+    version, words, gauss_next = random.getstate()
+    assert version == 3 and len(words) == _MT_N + 1, "CPython's random state layout changed"
+    name, key, pos, has_gauss, cached = np.random.get_state()
+    assert name == "MT19937" and key.shape == (_MT_N,), "numpy's legacy RNG state layout changed"
+    parts = {
+        "python": torch.tensor(words, dtype=torch.int64),
+        "numpy": torch.cat([torch.from_numpy(key.astype(np.int64)),
+                            torch.tensor([pos, has_gauss], dtype=torch.int64)]),
+        "gauss": torch.tensor([gauss_next is not None, gauss_next or 0.0, cached], dtype=torch.float64),
+        "torch": torch.get_rng_state().clone(),
+    }
     if device.type == "cuda":
-        st["cuda"] = torch.cuda.get_rng_state(device).numpy().tobytes()
-    return pickle.dumps(st, protocol=4)
+        parts["cuda"] = torch.cuda.get_rng_state(device).clone()
+    return {rng_key(rank, part): t for part, t in parts.items()}
 
 
-def restore_rng(blob: bytes, device: torch.device) -> None:
-    st = pickle.loads(blob)
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
-    torch.set_rng_state(torch.frombuffer(bytearray(st["torch"]), dtype=torch.uint8))
-    if device.type == "cuda" and "cuda" in st:
-        torch.cuda.set_rng_state(torch.frombuffer(bytearray(st["cuda"]), dtype=torch.uint8), device)
+def prepare_rng(rank: int, flat: dict, device: torch.device):
+    """Check the RNG states of `rank` loaded into `flat` on throwaway generators and return a
+    function that installs them. Raises ValueError naming the entry when one is not a valid
+    state, before anything in this process has changed."""
+    t = {part: flat[rng_key(rank, part)] for part in RNG_PARTS if rng_key(rank, part) in flat}
+    gauss = t["gauss"].tolist()
+    py_state = (3, tuple(t["python"].tolist()), gauss[1] if gauss[0] else None)
+    words = t["numpy"].tolist()
+    # numpy does not range-check pos (an index into its key array) or has_gauss itself
+    if any(not 0 <= w < 2 ** 32 for w in words[:_MT_N]) or not 0 <= words[_MT_N] <= _MT_N \
+            or words[_MT_N + 1] not in (0, 1) or gauss[0] not in (0.0, 1.0):
+        raise ValueError(f"RNG entry {rng_key(rank, 'numpy')} (or {rng_key(rank, 'gauss')}) is not a valid state")
+    np_state = ("MT19937", np.array(words[:_MT_N], dtype=np.uint32), words[_MT_N], words[_MT_N + 1], gauss[2])
+    for part, check in (("python", lambda: random.Random().setstate(py_state)),
+                        ("numpy", lambda: np.random.RandomState().set_state(np_state)),
+                        ("torch", lambda: torch.Generator().set_state(t["torch"]))):
+        try:
+            check()
+        except (ValueError, TypeError, OverflowError, RuntimeError) as exc:
+            why = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise ValueError(f"RNG entry {rng_key(rank, part)} is not a valid state ({type(exc).__name__}: {why})") from None
+    cuda = t.get("cuda") if device.type == "cuda" else None
+    if cuda is not None and cuda.numel() != torch.cuda.get_rng_state(device).numel():
+        raise ValueError(f"RNG entry {rng_key(rank, 'cuda')} has {cuda.numel()} bytes, this GPU's state "
+                         f"{torch.cuda.get_rng_state(device).numel()}")
+
+    def install() -> None:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.set_rng_state(t["torch"])
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
+    return install
 
 
 # ----------------------------------------------------------------------------- consolidated form
@@ -356,7 +444,8 @@ def restore_rng(blob: bytes, device: torch.device) -> None:
 
 def to_consolidated(flat: dict, manifest: dict) -> dict:
     """Flat checkpoint dict -> {"model": full state dict (experts stacked [E, ...]) that loads
-    into a world-1 Transformer, "optim": {param: {state: tensor}}, "train", "rng", "manifest"}."""
+    into a world-1 Transformer, "optim": {param: {state: tensor}}, "train": {step, tokens_seen},
+    "rng": {rank: {part: tensor}}, "manifest"}."""
     model: dict = {}
     optim: dict = {}
     experts: dict = {}
@@ -376,8 +465,8 @@ def to_consolidated(flat: dict, manifest: dict) -> dict:
                 experts.setdefault(("optim", name, k), {})[g] = v
         elif key.startswith("train/"):
             out["train"][key[len("train/"):]] = int(v)
-        elif key.startswith("rng/rank_"):
-            out["rng"][int(key[len("rng/rank_"):])] = v
+        elif (rk := parse_rng_key(key)) is not None:
+            out["rng"].setdefault(rk[0], {})[rk[1]] = v
     for (kind, name, k), by_g in experts.items():
         if sorted(by_g) != list(range(len(by_g))):
             raise CheckpointError(f"{kind} tensor {name}: expert ids {sorted(by_g)} are not 0..{len(by_g) - 1}")
@@ -411,6 +500,7 @@ def from_consolidated(full: dict) -> dict:
     train = full.get("train", {})
     flat.update(train_entries(int(train.get("step", full["manifest"].get("step", 0))),
                               int(train.get("tokens_seen", full["manifest"].get("tokens_seen", 0)))))
-    for r, blob in full.get("rng", {}).items():
-        flat[rng_key(int(r))] = blob
+    for r, parts in full.get("rng", {}).items():
+        for part, t in parts.items():
+            flat[rng_key(int(r), part)] = t
     return flat
