@@ -52,6 +52,7 @@ import torch.distributed as dist
 
 from moetrain.ckpt import state as S
 from moetrain.ckpt import store
+from moetrain.ckpt.lock import CheckpointLockError, DirLock
 from moetrain.ckpt.store import CheckpointError  # noqa: F401  (re-exported: the CLI maps it to exit 2)
 from moetrain.config import Config, to_dict
 
@@ -85,6 +86,7 @@ class Checkpointer:
             self.group = dist.new_group(backend="gloo") if self.async_save else par.world_group
         self.last_step: Optional[int] = None      # step of the checkpoint last saved or loaded
         self.pending: Optional[_Pending] = None
+        self.lock: Optional[DirLock] = None       # rank 0, while saving: checkpoint.dir is ours
 
     def log(self, msg: str) -> None:
         if self.par.is_main:
@@ -94,6 +96,13 @@ class Checkpointer:
 
     def resume(self, trainer) -> None:
         """Apply checkpoint.resume. Every rank calls this right after build_trainer."""
+        try:
+            self._resume(trainer)
+        except BaseException:
+            self.close()                 # a refused or failed resume leaves checkpoint.dir unlocked
+            raise
+
+    def _resume(self, trainer) -> None:
         decision = self._decide(trainer) if self.par.is_main else None
         decision = self._broadcast(decision)
         for w in decision["warnings"]:
@@ -125,7 +134,7 @@ class Checkpointer:
         out = {"candidates": [], "warnings": [], "notes": [], "error": None}
         try:
             self._decide_into(trainer, out)
-        except CheckpointError as exc:
+        except (CheckpointError, CheckpointLockError) as exc:
             out["error"] = str(exc)
         except Exception as exc:  # an unexpected filesystem error must not strand the other ranks
             out["error"] = f"checkpoint.resume={self.cfg.checkpoint.resume!r}: {type(exc).__name__}: {exc}"
@@ -135,7 +144,7 @@ class Checkpointer:
         c = self.cfg.checkpoint
         if not self.enabled and c.resume == "none":
             return                           # checkpointing off: never touch checkpoint.dir
-        removed = store.remove_stale(self.root)
+        removed = self._own_dir(out)
         if removed:
             out["notes"].append(f"removed leftovers of interrupted saves in {self.root}: {', '.join(removed)}")
         if self.enabled:
@@ -255,12 +264,46 @@ class Checkpointer:
             self.save(trainer)
         maybe_kill(step, self.par.rank)
 
+    def _own_dir(self, out: dict) -> list[str]:
+        """Rank 0, before anything else touches checkpoint.dir: a saving run takes its lock for the
+        whole run (CheckpointLockError: another run's live lock, one line); a read-only run
+        (every=0) takes it only to clean up, and leaves a locked directory alone. Then remove
+        interrupted saves' leftovers: only the lock's holder may, they could be a live run's."""
+        if not self.enabled and not os.path.isdir(self.root):
+            return []
+        lock = DirLock(self.root)
+        if self.enabled:
+            self.lock = lock
+            warning = lock.acquire()
+        else:
+            try:
+                warning = lock.acquire()
+            except CheckpointLockError:
+                return []
+        if warning:
+            out["warnings"].append(warning)
+        try:
+            return store.remove_stale(self.root)
+        finally:
+            if not self.enabled:
+                lock.release()
+
+    def close(self) -> None:
+        """Release checkpoint.dir's lock (rank 0; no collective; idempotent). finish() calls it
+        after the last commit; run_training on every way out."""
+        lock, self.lock = self.lock, None
+        if lock is not None:
+            lock.release()
+
     def finish(self, trainer) -> None:
         """After the last step: the final save (when enabled), then wait for any async write."""
         step = trainer.state.step
-        if self.enabled and step > 0 and step != self.last_step:
-            self.save(trainer)
-        self.wait()
+        try:
+            if self.enabled and step > 0 and step != self.last_step:
+                self.save(trainer)
+            self.wait()
+        finally:
+            self.close()                 # after the last commit (or its failure): the dir is free
 
     def save(self, trainer) -> None:
         self.wait()                      # at most one save in flight; it must be committed first
@@ -309,6 +352,8 @@ class Checkpointer:
     def _commit(self, p: _Pending) -> None:
         p.committed = True
         try:
+            if self.lock is not None:
+                self.lock.check()        # another run took checkpoint.dir over: never commit into it
             path = store.commit(p.tmp, self.root, p.step, dict(p.fields, save_s=round(time.perf_counter() - p.started, 3)))
             removed = store.prune(self.root, self.cfg.checkpoint.keep_last, p.step)
         except Exception as exc:

@@ -22,6 +22,7 @@ import torch
 
 from moetrain.ckpt import state as S
 from moetrain.ckpt import store
+from moetrain.ckpt.lock import CheckpointLockError, DirLock
 from moetrain.ckpt.store import CheckpointError
 
 
@@ -158,15 +159,20 @@ def write_sharded(full: dict, out_dir: str, source: str) -> str:
     fields = {k: v for k, v in full["manifest"].items()
               if k not in ("format", "format_version", "step", "created", "files", "crc32", "save_s")}
     fields.update(converted_from=os.path.abspath(source), world=1, layout={"dp": 1, "tp": 1, "ep": 1})
-    existing = [p for st, p in store.list_step_dirs(out_dir) if st >= step]
-    if existing:
-        raise CheckpointError(f"{out_dir} already holds {os.path.basename(existing[0])}: writing step {step} "
-                              "there would replace it or move `latest` back; choose an empty --out directory")
     os.makedirs(out_dir, exist_ok=True)
-    tmp = store.tmp_dir_for(out_dir, step)
-    store.remove_stale(out_dir)
-    store.save_dcp(flat, tmp, None)
-    return store.commit(tmp, out_dir, step, fields)
+    try:
+        with DirLock(out_dir):         # as training does: never write beside a live run
+            existing = [p for st, p in store.list_step_dirs(out_dir) if st >= step]
+            if existing:
+                raise CheckpointError(f"{out_dir} already holds {os.path.basename(existing[0])}: writing step "
+                                      f"{step} there would replace it or move `latest` back; choose an empty "
+                                      "--out directory")
+            tmp = store.tmp_dir_for(out_dir, step)
+            store.remove_stale(out_dir)
+            store.save_dcp(flat, tmp, None)
+            return store.commit(tmp, out_dir, step, fields)
+    except CheckpointLockError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 def upgrade(path: str, out_dir: str) -> str:

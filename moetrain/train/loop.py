@@ -287,17 +287,19 @@ def run_training(cfg: Config, par: Parallel, data: TokenData, log=print) -> dict
     # exit signals are recorded from here on (a signal during start-up stops after the first step)
     watch = PreemptionWatch(configured_signals(cfg), par)
     watch.install()
+    ckpt = Checkpointer(cfg, par, log)
     try:
-        return _run_training(cfg, par, data, log, watch)
+        return _run_training(cfg, par, data, log, watch, ckpt)
     finally:
+        ckpt.close()              # checkpoint.dir's lock (rank 0) is released on every way out
         watch.restore()
 
 
-def _run_training(cfg: Config, par: Parallel, data: TokenData, log, watch: PreemptionWatch) -> dict:
+def _run_training(cfg: Config, par: Parallel, data: TokenData, log, watch: PreemptionWatch,
+                  ckpt: Checkpointer) -> dict:
     t, lg = cfg.train, cfg.logging
     trainer = build_trainer(cfg, par, data)
     trainer.preempt = watch if watch.enabled else None
-    ckpt = Checkpointer(cfg, par, log)
     ckpt.resume(trainer)          # checkpoint.resume: sets trainer.state.step, model, optimizer, RNG
     total_params, active_params = count_params(trainer.model, cfg)
     writer = RunWriter(_open_run_dir(cfg, trainer.state.step), lg.tensorboard) if par.is_main else None

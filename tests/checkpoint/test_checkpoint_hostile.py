@@ -158,12 +158,15 @@ def test_training_refuses_hostile_checkpoints(ckpts, tmp_path):
     holding it: exit 2, one line naming the file, the payload never runs. Also a `latest` holding
     garbage bytes: one line."""
     cases = {}
+    saving_dirs = []
     for kind in ("metadata", "entry"):
         d = ckpts[f"dir_{kind}"]
         cases[f"{kind} path"] = (tmp_path / f"c_{kind}", [f"checkpoint.resume={ckpts[kind]}"])
         cases[f"{kind} latest"] = (tmp_path / f"c2_{kind}", [f"checkpoint.resume={d / 'latest'}"])
-        cases[f"{kind} auto"] = (d, ["checkpoint.resume=auto", "checkpoint.every=2"])
-        cases[f"{kind} none"] = (d, ["checkpoint.resume=none", "checkpoint.every=2"])
+        for resume in ("auto", "none"):     # saving runs: one copy each (a shared dir is locked)
+            own = shutil.copytree(d, tmp_path / f"{kind}_{resume}")
+            saving_dirs.append(own)
+            cases[f"{kind} {resume}"] = (own, [f"checkpoint.resume={resume}", "checkpoint.every=2"])
     cases["garbage latest"] = (tmp_path / "c3", [f"checkpoint.resume={ckpts['garbage_latest']}"])
     procs = {name: H.start_cli(H.overrides(tmp_path / "runs" / name.replace(" ", "_"), ck, ["train.steps=6"] + extra))
              for name, (ck, extra) in cases.items()}
@@ -172,8 +175,8 @@ def test_training_refuses_hostile_checkpoints(ckpts, tmp_path):
         _one_line(code, err, 2, GARBAGE if kind == "garbage" else REFUSED[kind] + ["step_00000004"],
                   "moetrain: error: ", name)
     assert not ckpts["marker"].exists(), "a hostile checkpoint ran its code"
-    for kind in ("metadata", "entry"):      # nothing was deleted or overwritten
-        assert sorted(os.listdir(ckpts[f"dir_{kind}"])) == ["latest", "step_00000002", "step_00000004"]
+    for d in [ckpts["dir_metadata"], ckpts["dir_entry"]] + saving_dirs:    # nothing deleted or overwritten
+        assert sorted(os.listdir(d)) == ["latest", "step_00000002", "step_00000004"], d
 
 
 def test_tools_refuse_hostile_checkpoints(ckpts, tmp_path):
