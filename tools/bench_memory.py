@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
 import sys
 import time
 from importlib.util import find_spec
@@ -185,7 +184,7 @@ def measure(trainer) -> dict[str, int]:
 # --------------------------------------------------------------------------- ranks
 
 def rank_main(args, rank, world):
-    """args: (configs, quick, log_dir, out_path). Rank 0 pickles the rows to out_path."""
+    """args: (configs, quick, log_dir, out_path). Rank 0 writes the rows to out_path as JSON."""
     configs, quick, log_dir, out_path = args
     import torch
     import torch.distributed as dist
@@ -219,17 +218,17 @@ def rank_main(args, rank, world):
                      "total_mib": round(max(sum(r.values()) for r in every) / MIB, 2),
                      "ranks": every, "model": total_params, "seconds": round(seconds, 2)})
     if rank == 0:
-        with open(out_path, "wb") as f:
-            pickle.dump(rows, f)
+        with open(out_path, "w") as f:
+            json.dump(rows, f)
     shutdown()      # (world 1 with the deepspeed engine has a process group too)
 
 
 def run_world(world: int, configs: list, quick: bool, log_dir: str) -> list[dict]:
     from tools._local_ranks import run_local_ranks
-    out_path = os.path.join(log_dir, f"rows_world{world}.pkl")
+    out_path = os.path.join(log_dir, f"rows_world{world}.json")
     run_local_ranks(rank_main, (configs, quick, log_dir, out_path), world)
-    with open(out_path, "rb") as f:
-        return pickle.load(f)
+    with open(out_path) as f:
+        return json.load(f)
 
 
 # --------------------------------------------------------------------------- output
