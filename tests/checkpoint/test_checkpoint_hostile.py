@@ -284,9 +284,10 @@ def test_user_step_directory_is_never_replaced(tmp_path):
     assert os.listdir(mine) == ["notes.txt"] and (mine / "notes.txt").read_text() == "my results"
     # through training: refused before the first step (a run saving step 4 there), with one line;
     # a run that never saves step 4 does not mind it
-    procs = [H.start_cli(H.overrides(tmp_path / f"runs{n}", root, [f"train.steps={n}", f"checkpoint.every={n}"]))
-             for n in (4, 3)]
-    (code, _, err), (code3, _, err3) = H.run_many(procs)
+    # one after the other: two saving runs on one checkpoint.dir would meet its lock
+    (code, _, err), (code3, _, err3) = [
+        H.run_many([H.start_cli(H.overrides(tmp_path / f"runs{n}", root, [f"train.steps={n}", f"checkpoint.every={n}"]))])[0]
+        for n in (4, 3)]
     _one_line(code, err, 2, ["step_00000004 is not a moetrain checkpoint", "this run saves step 4 there"],
               "moetrain: error: ", "cli")
     assert code3 == 0, err3[-3000:]

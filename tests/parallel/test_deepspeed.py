@@ -58,9 +58,11 @@ def _body(rank, world, root, cases):
                                            for v in st.values() if torch.is_tensor(v) and v.dim() > 0)
                     if cfg.train.zero_stage > 0 else None,
                     "param_numel": sum(p.numel() for p in trainer.model.parameters())}
-        with open(os.path.join(root, name, "metrics.jsonl")) as f:
-            recs = [r for r in map(json.loads, f) if "loss" in r]
-        out[name] = {"records": recs if rank == 0 else None, "info": info}
+        recs = None
+        if rank == 0:            # rank 0 writes metrics.jsonl; another rank could read it half-written
+            with open(os.path.join(root, name, "metrics.jsonl")) as f:
+                recs = [r for r in map(json.loads, f) if "loss" in r]
+        out[name] = {"records": recs, "info": info}
     return out
 
 
