@@ -10,8 +10,6 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Optional
-
 import torch
 import torch.distributed as dist
 
@@ -49,7 +47,7 @@ class StepStats:
         self.routed_LE += torch.stack([a.counts_E for a in auxes]).to(self.routed_LE)
         self.kept_LE += torch.stack([a.kept_E for a in auxes]).to(self.kept_LE)
         self.entropy_L += torch.stack([a.entropy.detach() for a in auxes]).to(self.entropy_L)
-        self.recv_L += torch.stack([torch.as_tensor(a.recv_tokens) for a in auxes]).to(self.recv_L)
+        self.recv_L += torch.stack([a.recv_tokens for a in auxes]).to(self.recv_L)
         self.timers += [a.timer for a in auxes]
 
     def a2a_totals(self) -> tuple[dict, float]:

@@ -103,7 +103,7 @@ def read_consolidated(path: str) -> dict:
             raise
         except Exception as exc:    # not safetensors, no manifest, a non-scalar train/ entry...
             raise CheckpointError(f"{path}: not a readable consolidated checkpoint ({type(exc).__name__}: "
-                                  f"{_first_line(exc)[:200]})") from None
+                                  f"{store.first_line(exc)[:200]})") from None
         _check_consolidated(full, path)
         return full
     try:
@@ -113,7 +113,7 @@ def read_consolidated(path: str) -> dict:
         raise
     except Exception as exc:    # truncated zip, random bytes (EINVAL), a pickle with foreign objects
         raise CheckpointError(f"{path}: not a readable consolidated checkpoint ({type(exc).__name__}: "
-                              f"{_first_line(exc)[:200]})") from None
+                              f"{store.first_line(exc)[:200]})") from None
     if not isinstance(full, dict) or "model" not in full or "manifest" not in full:
         raise CheckpointError(f"{path}: not a consolidated moetrain checkpoint (needs 'model' and 'manifest')")
     _check_consolidated(full, path)
@@ -191,10 +191,6 @@ def upgrade(path: str, out_dir: str) -> str:
     full["rng"] = {}
     full["manifest"] = dict(full["manifest"], upgraded_from_format_version=info.manifest["format_version"])
     return write_sharded(full, out_dir, info.path)
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def run_tool(prog: str, body: Callable[[], object], usage_errors: tuple = ()) -> int:

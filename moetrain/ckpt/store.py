@@ -118,7 +118,7 @@ def parse_metadata(path: str, refuse_pickled: bool = True):
             data = f.read()
     except OSError as exc:
         raise CheckpointError(f"checkpoint {path}: file {DCP_METADATA} cannot be read "
-                              f"({type(exc).__name__}: {_first_line(exc)})") from None
+                              f"({type(exc).__name__}: {first_line(exc)})") from None
     try:
         metadata = dcp_reader.loads_metadata(data)
     except dcp_reader.UnsafeMetadataError as exc:
@@ -126,7 +126,7 @@ def parse_metadata(path: str, refuse_pickled: bool = True):
                                 "(to run code when unpickled) or not written by torch.distributed.checkpoint: "
                                 "not reading it") from None
     except ValueError as exc:
-        raise CheckpointError(f"checkpoint {path}: file {DCP_METADATA} cannot be read ({_first_line(exc)})") from None
+        raise CheckpointError(f"checkpoint {path}: file {DCP_METADATA} cannot be read ({first_line(exc)})") from None
     pickled = dcp_reader.bytes_entries(metadata) if refuse_pickled else []
     if pickled:
         raise CheckpointRefused(f"checkpoint {path}: file {DCP_METADATA} lists entry {pickled[0]} as a pickled "
@@ -145,7 +145,7 @@ def read_manifest(path: str) -> dict:
             raise ValueError("not a JSON object")
     except Exception as exc:
         raise CheckpointError(f"checkpoint {path}: file {MANIFEST} is corrupt "
-                              f"({type(exc).__name__}: {_first_line(exc)})") from None
+                              f"({type(exc).__name__}: {first_line(exc)})") from None
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path}: {MANIFEST} has format {manifest.get('format')!r}, "
                               f"expected {FORMAT!r}")
@@ -244,7 +244,7 @@ def _check_crcs(path: str, manifest: dict, only: Optional[str]) -> None:
             got = file_crc32(fpath)
         except OSError as exc:
             raise CheckpointError(f"checkpoint {path}: file {rel} cannot be read "
-                                  f"({type(exc).__name__}: {_first_line(exc)})") from None
+                                  f"({type(exc).__name__}: {first_line(exc)})") from None
         if got != want:
             raise CheckpointError(f"checkpoint {path}: file {rel} is corrupt (CRC-32 {got:08x}, "
                                   f"{MANIFEST} records {want:08x})")
@@ -348,10 +348,10 @@ def describe_dcp_error(exc: BaseException) -> str:
     """CheckpointException carries one (exception, traceback) per failed rank: keep one line."""
     failures = getattr(exc, "failures", None) or {}
     if not failures:
-        return _first_line(exc)
+        return first_line(exc)
     rank = min(failures)
     inner = failures[rank][0] if isinstance(failures[rank], tuple) else failures[rank]
-    return f"rank {rank}: {type(inner).__name__}: {_first_line(inner)}"
+    return f"rank {rank}: {type(inner).__name__}: {first_line(inner)}"
 
 
 # ----------------------------------------------------------------------------- commit
@@ -497,6 +497,6 @@ def _describe_dir(path: str) -> str:
     return shown
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__

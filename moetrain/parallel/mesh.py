@@ -284,11 +284,6 @@ def init_parallel(dp: int, tp: int, ep: int, env: LaunchEnv, device_kind: str = 
             agree_at_startup(store, env.rank, env.world_size, {"code": code_fingerprint(), **(agree or {})},
                              rdzv_s, where, deadline)
             store.set_timeout(timeout)
-        except (dist.DistStoreError, dist.DistNetworkError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise LaunchError(f"rendezvous of {env.world_size} ranks{where} failed ({first}): "
-                              "are all ranks started?") from None
-        try:
             # device_id (NCCL): the communicator is created now, so a bad GPU binding fails here
             dist.init_process_group(pg_backend, store=dist.PrefixStore("default_pg", store), rank=env.rank,
                                     world_size=env.world_size, timeout=timeout,
