@@ -580,7 +580,7 @@ def _longest_run_file(cfg: Config, world_size: int) -> tuple[str, int]:
 def _longest_checkpoint_file(cfg: Config, world_size: int) -> tuple[str, int]:
     """(name, bytes) of the longest relative path a save writes under checkpoint.dir:
     .tmp-step_NNNNNNNN/ (also .old-step_) holding manifest.json.tmp, DCP's
-    [__<rank>].metadata.tmp and __<rank>_<n>.distcp, and latest.tmp (moetrain/ckpt/store.py;
+    [__<rank>].metadata.tmp and __<rank>_<n>.distcp, and latest.tmp (moetrain/checkpoint/store.py;
     torch/distributed/checkpoint/filesystem.py)."""
     step_dir = f".tmp-step_{max(cfg.train.steps, 99_999_999):08d}"
     last = max(world_size - 1, 0)

@@ -2,7 +2,7 @@
 tools/depth_upscale.py and tools/ensemble_eval.py (which only read and write checkpoints).
 
 State dicts here are CONSOLIDATED (world-1 names and shapes, experts stacked [N, ...]), as
-moetrain.ckpt.state.to_consolidated returns them and a world-1 Transformer loads them.
+moetrain.checkpoint.state.to_consolidated returns them and a world-1 Transformer loads them.
 
 Sparse upcycling (Komatsuzaki et al. 2022), dense SwiGLU -> GroupedExperts
 --------------------------------------------------------------------------
@@ -145,7 +145,7 @@ def checkpoint_record(cfg: Config, state: dict, step: int = 0, tokens_seen: int 
     """A consolidated checkpoint (ckpt.state.to_consolidated's form) holding only a model: no
     optimizer state (the optimizer starts fresh on resume), no RNG states. The manifest fields
     mirror what training writes (checkpoint.Checkpointer._manifest_fields)."""
-    from moetrain.ckpt import state as S
+    from moetrain.checkpoint import state as S
     model = Transformer(cfg)
     manifest = {"tokens_seen": tokens_seen, "world": 1, "layout": {"dp": 1, "tp": 1, "ep": 1},
                 "num_experts": cfg.moe.num_experts, "expert_tensors": S.expert_tensor_names(model),

@@ -17,7 +17,7 @@ import torch
 from _dist import run_dist
 
 from moetrain import growth
-from moetrain.ckpt.convert import write_sharded
+from moetrain.checkpoint.convert import write_sharded
 from moetrain.config import Config, load_config, validate_layout
 from moetrain.data import eval_batches, load_token_data, sample_batch
 from moetrain.parallel.mesh import LaunchEnv, init_parallel

@@ -19,7 +19,7 @@ train/step, rng/rank_<r>/<part>) and the manifest as JSON in the file's metadata
 --from-consolidated writes <out>/step_<step>/ and updates <out>/latest; the result resumes at any
 layout like a checkpoint written by training.
 
-Reading never runs code from the checkpoint (see moetrain/ckpt/dcp_reader.py): a crafted one is
+Reading never runs code from the checkpoint (see moetrain/checkpoint/dcp_reader.py): a crafted one is
 refused with one line. --upgrade rewrites a format_version 1 checkpoint (an older moetrain, which
 pickled the RNG states: refused everywhere else) into CKPT_DIR: every tensor is kept, the
 pickled RNG states are dropped unread (a resume starts fresh RNG streams).
@@ -37,11 +37,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from moetrain.ckpt import state as S  # noqa: E402
-from moetrain.ckpt.convert import (load_all, read_consolidated, resolve, run_tool,  # noqa: E402
+from moetrain.checkpoint import state as S  # noqa: E402
+from moetrain.checkpoint.convert import (load_all, read_consolidated, resolve, run_tool,  # noqa: E402
                                    save_consolidated, upgrade, write_sharded)
-from moetrain.ckpt import store  # noqa: E402
-from moetrain.ckpt.store import CheckpointError  # noqa: E402
+from moetrain.checkpoint import store  # noqa: E402
+from moetrain.checkpoint.store import CheckpointError  # noqa: E402
 
 
 def describe(info: store.CheckpointInfo, out=sys.stdout) -> None:

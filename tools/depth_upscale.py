@@ -28,7 +28,7 @@ sys.path[:0] = [os.path.dirname(_TOOLS), _TOOLS]
 from upcycle import check_out_dir, write_checkpoint  # noqa: E402
 
 from moetrain import growth  # noqa: E402
-from moetrain.ckpt.convert import read_checkpoint, run_tool  # noqa: E402
+from moetrain.checkpoint.convert import read_checkpoint, run_tool  # noqa: E402
 from moetrain.config import ConfigError  # noqa: E402
 
 PROG = "depth_upscale"

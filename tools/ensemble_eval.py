@@ -27,7 +27,7 @@ _TOOLS = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(_TOOLS), _TOOLS]
 
 import torch  # noqa: E402
-from moetrain.ckpt.convert import read_checkpoint, resolve, run_tool  # noqa: E402
+from moetrain.checkpoint.convert import read_checkpoint, resolve, run_tool  # noqa: E402
 
 from moetrain import growth  # noqa: E402
 from moetrain.config import ConfigError  # noqa: E402

@@ -34,8 +34,8 @@ sys.path[:0] = [os.path.dirname(_TOOLS), _TOOLS]
 
 
 from moetrain import growth  # noqa: E402
-from moetrain.ckpt import store  # noqa: E402
-from moetrain.ckpt.convert import read_checkpoint, run_tool, write_sharded  # noqa: E402
+from moetrain.checkpoint import store  # noqa: E402
+from moetrain.checkpoint.convert import read_checkpoint, run_tool, write_sharded  # noqa: E402
 from moetrain.config import ConfigError, load_config, to_yaml  # noqa: E402
 
 PROG = "upcycle"

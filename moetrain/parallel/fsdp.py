@@ -15,7 +15,7 @@ all-reduce (parallel/grads.GradientSync) skips the DTensor parameters FSDP manag
 sums each DTensor's local squares over its FSDP mesh (grads.grad_sq_norms).
 
 Which tensor dim FSDP splits (`fsdp_shard_dim`) is chosen so that a rank's shard is a plain
-block of the parameter's global tensor, which lets checkpoints (ckpt/state.py) describe it as a
+block of the parameter's global tensor, which lets checkpoints (checkpoint/state.py) describe it as a
 DTensor over the mesh without gathering anything:
   - never the TP shard dim (a TP shard split again on the same dim would interleave),
   - never an expert parameter's dim 0 (checkpoints store one tensor per global expert id),

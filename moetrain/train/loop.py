@@ -382,7 +382,7 @@ def _run_training(cfg: Config, par: Parallel, data: TokenData, log, watch: Preem
 def _stop_preempted(trainer: Trainer, ckpt: Checkpointer, watch: PreemptionWatch, progress, writer, log) -> None:
     """Every rank: save (when checkpointing is on) and wait for the commit, rank 0 logs one line,
     then raise Preempted everywhere. The step in progress has finished and been logged."""
-    from moetrain.ckpt.store import step_dirname
+    from moetrain.checkpoint.store import step_dirname
     step, name = trainer.state.step, signal_name(watch.agreed)
     if progress is not None:
         progress.close()

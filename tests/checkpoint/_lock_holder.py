@@ -6,7 +6,7 @@ REFUSED <message> (exit 3)."""
 import os
 import sys
 
-from moetrain.ckpt.lock import CheckpointLockError, DirLock
+from moetrain.checkpoint.lock import CheckpointLockError, DirLock
 
 lock = DirLock(sys.argv[1], stale_s=float(sys.argv[2]), heartbeat_s=0.2)
 print("READY", flush=True)

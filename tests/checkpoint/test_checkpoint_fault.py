@@ -8,7 +8,7 @@ import sys
 
 import ckpt_helpers as H
 from moetrain.checkpoint import KILL_ENV
-from moetrain.ckpt import store
+from moetrain.checkpoint import store
 
 
 def test_killed_rank_restarts_and_finishes_identically(w2_straight, tmp_path):

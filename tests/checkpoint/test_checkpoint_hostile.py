@@ -26,9 +26,9 @@ import torch.distributed.checkpoint as dcp
 import ckpt_helpers as H
 from _dist import run_dist
 from moetrain.checkpoint import CheckpointError
-from moetrain.ckpt import state as S
-from moetrain.ckpt import store
-from moetrain.ckpt.convert import load_all
+from moetrain.checkpoint import state as S
+from moetrain.checkpoint import store
+from moetrain.checkpoint.convert import load_all
 
 TOOLS = H.REPO / "tools"
 _RESERVED = ("format", "format_version", "step", "created", "files", "crc32", "save_s")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import ckpt_helpers as H
-from moetrain.ckpt import store
+from moetrain.checkpoint import store
 from moetrain.model.transformer import Transformer
 
 

@@ -8,7 +8,7 @@ import torch
 
 import ckpt_helpers as H
 from _dist import run_dist
-from moetrain.ckpt import store
+from moetrain.checkpoint import store
 
 
 def _tail(losses: dict, first: int) -> list:

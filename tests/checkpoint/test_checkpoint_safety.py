@@ -11,7 +11,7 @@ import torch
 
 import ckpt_helpers as H
 from moetrain.checkpoint import Checkpointer, CheckpointError
-from moetrain.ckpt import store
+from moetrain.checkpoint import store
 from moetrain.data import load_token_data
 from moetrain.train.loop import build_trainer
 

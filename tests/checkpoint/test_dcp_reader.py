@@ -1,4 +1,4 @@
-"""ckpt/dcp_reader.py: the restricted unpickler of DCP `.metadata` and the tensor-only reader.
+"""checkpoint/dcp_reader.py: the restricted unpickler of DCP `.metadata` and the tensor-only reader.
 
 Real metadata (tensors, DTensor shards, every dtype we write) parses to exactly what stock DCP
 reads; every way a pickle can reach code or mutate a class is refused, and refused before it
@@ -13,9 +13,9 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import metadata as M
 
-from moetrain.ckpt import dcp_reader as R
-from moetrain.ckpt import store
-from moetrain.ckpt.store import CheckpointError
+from moetrain.checkpoint import dcp_reader as R
+from moetrain.checkpoint import store
+from moetrain.checkpoint.store import CheckpointError
 
 MD = "torch.distributed.checkpoint.metadata"
 

@@ -1,4 +1,4 @@
-"""moetrain/ckpt/lock.py: one run per checkpoint.dir. Racing processes, a SIGKILLed owner, stale
+"""moetrain/checkpoint/lock.py: one run per checkpoint.dir. Racing processes, a SIGKILLed owner, stale
 and fresh heartbeats from another host, release of our own lock only, garbage lock files."""
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from moetrain.ckpt import lock as L
-from moetrain.ckpt.lock import CheckpointLockError, DirLock
+from moetrain.checkpoint import lock as L
+from moetrain.checkpoint.lock import CheckpointLockError, DirLock
 
 REPO = Path(__file__).resolve().parents[2]
 HOLDER = Path(__file__).with_name("_lock_holder.py")

@@ -1,4 +1,4 @@
-"""End to end (after integrating moetrain/ckpt/lock.py into Checkpointer): two training runs on
+"""End to end (after integrating moetrain/checkpoint/lock.py into Checkpointer): two training runs on
 one checkpoint.dir, a SIGKILLed owner, and the refusal reaching every rank as one line."""
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import time
 
 import ckpt_helpers as H
 from _dist import run_dist
-from moetrain.ckpt import store
-from moetrain.ckpt.lock import LOCK_NAME, DirLock
+from moetrain.checkpoint import store
+from moetrain.checkpoint.lock import LOCK_NAME, DirLock
 from moetrain.checkpoint import KILL_ENV
 
 RUN = ["train.steps=8", "checkpoint.every=2", "checkpoint.resume=auto"]

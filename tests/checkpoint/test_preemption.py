@@ -19,7 +19,7 @@ import pytest
 
 import ckpt_helpers as H
 from _dist import free_port
-from moetrain.ckpt import store
+from moetrain.checkpoint import store
 from moetrain.config import ConfigError
 from moetrain.train.preempt import DEFAULT_SIGNALS, TEST_ENV, configured_signals, parse_signals
 

@@ -2,7 +2,7 @@
 async save, and the fault-injection hooks the tests use.
 
 Config keys (checkpoint.*):
-  dir         where step_NNNNNNNN/ directories and `latest` go (layout: moetrain/ckpt/store.py)
+  dir         where step_NNNNNNNN/ directories and `latest` go (layout: moetrain/checkpoint/store.py)
   every       checkpointing is ON when every > 0: save when step % every == 0 and after the last
               step. 0 (the tiny config's default) never saves; resuming still works.
   keep_last   complete checkpoints kept; older ones are deleted after each commit, never the
@@ -19,12 +19,12 @@ Config keys (checkpoint.*):
               group, and rank 0 commits (manifest, rename, latest) when the write has finished,
               noticed at a step boundary, or at the next save / end of training at the latest
 
-What a checkpoint holds and under which keys: moetrain/ckpt/state.py. Exact continuation: model,
+What a checkpoint holds and under which keys: moetrain/checkpoint/state.py. Exact continuation: model,
 optimizer, step (which fixes the LR and the data position), tokens seen and every rank's RNG
 states, all of them tensors. Resuming at another world size restores rank r's RNG state when
 the checkpoint has one for rank r and keeps a fresh one otherwise: random streams (router jitter)
 then differ from an uninterrupted run, everything else continues exactly (up to float reduction
-order). Reading a checkpoint never runs code from it (ckpt/store.py, ckpt/dcp_reader.py): a
+order). Reading a checkpoint never runs code from it (checkpoint/store.py, checkpoint/dcp_reader.py): a
 crafted one is refused with one line (exit 2 on every rank), never skipped past.
 
 Every resume decision (which checkpoint, or which error) is made by rank 0 alone, from files,
@@ -35,7 +35,7 @@ of the right size) also ends every rank alike, or falls back to an older checkpo
 what each rank checks after reading (its RNG states, the step) is agreed on the same way.
 
 Test hooks (environment): MOETRAIN_CKPT_CRASH=<written|manifest|renamed>[@step] ends rank 0 with
-os._exit(86) at that point of a commit (moetrain/ckpt/store.py); MOETRAIN_TEST_KILL=
+os._exit(86) at that point of a commit (moetrain/checkpoint/store.py); MOETRAIN_TEST_KILL=
 rank=R,step=N[,marker=PATH] SIGKILLs rank R at the top of step N, once if a marker is given.
 """
 from __future__ import annotations
@@ -50,10 +50,10 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
-from moetrain.ckpt import state as S
-from moetrain.ckpt import store
-from moetrain.ckpt.lock import CheckpointLockError, DirLock
-from moetrain.ckpt.store import CheckpointError  # noqa: F401  (re-exported: the CLI maps it to exit 2)
+from moetrain.checkpoint import state as S
+from moetrain.checkpoint import store
+from moetrain.checkpoint.lock import CheckpointLockError, DirLock
+from moetrain.checkpoint.store import CheckpointError  # noqa: F401  (re-exported: the CLI maps it to exit 2)
 from moetrain.config import Config, to_dict
 
 KILL_ENV = "MOETRAIN_TEST_KILL"    # test hook: "rank=R,step=N[,marker=PATH]", see maybe_kill()

@@ -16,7 +16,7 @@ wrong weights.
 
 Reading a checkpoint never runs code from it (checkpoints travel between people and clusters):
 the manifest is JSON; `.metadata`, a pickle, is parsed only after its size and CRC-32 check, by
-the restricted unpickler of ckpt/dcp_reader.py; entries are tensors only (DCP would unpickle a
+the restricted unpickler of checkpoint/dcp_reader.py; entries are tensors only (DCP would unpickle a
 non-tensor entry with torch.load(weights_only=False)), read through dcp_reader.SafeReader. A
 checkpoint that would need more is refused with CheckpointRefused, which `resume: auto` and
 retention never skip past silently: format_version 1 checkpoints (RNG states pickled) are refused
@@ -47,7 +47,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
-from moetrain.ckpt import dcp_reader
+from moetrain.checkpoint import dcp_reader
 
 FORMAT = "moetrain-dcp"
 FORMAT_VERSION = 2          # 2: every entry a tensor (1 pickled the RNG states: refused)

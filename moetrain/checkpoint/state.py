@@ -19,7 +19,7 @@ Keys (tensor values unless noted):
   rng/rank_<r>/torch, .../cuda          uint8: torch.get_rng_state() (and the CUDA generator's)
 
 Every entry is a tensor: nothing in a checkpoint is a pickled object (reading one with DCP's
-default planner would run torch.load(weights_only=False) on it, see ckpt/dcp_reader.py).
+default planner would run torch.load(weights_only=False) on it, see checkpoint/dcp_reader.py).
 
 Because experts are addressed by global id, an ep=4 rank holding experts 4..5 and an ep=2 rank
 holding 4..7 name the same keys, and DCP maps them to whatever was written.
@@ -49,7 +49,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from moetrain.ckpt.store import CheckpointError
+from moetrain.checkpoint.store import CheckpointError
 from moetrain.moe.experts import GroupedExperts
 from moetrain.moe.peer import PEERLayer
 

@@ -1,7 +1,7 @@
 """Whole-checkpoint conversions for the offline tools (no process groups, one process).
 
 resolve/load_all read every tensor of a sharded checkpoint into CPU memory; read_checkpoint gives
-the consolidated dict (experts as full [E, ...] tensors, see ckpt/state.py); write_sharded commits
+the consolidated dict (experts as full [E, ...] tensors, see checkpoint/state.py); write_sharded commits
 a consolidated dict as a world-1 sharded checkpoint exactly like training does; save/read
 _consolidated move that dict to and from one .pt or .safetensors file; upgrade rewrites a
 format_version 1 checkpoint (pickled RNG states) without reading those. run_tool maps the errors
@@ -20,10 +20,10 @@ from typing import Callable
 
 import torch
 
-from moetrain.ckpt import state as S
-from moetrain.ckpt import store
-from moetrain.ckpt.lock import CheckpointLockError, DirLock
-from moetrain.ckpt.store import CheckpointError
+from moetrain.checkpoint import state as S
+from moetrain.checkpoint import store
+from moetrain.checkpoint.lock import CheckpointLockError, DirLock
+from moetrain.checkpoint.store import CheckpointError
 
 
 def resolve(path: str) -> store.CheckpointInfo:

@@ -1,8 +1,0 @@
-"""Checkpoint internals. moetrain.checkpoint is the public entry point (Checkpointer).
-
-  store.py      : the directory layout, manifest, verification, atomic commit, retention, DCP I/O
-  state.py      : model / optimizer / RNG / train state <-> flat checkpoint keys (global expert ids)
-  dcp_reader.py : the restricted unpickler and DCP reader: loading a checkpoint never runs code
-  lock.py       : one run per checkpoint directory (hard-link lock, heartbeat, stale takeover)
-  convert.py    : whole-checkpoint read/write for the offline tools
-"""
