@@ -24,6 +24,7 @@ from moetrain.checkpoint import state as S
 from moetrain.checkpoint import store
 from moetrain.checkpoint.lock import CheckpointLockError, DirLock
 from moetrain.checkpoint.store import CheckpointError
+from moetrain.errors import first_line
 
 
 def resolve(path: str) -> store.CheckpointInfo:
@@ -103,7 +104,7 @@ def read_consolidated(path: str) -> dict:
             raise
         except Exception as exc:    # not safetensors, no manifest, a non-scalar train/ entry...
             raise CheckpointError(f"{path}: not a readable consolidated checkpoint ({type(exc).__name__}: "
-                                  f"{store.first_line(exc)[:200]})") from None
+                                  f"{first_line(exc)[:200]})") from None
         _check_consolidated(full, path)
         return full
     try:
@@ -113,7 +114,7 @@ def read_consolidated(path: str) -> dict:
         raise
     except Exception as exc:    # truncated zip, random bytes (EINVAL), a pickle with foreign objects
         raise CheckpointError(f"{path}: not a readable consolidated checkpoint ({type(exc).__name__}: "
-                              f"{store.first_line(exc)[:200]})") from None
+                              f"{first_line(exc)[:200]})") from None
     if not isinstance(full, dict) or "model" not in full or "manifest" not in full:
         raise CheckpointError(f"{path}: not a consolidated moetrain checkpoint (needs 'model' and 'manifest')")
     _check_consolidated(full, path)

@@ -48,6 +48,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from moetrain.checkpoint import dcp_reader
+from moetrain.errors import first_line
 
 FORMAT = "moetrain-dcp"
 FORMAT_VERSION = 2          # 2: every entry a tensor (1 pickled the RNG states: refused)
@@ -58,8 +59,6 @@ TMP_PREFIX = ".tmp-"
 OLD_PREFIX = ".old-"
 _STEP_RE = re.compile(r"^step_(\d{8,})$")
 _STALE_RE = re.compile(r"^\.(tmp|old)-step_\d{8,}$")      # only our own names: never a user's file
-CRASH_ENV = "MOETRAIN_CKPT_CRASH"     # test hook: "<phase>[@<step>]", see crash_point()
-CRASH_EXIT_CODE = 86
 
 
 # DCP warns that it runs in one process (we ask it to, at world 1; async writes warn from their
@@ -357,19 +356,22 @@ def describe_dcp_error(exc: BaseException) -> str:
 # ----------------------------------------------------------------------------- commit
 
 
-def crash_point(phase: str, step: int) -> None:
-    """Test hook for crash safety: MOETRAIN_CKPT_CRASH=<phase>[@<step>] ends the process right here.
-    Phases, in order: written (DCP files done, no manifest), manifest (manifest written, not
-    renamed), renamed (step_ dir in place, `latest` not yet updated)."""
-    spec = os.environ.get(CRASH_ENV, "")
-    if not spec:
-        return
-    want, _, at = spec.partition("@")
-    if want == phase and (not at or int(at) == step):
-        os._exit(CRASH_EXIT_CODE)
+class Faults:
+    """Fault-injection points, all no-ops. The crash-safety tests pass a subclass that ends the
+    process at one of them (Checkpointer(faults=...), see tests/checkpoint/_faulty_main.py)."""
+
+    def at_step(self, step: int, rank: int) -> None:
+        """Every rank, at the top of training step `step` (after that step's save started)."""
+
+    def in_commit(self, phase: str, step: int) -> None:
+        """Rank 0 in commit(), phases in order: written (DCP files done, no manifest), manifest
+        (written, not renamed), renamed (step_ dir in place, `latest` not yet updated)."""
 
 
-def commit(tmp: str, root: str, step: int, fields: dict) -> str:
+NO_FAULTS = Faults()
+
+
+def commit(tmp: str, root: str, step: int, fields: dict, faults: Faults = NO_FAULTS) -> str:
     """Rank 0, after every rank's DCP writes finished: verify the files, write the manifest, rename
     tmp -> step_NNNNNNNN, rewrite `latest`. Returns the final path. An existing step_NNNNNNNN is
     replaced only when it is a moetrain checkpoint (a re-save after a crash): never a user's."""
@@ -384,12 +386,12 @@ def commit(tmp: str, root: str, step: int, fields: dict) -> str:
             if rel != MANIFEST:
                 sizes[rel] = os.path.getsize(full)
     _check_chunks(tmp, metadata, sizes)
-    crash_point("written", step)
+    faults.in_commit("written", step)
     manifest = dict(format=FORMAT, format_version=FORMAT_VERSION, step=step, created=time.time(), **fields)
     manifest["files"] = dict(sorted(sizes.items()))
     manifest["crc32"] = {rel: file_crc32(os.path.join(tmp, rel)) for rel in sorted(sizes)}
     _write_atomic(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-    crash_point("manifest", step)
+    faults.in_commit("manifest", step)
     old = None
     if os.path.lexists(final):
         _refuse_foreign(final)        # re-saving a step (a restart after a crash past it): swap, then delete
@@ -400,7 +402,7 @@ def commit(tmp: str, root: str, step: int, fields: dict) -> str:
     _fsync_dir(root)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-    crash_point("renamed", step)
+    faults.in_commit("renamed", step)
     _write_atomic(os.path.join(root, LATEST), step_dirname(step) + "\n")
     return final
 
@@ -497,6 +499,3 @@ def _describe_dir(path: str) -> str:
     return shown
 
 
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -22,6 +22,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from moetrain.errors import first_line
+
 
 class LaunchError(RuntimeError):
     """One line: which environment variable is missing or wrong."""
@@ -195,7 +197,7 @@ def _master_port() -> int:
 def _ensure_rendezvous(env: LaunchEnv) -> None:
     """torchrun sets MASTER_ADDR/PORT; srun and mpiexec may not. Under MPI, rank 0 shares its
     address and a free port through mpi4py; under Slurm the address is the job's first node and
-    the port 20000 + job id % 20000, as launch/slurm.sbatch exports them."""
+    the port 20000 + job id % 20000 (launch/slurm.sbatch leaves both to this rule)."""
     if os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT"):
         _master_port()
         return
@@ -204,7 +206,7 @@ def _ensure_rendezvous(env: LaunchEnv) -> None:
         job = os.environ.get("SLURM_JOB_ID", "")
         if host and job.isdigit():
             os.environ.setdefault("MASTER_ADDR", host)
-            os.environ.setdefault("MASTER_PORT", str(20000 + int(job) % 20000))   # as launch/slurm.sbatch
+            os.environ.setdefault("MASTER_PORT", str(20000 + int(job) % 20000))
             _master_port()
             return
     if env.launcher == "mpi":
@@ -289,8 +291,7 @@ def init_parallel(dp: int, tp: int, ep: int, env: LaunchEnv, device_kind: str = 
                                     world_size=env.world_size, timeout=timeout,
                                     device_id=device if pg_backend == "nccl" else None)
         except (dist.DistStoreError, dist.DistNetworkError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise LaunchError(f"rendezvous of {env.world_size} ranks{where} failed ({first}): "
+            raise LaunchError(f"rendezvous of {env.world_size} ranks{where} failed ({first_line(exc)}): "
                               "are all ranks started?") from None
         except dist.DistBackendError as exc:
             if "Duplicate GPU" not in str(exc):

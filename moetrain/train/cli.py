@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from moetrain.errors import first_line
+
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
 EXIT_OOM = 1
@@ -79,8 +81,7 @@ def main(argv=None) -> int:
     except (MemoryError, RuntimeError) as exc:
         if not _out_of_memory(exc):
             raise
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        print(f"moetrain: error: out of memory ({first[:300]}): reduce the model (e.g. model.max_seq_len, "
+        print(f"moetrain: error: out of memory ({first_line(exc)[:300]}): reduce the model (e.g. model.max_seq_len, "
               "model.dim), train.micro_batch_size, or use more ranks", file=sys.stderr, flush=True)
         return EXIT_OOM
     finally:
