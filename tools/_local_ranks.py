@@ -9,13 +9,8 @@ finalization (which can abort after a destroyed process group).
 from __future__ import annotations
 
 import os
-import socket
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from moetrain.parallel.rendezvous import free_port
 
 
 def exit_now(code: int) -> None:

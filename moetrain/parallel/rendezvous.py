@@ -29,6 +29,13 @@ RENDEZVOUS_TIMEOUT_ENV = "MOETRAIN_RENDEZVOUS_TIMEOUT"
 DEFAULT_RENDEZVOUS_TIMEOUT_S = 300
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on host right now (single-machine launches, tests and tools)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def rendezvous_timeout() -> float:
     """How long the ranks wait for each other at start-up: MOETRAIN_RENDEZVOUS_TIMEOUT seconds
     (default 300), separate from the collective timeout, so a rank that never starts ends the

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -52,6 +51,8 @@ from moetrain.moe.layer import MoELayer
 from moetrain.moe.peer import PEERLayer
 from moetrain.parallel.grads import clip_grad_norm
 from moetrain.parallel.mesh import Parallel, process_group_backend
+from moetrain.parallel.rendezvous import free_port
+from moetrain.train.optim import decay_groups
 
 
 def import_deepspeed(device: torch.device):
@@ -130,17 +131,11 @@ def optimizer_groups(model: nn.Module, cfg: Config) -> list[dict]:
     """optim.build_optimizer's groups (decay on matrices only), experts split off into
     DeepSpeed's MoE groups; empty groups dropped."""
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"name": "decay", "params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.train.weight_decay},
-              {"name": "no_decay", "params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [dict(g, name=name) for g, name in zip(decay_groups(model, cfg.train.weight_decay), ("decay", "no_decay"))]
     groups = split_params_into_different_moe_groups_for_optimizer(groups)
     return [g for g in groups if g["params"]]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def register_groups(par: Parallel, backend: str = "auto") -> str:
@@ -151,7 +146,7 @@ def register_groups(par: Parallel, backend: str = "auto") -> str:
     if par.world == 1:
         if not dist.is_initialized():
             backend = process_group_backend(backend, par.device)
-            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
                                     device_id=par.device if backend == "nccl" else None)
         world = dist.new_group([0])
         ep_group, edp_group, dp_group = world, world, world

@@ -7,16 +7,20 @@ import torch.nn as nn
 from moetrain.config import TrainConfig
 
 
+def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """[decay, no_decay] parameter groups: weight decay on matrices only (norm gains are not decayed)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
 def build_optimizer(model: nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": t.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = decay_groups(model, t.weight_decay)
     # CPU: foreach=False, per-tensor math, so expert shards update exactly like the same slices
     # of the unsharded stack (the cross-layout property; the CPU foreach path is no faster).
     # CUDA: the multi-tensor (foreach) kernels, a few launches instead of ~10 per parameter; their
     # math is elementwise, so a shard still updates like its slice of the whole tensor.
-    cuda = any(p.device.type == "cuda" for p in decay + no_decay)
+    cuda = any(p.device.type == "cuda" for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, foreach=cuda)
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from moetrain.parallel.rendezvous import free_port  # noqa: F401  (the launch tests' ports)
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 3
@@ -101,7 +102,3 @@ def mpi_skip_reason():
     return None
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
