@@ -88,7 +88,7 @@ def test_plain_srun_derives_master_from_the_job(rdv):
     rdv(SLURM_PROCID="1", SLURM_NTASKS="2", SLURM_JOB_NODELIST="cn[07-08]", SLURM_JOB_ID="123456")
     mesh._ensure_rendezvous(read_launch_env())
     assert os.environ["MASTER_ADDR"] == "cn07"
-    assert os.environ["MASTER_PORT"] == str(20000 + 123456 % 20000)      # as launch/slurm.sbatch
+    assert os.environ["MASTER_PORT"] == str(20000 + 123456 % 20000)      # the Slurm rule (moetrain/parallel/mesh.py)
 
 
 def test_srun_without_job_info_is_one_line(rdv):
