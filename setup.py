@@ -9,7 +9,7 @@ setup(
     # torch: CPU machines and CI pin the CPU wheel in requirements/ci.txt; GPU users bring CUDA torch.
     install_requires=["torch>=2.6", "omegaconf>=2.3", "tensorboard>=2.14", "tqdm>=4.60", "numpy>=1.24"],
     extras_require={
-        "dev": ["pytest>=7", "pytest-timeout>=2.1", "matplotlib>=3.7"],
+        "dev": ["pytest>=7", "pytest-timeout>=2.1", "matplotlib>=3.7", "safetensors>=0.4"],
         "deepspeed": ["deepspeed>=0.19.8,<0.20"],     # train.engine=deepspeed is tested with 0.19.8
         "mpi": ["mpi4py>=3.1"],
         "gpu": ["nvidia-ml-py>=12"],
