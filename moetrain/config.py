@@ -22,7 +22,7 @@ class ConfigError(ValueError):
     """One line naming the key, the value and what is allowed."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int = 256
     dim: int = 128
@@ -36,13 +36,14 @@ class ModelConfig:
     tie_embeddings: bool = False
 
 
-ROUTERS = ("topk", "switch", "gshard", "noisy_topk", "expert_choice", "aux_free")
+# router names, what each needs and supports, and its checks: moetrain/moe/router.py ROUTERS
 OVERFLOW = ("residual", "reroute")
+GROUPED_MM = ("auto", "loop", "bmm", "grouped")
 AUX_SCOPES = ("micro_batch", "sequence", "global_batch")
 LAYER_KINDS = ("moe", "peer")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ZeroExpertsConfig:
     """MoE++ zero-computation experts (never sent through the all-to-all)."""
     zero: int = 0
@@ -50,7 +51,7 @@ class ZeroExpertsConfig:
     constant: int = 0
 
 
-@dataclass
+@dataclass(frozen=True)
 class PeerConfig:
     """PEER (He 2024): N = num_keys^2 single-neuron experts retrieved by product keys."""
     num_keys: int = 64             # n; N = n^2 experts
@@ -60,7 +61,7 @@ class PeerConfig:
     query_bn: bool = True
 
 
-@dataclass
+@dataclass(frozen=True)
 class MoEConfig:
     num_experts: int = 8           # 0 = dense model
     top_k: int = 2
@@ -83,10 +84,27 @@ class MoEConfig:
     overflow: str = "residual"     # residual | reroute (overflowed copy -> next-best expert with room)
     aux_loss_scope: str = "micro_batch"   # micro_batch | sequence | global_batch
     aux_free_gamma: float = 0.001  # aux_free bias update speed
+    renormalize_after_drop: bool = False  # DeepSpeed top-2: surviving copies' gates renormalized after the cut
     peer: PeerConfig = field(default_factory=PeerConfig)
 
+    @property
+    def num_ffn_experts(self) -> int:       # experts actually built
+        return self.num_experts * self.expert_granularity
 
-@dataclass
+    @property
+    def routed_top_k(self) -> int:
+        return self.top_k * self.expert_granularity
+
+    @property
+    def num_zero_experts(self) -> int:
+        return self.zero_experts.zero + self.zero_experts.copy + self.zero_experts.constant
+
+    @property
+    def num_router_outputs(self) -> int:    # FFN + zero-computation experts: width of routing statistics
+        return self.num_ffn_experts + self.num_zero_experts
+
+
+@dataclass(frozen=True)
 class ParallelConfig:
     dp: Optional[int] = None       # null = world // tp
     tp: int = 1                    # tensor parallel: attention heads, dense FFNs, vocab
@@ -102,11 +120,12 @@ class ParallelConfig:
 ENGINES = ("native", "deepspeed")
 BACKENDS = ("auto", "nccl", "gloo")
 PRECISIONS = ("auto", "bf16", "fp32")
+DEVICES = ("auto", "cpu", "cuda")
 FSDP_DTYPES = ("auto", "float32", "bfloat16")
 ZERO_STAGES = (0, 1, 2)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     steps: int = 600
     global_batch_size: int = 16    # sequences per optimizer step, over all ranks
@@ -136,14 +155,14 @@ class TrainConfig:
 DATA_SOURCES = ("stdlib", "memmap")
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     source: str = "stdlib"
     path: Optional[str] = None
     cache_dir: Optional[str] = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class CheckpointConfig:
     dir: str = "checkpoints"
     every: int = 0                 # > 0 enables saving: every N steps and after the last; 0 = never
@@ -152,7 +171,7 @@ class CheckpointConfig:
     async_save: bool = False       # overlap checkpoint writing with training (`async` is a keyword)
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoggingConfig:
     dir: str = "runs"
     run_name: str = "tiny"
@@ -160,7 +179,7 @@ class LoggingConfig:
     tensorboard: bool = True
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
@@ -181,20 +200,10 @@ class Config:
     def expert_hidden(self) -> int:
         return self.base_expert_hidden // self.moe.expert_granularity
 
-    @property
-    def num_ffn_experts(self) -> int:
-        """Experts actually built: num_experts * expert_granularity."""
-        return self.moe.num_experts * self.moe.expert_granularity
-
-    @property
-    def num_router_outputs(self) -> int:
-        """FFN experts plus MoE++ zero-computation experts: the width of routing statistics."""
-        z = self.moe.zero_experts
-        return self.num_ffn_experts + z.zero + z.copy + z.constant
-
-    @property
-    def routed_top_k(self) -> int:
-        return self.moe.top_k * self.moe.expert_granularity
+    # the moe group's derived sizes, also reachable from the whole config
+    num_ffn_experts = property(lambda self: self.moe.num_ffn_experts)
+    num_router_outputs = property(lambda self: self.moe.num_router_outputs)
+    routed_top_k = property(lambda self: self.moe.routed_top_k)
 
 
 def _one_line(exc: OmegaConfBaseException) -> str:
@@ -282,6 +291,14 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def replace_keys(node: Any, values: dict) -> Any:
+    """A copy of a frozen config with dotted keys set ({"checkpoint.dir": d}), not validated again."""
+    for key, value in values.items():
+        head, _, rest = key.partition(".")
+        node = dataclasses.replace(node, **{head: replace_keys(getattr(node, head), {rest: value}) if rest else value})
+    return node
+
+
 # Keys that may differ between ranks: where each node caches the tokenized corpus (node-local
 # scratch; the bytes are the same) and its thread count (cores per node). Everything else must be
 # identical on every rank (moetrain.parallel.rendezvous.agree_at_startup checks it at start-up).
@@ -316,7 +333,7 @@ def grouped_mm_misfit(dim: int, hidden: int) -> Optional[str]:
     return None
 
 
-def _need(cond: bool, key: str, value: Any, allowed: str) -> None:
+def need(cond: bool, key: str, value: Any, allowed: str) -> None:
     if not cond:
         raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
 
@@ -328,165 +345,157 @@ def _finite_floats(node: Any, prefix: str) -> None:
         if dataclasses.is_dataclass(value):
             _finite_floats(value, f"{prefix}{f.name}.")
         elif isinstance(value, float):
-            _need(math.isfinite(value), f"{prefix}{f.name}", value, "must be a finite number")
+            need(math.isfinite(value), f"{prefix}{f.name}", value, "must be a finite number")
 
 
 def validate(cfg: Config) -> None:
-    """Range and cross-key checks that need no process group."""
-    m, e, t, p = cfg.model, cfg.moe, cfg.train, cfg.parallel
+    """Range and cross-key checks that need no process group, one group of keys at a time."""
     _finite_floats(cfg, "")
+    _validate_model(cfg.model)
+    _validate_moe(cfg)
+    _validate_tp(cfg)
+    _validate_parallel(cfg)
+    _validate_train(cfg)
+    _validate_outputs(cfg)
+
+
+def _validate_model(m: ModelConfig) -> None:
     for key in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "ffn_hidden"):
-        _need(getattr(m, key) >= 1, f"model.{key}", getattr(m, key), "must be >= 1")
-    _need(m.vocab_size <= 65536, "model.vocab_size", m.vocab_size, "must be <= 65536 (uint16 token files)")
-    _need(m.dim % m.n_heads == 0, "model.dim", m.dim, f"must be divisible by model.n_heads={m.n_heads}")
-    _need((m.dim // m.n_heads) % 2 == 0, "model.n_heads", m.n_heads, "dim/n_heads must be even (RoPE)")
-    _need(m.init_std > 0, "model.init_std", m.init_std, "must be > 0")
-    _need(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "must be > 0")
-    _need(m.rope_theta > 1, "model.rope_theta", m.rope_theta, "must be > 1 (RoPE base)")
+        need(getattr(m, key) >= 1, f"model.{key}", getattr(m, key), "must be >= 1")
+    need(m.vocab_size <= 65536, "model.vocab_size", m.vocab_size, "must be <= 65536 (uint16 token files)")
+    need(m.dim % m.n_heads == 0, "model.dim", m.dim, f"must be divisible by model.n_heads={m.n_heads}")
+    need((m.dim // m.n_heads) % 2 == 0, "model.n_heads", m.n_heads, "dim/n_heads must be even (RoPE)")
+    need(m.init_std > 0, "model.init_std", m.init_std, "must be > 0")
+    need(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "must be > 0")
+    need(m.rope_theta > 1, "model.rope_theta", m.rope_theta, "must be > 1 (RoPE base)")
 
-    _need(e.num_experts >= 0, "moe.num_experts", e.num_experts, "must be >= 0 (0 = dense model)")
-    if e.num_experts > 0:
-        _need(e.router in ROUTERS, "moe.router", e.router, f"one of {', '.join(ROUTERS)}")
-        _need(e.top_k >= 1, "moe.top_k", e.top_k, "must be >= 1")
-        _need(e.top_k <= e.num_experts or e.zero_experts.zero + e.zero_experts.copy + e.zero_experts.constant > 0,
-              "moe.top_k", e.top_k, f"must be between 1 and moe.num_experts={e.num_experts}")
-        if e.router == "switch":
-            _need(e.top_k == 1, "moe.top_k", e.top_k, "router 'switch' is top-1: set moe.top_k=1")
-        _need(e.capacity_factor is None or e.capacity_factor > 0, "moe.capacity_factor", e.capacity_factor,
-              "must be > 0, or null for dropless")
-        _need(e.min_capacity >= 0, "moe.min_capacity", e.min_capacity, "must be >= 0")
-        _need(e.every >= 1, "moe.every", e.every, "must be >= 1")
-        _need(e.every <= m.n_layers, "moe.every", e.every, f"must be <= model.n_layers={m.n_layers}")
-        _need(e.shared_experts >= 0, "moe.shared_experts", e.shared_experts, "must be >= 0")
-        _need(e.expert_hidden is None or e.expert_hidden >= 1, "moe.expert_hidden", e.expert_hidden,
-              "must be >= 1 or null")
-        _need(e.aux_loss_coef >= 0, "moe.aux_loss_coef", e.aux_loss_coef, "must be >= 0")
-        _need(e.z_loss_coef >= 0, "moe.z_loss_coef", e.z_loss_coef, "must be >= 0")
-        _need(e.router_jitter >= 0, "moe.router_jitter", e.router_jitter, "must be >= 0")
-        _need(e.grouped_mm in ("auto", "loop", "bmm", "grouped"), "moe.grouped_mm", e.grouped_mm,
-              "one of auto, loop, bmm, grouped")
-        _need(e.layer in LAYER_KINDS, "moe.layer", e.layer, f"one of {', '.join(LAYER_KINDS)}")
-        _need(e.overflow in OVERFLOW, "moe.overflow", e.overflow, f"one of {', '.join(OVERFLOW)}")
-        _need(e.aux_loss_scope in AUX_SCOPES, "moe.aux_loss_scope", e.aux_loss_scope, f"one of {', '.join(AUX_SCOPES)}")
-        _need(e.expert_granularity >= 1, "moe.expert_granularity", e.expert_granularity, "must be >= 1")
-        _need(cfg.base_expert_hidden % e.expert_granularity == 0, "moe.expert_granularity", e.expert_granularity,
-              f"must divide the expert hidden size {cfg.base_expert_hidden}")
-        z = e.zero_experts
-        for key in ("zero", "copy", "constant"):
-            _need(getattr(z, key) >= 0, f"moe.zero_experts.{key}", getattr(z, key), "must be >= 0")
-        num_zero = z.zero + z.copy + z.constant
-        if num_zero:
-            _need(e.router not in ("expert_choice",), "moe.zero_experts", f"{num_zero} experts",
-                  "zero-computation experts need a token-choice router (not expert_choice)")
-        if e.router in ("gshard", "noisy_topk", "expert_choice"):
-            _need(e.aux_loss_scope == "micro_batch", "moe.aux_loss_scope", e.aux_loss_scope,
-                  f"router '{e.router}' has its own balance loss over the micro batch: use micro_batch")
-        if e.router == "expert_choice":
-            _need(e.capacity_factor is not None, "moe.capacity_factor", None,
-                  "router 'expert_choice' is capacity-bound by definition (each expert takes "
-                  "C = capacity_factor*top_k*T/E tokens): set a number, e.g. 1.0")
-            _need(e.overflow == "residual", "moe.overflow", e.overflow,
-                  "expert_choice never overflows (each expert takes exactly C tokens): use residual")
-        if e.router == "gshard":
-            _need(e.top_k == 2, "moe.top_k", e.top_k, "router 'gshard' is top-2: set moe.top_k=2")
-        _need(e.top_k <= e.num_experts + num_zero, "moe.top_k", e.top_k,
-              f"must be <= moe.num_experts + zero-computation experts = {e.num_experts + num_zero}")
-        _need(e.aux_free_gamma >= 0, "moe.aux_free_gamma", e.aux_free_gamma, "must be >= 0")
-        if e.layer == "peer":
-            pc = e.peer
-            for key in ("num_keys", "heads", "top_k", "key_dim"):
-                _need(getattr(pc, key) >= 1, f"moe.peer.{key}", getattr(pc, key), "must be >= 1")
-            _need(pc.key_dim % 2 == 0, "moe.peer.key_dim", pc.key_dim, "must be even (two product-key halves)")
-            _need(pc.top_k <= pc.num_keys, "moe.peer.top_k", pc.top_k, f"must be <= moe.peer.num_keys={pc.num_keys}")
 
-    _need(p.tp >= 1, "parallel.tp", p.tp, "must be >= 1")
+def _validate_moe(cfg: Config) -> None:
+    """moe.*: ranges, then what the chosen router implies (its registry entry, moe/router.py)."""
+    m, e = cfg.model, cfg.moe
+    need(e.num_experts >= 0, "moe.num_experts", e.num_experts, "must be >= 0 (0 = dense model)")
+    if e.num_experts == 0:
+        return
+    from moetrain.moe.router import ROUTERS      # imports torch, so only once a config is checked
+    need(e.router in ROUTERS, "moe.router", e.router, f"one of {', '.join(ROUTERS)}")
+    need(e.top_k >= 1, "moe.top_k", e.top_k, "must be >= 1")
+    for key in ("zero", "copy", "constant"):
+        value = getattr(e.zero_experts, key)
+        need(value >= 0, f"moe.zero_experts.{key}", value, "must be >= 0")
+    zero = f" + {e.num_zero_experts} zero-computation experts" if e.num_zero_experts else ""
+    need(e.top_k <= e.num_experts + e.num_zero_experts, "moe.top_k", e.top_k,
+         f"must be <= moe.num_experts={e.num_experts}{zero}")
+    need(e.capacity_factor is None or e.capacity_factor > 0, "moe.capacity_factor", e.capacity_factor,
+         "must be > 0, or null for dropless")
+    need(e.every >= 1, "moe.every", e.every, "must be >= 1")
+    need(e.every <= m.n_layers, "moe.every", e.every, f"must be <= model.n_layers={m.n_layers}")
+    for key in ("min_capacity", "shared_experts", "aux_loss_coef", "z_loss_coef", "router_jitter", "aux_free_gamma"):
+        need(getattr(e, key) >= 0, f"moe.{key}", getattr(e, key), "must be >= 0")
+    need(e.expert_hidden is None or e.expert_hidden >= 1, "moe.expert_hidden", e.expert_hidden, "must be >= 1 or null")
+    for key, allowed in (("grouped_mm", GROUPED_MM), ("layer", LAYER_KINDS), ("overflow", OVERFLOW),
+                         ("aux_loss_scope", AUX_SCOPES)):
+        need(getattr(e, key) in allowed, f"moe.{key}", getattr(e, key), f"one of {', '.join(allowed)}")
+    need(e.expert_granularity >= 1, "moe.expert_granularity", e.expert_granularity, "must be >= 1")
+    need(cfg.base_expert_hidden % e.expert_granularity == 0, "moe.expert_granularity", e.expert_granularity,
+         f"must divide the expert hidden size {cfg.base_expert_hidden}")
+    ROUTERS[e.router].validate(cfg)
+    if e.layer == "peer":
+        pc = e.peer
+        for key in ("num_keys", "heads", "top_k", "key_dim"):
+            need(getattr(pc, key) >= 1, f"moe.peer.{key}", getattr(pc, key), "must be >= 1")
+        need(pc.key_dim % 2 == 0, "moe.peer.key_dim", pc.key_dim, "must be even (two product-key halves)")
+        need(pc.top_k <= pc.num_keys, "moe.peer.top_k", pc.top_k, f"must be <= moe.peer.num_keys={pc.num_keys}")
+
+
+def _validate_tp(cfg: Config) -> None:
+    m, e, p = cfg.model, cfg.moe, cfg.parallel
+    need(p.tp >= 1, "parallel.tp", p.tp, "must be >= 1")
     if p.tp > 1:
-        _need(m.n_heads % p.tp == 0, "parallel.tp", p.tp, f"must divide model.n_heads={m.n_heads}")
-        _need(m.vocab_size % p.tp == 0, "parallel.tp", p.tp, f"must divide model.vocab_size={m.vocab_size}")
+        need(m.n_heads % p.tp == 0, "parallel.tp", p.tp, f"must divide model.n_heads={m.n_heads}")
+        need(m.vocab_size % p.tp == 0, "parallel.tp", p.tp, f"must divide model.vocab_size={m.vocab_size}")
         if e.num_experts == 0 or e.every > 1:      # the model has dense SwiGLU layers
-            _need(m.ffn_hidden % p.tp == 0, "parallel.tp", p.tp, f"must divide model.ffn_hidden={m.ffn_hidden}")
+            need(m.ffn_hidden % p.tp == 0, "parallel.tp", p.tp, f"must divide model.ffn_hidden={m.ffn_hidden}")
         if e.num_experts > 0 and e.layer == "moe" and e.shared_experts > 0:
             shared = cfg.base_expert_hidden * e.shared_experts
-            _need(shared % p.tp == 0, "parallel.tp", p.tp,
-                  f"must divide the shared-expert hidden size {shared} (expert hidden x moe.shared_experts)")
+            need(shared % p.tp == 0, "parallel.tp", p.tp,
+                 f"must divide the shared-expert hidden size {shared} (expert hidden x moe.shared_experts)")
     if p.etp:
-        _need(p.tp > 1, "parallel.etp", p.etp, "expert tensor parallelism needs parallel.tp > 1")
-        _need(e.num_experts > 0 and e.layer == "moe", "parallel.etp", p.etp,
-              "needs routed FFN experts (moe.num_experts > 0, moe.layer=moe)")
-        _need(cfg.expert_hidden % p.tp == 0, "parallel.etp", p.etp,
-              f"parallel.tp={p.tp} must divide the expert hidden size {cfg.expert_hidden}")
-    _need(p.backend in BACKENDS, "parallel.backend", p.backend, f"one of {', '.join(BACKENDS)}")
-    _need(p.fsdp_param_dtype in FSDP_DTYPES, "parallel.fsdp_param_dtype", p.fsdp_param_dtype,
-          f"one of {', '.join(FSDP_DTYPES)}")
-    _need(p.fsdp_reduce_dtype in FSDP_DTYPES[1:], "parallel.fsdp_reduce_dtype", p.fsdp_reduce_dtype,
-          f"one of {', '.join(FSDP_DTYPES[1:])}")
-    _need(p.grad_bucket_mb >= 0, "parallel.grad_bucket_mb", p.grad_bucket_mb,
-          "must be >= 0 (0 = one all-reduce after the backward)")
-    if p.backend == "nccl":
-        _need(t.device != "cpu", "parallel.backend", p.backend, "NCCL needs CUDA: use gloo (or auto) with train.device=cpu")
-    if e.num_experts > 0 and e.layer == "moe" and e.grouped_mm == "grouped":
-        hidden = cfg.expert_hidden // (p.tp if p.etp else 1)
-        misfit = grouped_mm_misfit(m.dim, hidden)
-        _need(misfit is None, "moe.grouped_mm", e.grouped_mm,
-              f"{misfit}; use moe.grouped_mm=auto (falls back to loop) or change the sizes")
-    _need(p.ep >= 1, "parallel.ep", p.ep, "must be >= 1")
-    _need(p.dp is None or p.dp >= 1, "parallel.dp", p.dp, "must be >= 1 or null (= world / tp)")
-    if e.num_experts > 0:
-        if e.layer == "peer":
-            _need(e.peer.num_keys ** 2 % p.ep == 0, "parallel.ep", p.ep,
-                  f"must divide the PEER expert count moe.peer.num_keys^2={e.peer.num_keys ** 2}")
-        else:
-            _need(e.num_experts % p.ep == 0, "parallel.ep", p.ep,
-                  f"must divide moe.num_experts={e.num_experts}")
-    else:
-        _need(p.ep == 1, "parallel.ep", p.ep, "a dense model (moe.num_experts=0) needs parallel.ep=1")
-    if p.dp is not None:
-        _need(p.dp % p.ep == 0, "parallel.ep", p.ep, f"must divide parallel.dp={p.dp}")
+        need(p.tp > 1, "parallel.etp", p.etp, "expert tensor parallelism needs parallel.tp > 1")
+        need(e.num_experts > 0 and e.layer == "moe", "parallel.etp", p.etp,
+             "needs routed FFN experts (moe.num_experts > 0, moe.layer=moe)")
+        need(cfg.expert_hidden % p.tp == 0, "parallel.etp", p.etp,
+             f"parallel.tp={p.tp} must divide the expert hidden size {cfg.expert_hidden}")
 
-    _need(t.steps >= 0, "train.steps", t.steps, "must be >= 0")
-    _need(0 <= t.seed < 2 ** 63, "train.seed", t.seed, "must be between 0 and 2**63-1")
-    _need(t.seq_len >= 1, "train.seq_len", t.seq_len, "must be >= 1")
-    _need(t.seq_len <= m.max_seq_len, "train.seq_len", t.seq_len, f"must be <= model.max_seq_len={m.max_seq_len}")
-    _need(t.global_batch_size >= 1, "train.global_batch_size", t.global_batch_size, "must be >= 1")
-    _need(t.micro_batch_size >= 1, "train.micro_batch_size", t.micro_batch_size, "must be >= 1")
-    _need(t.lr > 0, "train.lr", t.lr, "must be > 0")
-    _need(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
-    _need(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, "must be >= 0")
-    _need(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
-    _need(0 <= t.beta1 < 1, "train.beta1", t.beta1, "must be in [0, 1)")
-    _need(0 <= t.beta2 < 1, "train.beta2", t.beta2, "must be in [0, 1)")
-    _need(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "must be >= 0 (0 disables)")
-    _need(t.engine in ENGINES, "train.engine", t.engine, f"one of {', '.join(ENGINES)}")
-    _need(t.zero_stage in ZERO_STAGES, "train.zero_stage", t.zero_stage, "one of 0, 1, 2 (engine deepspeed)")
+
+def _validate_parallel(cfg: Config) -> None:
+    m, e, p = cfg.model, cfg.moe, cfg.parallel
+    for key, allowed in (("backend", BACKENDS), ("fsdp_param_dtype", FSDP_DTYPES),
+                         ("fsdp_reduce_dtype", FSDP_DTYPES[1:])):
+        need(getattr(p, key) in allowed, f"parallel.{key}", getattr(p, key), f"one of {', '.join(allowed)}")
+    need(p.grad_bucket_mb >= 0, "parallel.grad_bucket_mb", p.grad_bucket_mb,
+         "must be >= 0 (0 = one all-reduce after the backward)")
+    if p.backend == "nccl":
+        need(cfg.train.device != "cpu", "parallel.backend", p.backend,
+             "NCCL needs CUDA: use gloo (or auto) with train.device=cpu")
+    if e.num_experts > 0 and e.layer == "moe" and e.grouped_mm == "grouped":
+        misfit = grouped_mm_misfit(m.dim, cfg.expert_hidden // (p.tp if p.etp else 1))
+        need(misfit is None, "moe.grouped_mm", e.grouped_mm,
+             f"{misfit}; use moe.grouped_mm=auto (falls back to loop) or change the sizes")
+    need(p.ep >= 1, "parallel.ep", p.ep, "must be >= 1")
+    need(p.dp is None or p.dp >= 1, "parallel.dp", p.dp, "must be >= 1 or null (= world / tp)")
+    if e.num_experts == 0:
+        need(p.ep == 1, "parallel.ep", p.ep, "a dense model (moe.num_experts=0) needs parallel.ep=1")
+    elif e.layer == "peer":
+        need(e.peer.num_keys ** 2 % p.ep == 0, "parallel.ep", p.ep,
+             f"must divide the PEER expert count moe.peer.num_keys^2={e.peer.num_keys ** 2}")
+    else:
+        need(e.num_experts % p.ep == 0, "parallel.ep", p.ep, f"must divide moe.num_experts={e.num_experts}")
+    if p.dp is not None:
+        need(p.dp % p.ep == 0, "parallel.ep", p.ep, f"must divide parallel.dp={p.dp}")
+
+
+def _validate_train(cfg: Config) -> None:
+    t = cfg.train
+    for key, low in (("steps", 0), ("seq_len", 1), ("global_batch_size", 1), ("micro_batch_size", 1),
+                     ("warmup_steps", 0), ("weight_decay", 0), ("eval_batches", 1), ("num_threads", 0)):
+        need(getattr(t, key) >= low, f"train.{key}", getattr(t, key), f"must be >= {low}")
+    for key, allowed in (("engine", ENGINES), ("device", DEVICES), ("precision", PRECISIONS)):
+        need(getattr(t, key) in allowed, f"train.{key}", getattr(t, key), f"one of {', '.join(allowed)}")
+    need(0 <= t.seed < 2 ** 63, "train.seed", t.seed, "must be between 0 and 2**63-1")
+    need(t.seq_len <= cfg.model.max_seq_len, "train.seq_len", t.seq_len,
+         f"must be <= model.max_seq_len={cfg.model.max_seq_len}")
+    need(t.lr > 0, "train.lr", t.lr, "must be > 0")
+    need(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
+    need(0 <= t.beta1 < 1, "train.beta1", t.beta1, "must be in [0, 1)")
+    need(0 <= t.beta2 < 1, "train.beta2", t.beta2, "must be in [0, 1)")
+    need(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "must be >= 0 (0 disables)")
+    need(t.eval_every >= 0, "train.eval_every", t.eval_every, "must be >= 0 (0 = only at the end)")
+    need(t.zero_stage in ZERO_STAGES, "train.zero_stage", t.zero_stage, "one of 0, 1, 2 (engine deepspeed)")
     if t.engine == "deepspeed":
         _validate_deepspeed(cfg)
-    _need(t.device in ("auto", "cpu", "cuda"), "train.device", t.device, "one of auto, cpu, cuda")
-    _need(t.precision in PRECISIONS, "train.precision", t.precision, f"one of {', '.join(PRECISIONS)}")
-    _need(t.eval_every >= 0, "train.eval_every", t.eval_every, "must be >= 0 (0 = only at the end)")
-    _need(t.eval_batches >= 1, "train.eval_batches", t.eval_batches, "must be >= 1")
-    _need(t.num_threads >= 0, "train.num_threads", t.num_threads, "must be >= 0")
     from moetrain.train.preempt import parse_signals    # torch-free import, no cycle
     try:
         parse_signals(t.exit_signals)
     except ValueError as exc:
         raise ConfigError(f"train.exit_signals={list(t.exit_signals)!r} is not allowed: {exc}") from None
 
-    _need(cfg.data.source in DATA_SOURCES, "data.source", cfg.data.source, f"one of {', '.join(DATA_SOURCES)}")
+
+def _validate_outputs(cfg: Config) -> None:
+    """data.*, checkpoint.*, logging.*"""
+    need(cfg.data.source in DATA_SOURCES, "data.source", cfg.data.source, f"one of {', '.join(DATA_SOURCES)}")
     if cfg.data.source == "memmap":
-        _need(bool(cfg.data.path), "data.path", cfg.data.path,
-              "a directory written by tools/prepare_data.py is required with data.source=memmap")
-
+        need(bool(cfg.data.path), "data.path", cfg.data.path,
+             "a directory written by tools/prepare_data.py is required with data.source=memmap")
     c = cfg.checkpoint
-    _need(c.every >= 0, "checkpoint.every", c.every, "must be >= 0 (0 = never save)")
-    _need(c.keep_last >= 1, "checkpoint.keep_last", c.keep_last, "must be >= 1")
-    _need(bool(c.resume), "checkpoint.resume", c.resume, "auto, none or a checkpoint path")
-    _need(bool(c.dir.strip()), "checkpoint.dir", c.dir, "a non-empty directory path")
-
+    need(c.every >= 0, "checkpoint.every", c.every, "must be >= 0 (0 = never save)")
+    need(c.keep_last >= 1, "checkpoint.keep_last", c.keep_last, "must be >= 1")
+    need(bool(c.resume), "checkpoint.resume", c.resume, "auto, none or a checkpoint path")
+    need(bool(c.dir.strip()), "checkpoint.dir", c.dir, "a non-empty directory path")
     lg = cfg.logging
-    _need(bool(lg.dir.strip()), "logging.dir", lg.dir, "a non-empty directory path")
-    _need(lg.every >= 1, "logging.every", lg.every, "must be >= 1")
-    _need(bool(lg.run_name) and "/" not in lg.run_name, "logging.run_name", lg.run_name,
-          "a non-empty name without '/'")
+    need(bool(lg.dir.strip()), "logging.dir", lg.dir, "a non-empty directory path")
+    need(lg.every >= 1, "logging.every", lg.every, "must be >= 1")
+    need(bool(lg.run_name) and "/" not in lg.run_name, "logging.run_name", lg.run_name,
+         "a non-empty name without '/'")
 
 
 def _usable_dir(key: str, value: str, path: str) -> None:
@@ -607,19 +616,19 @@ def check_output_dirs(cfg: Config, world_size: int = 1) -> None:
 def _validate_deepspeed(cfg: Config) -> None:
     """train.engine=deepspeed: combinations the DeepSpeed engine (train/ds_engine.py) does not run."""
     p, c = cfg.parallel, cfg.checkpoint
-    _need(not p.fsdp, "parallel.fsdp", p.fsdp,
+    need(not p.fsdp, "parallel.fsdp", p.fsdp,
           "FSDP is part of the native engine: use train.zero_stage with train.engine=deepspeed")
-    _need(p.tp == 1, "parallel.tp", p.tp, "train.engine=deepspeed runs data and expert parallelism only: set parallel.tp=1")
-    _need(c.every == 0, "checkpoint.every", c.every,
+    need(p.tp == 1, "parallel.tp", p.tp, "train.engine=deepspeed runs data and expert parallelism only: set parallel.tp=1")
+    need(c.every == 0, "checkpoint.every", c.every,
           "train.engine=deepspeed does not checkpoint: set checkpoint.every=0 (or use train.engine=native)")
-    _need(c.resume == "none", "checkpoint.resume", c.resume,
+    need(c.resume == "none", "checkpoint.resume", c.resume,
           "train.engine=deepspeed does not resume from checkpoints: set checkpoint.resume=none")
     from importlib.util import find_spec
-    _need(find_spec("deepspeed") is not None, "train.engine", "deepspeed",
+    need(find_spec("deepspeed") is not None, "train.engine", "deepspeed",
           f"the deepspeed package is not installed: pip install 'deepspeed=={DEEPSPEED_TESTED}'")
     from importlib.metadata import version
     have = version("deepspeed")
-    _need(_deepspeed_version_ok(have), "train.engine", "deepspeed",
+    need(_deepspeed_version_ok(have), "train.engine", "deepspeed",
           f"found deepspeed {have}, but train.engine=deepspeed is tested with {DEEPSPEED_TESTED} (0.19.x from "
           f"0.19.8 on; DeepSpeed changes its ZeRO and MoE internals between releases): "
           f"pip install 'deepspeed=={DEEPSPEED_TESTED}'")
@@ -636,15 +645,15 @@ def _deepspeed_version_ok(v: str) -> bool:
 def validate_layout(cfg: Config, world_size: int) -> tuple[int, int, int]:
     """Resolve (dp, tp, ep) against the world size; also needs no process group."""
     p, t = cfg.parallel, cfg.train
-    _need(world_size % p.tp == 0, "parallel.tp", p.tp, f"must divide the world size {world_size}")
+    need(world_size % p.tp == 0, "parallel.tp", p.tp, f"must divide the world size {world_size}")
     dp = p.dp if p.dp is not None else world_size // p.tp
-    _need(dp * p.tp == world_size, "parallel.dp", p.dp,
+    need(dp * p.tp == world_size, "parallel.dp", p.dp,
           f"dp*tp must equal the world size {world_size} (tp={p.tp})")
-    _need(dp % p.ep == 0, "parallel.ep", p.ep, f"must divide parallel.dp={dp} (world {world_size} / tp {p.tp})")
-    _need(t.global_batch_size % dp == 0, "train.global_batch_size", t.global_batch_size,
+    need(dp % p.ep == 0, "parallel.ep", p.ep, f"must divide parallel.dp={dp} (world {world_size} / tp {p.tp})")
+    need(t.global_batch_size % dp == 0, "train.global_batch_size", t.global_batch_size,
           f"must be a multiple of parallel.dp={dp} (world {world_size} / tp {p.tp})")
     local = t.global_batch_size // dp
-    _need(local % micro_batch(cfg, dp) == 0, "train.micro_batch_size", t.micro_batch_size,
+    need(local % micro_batch(cfg, dp) == 0, "train.micro_batch_size", t.micro_batch_size,
           f"must divide the per-rank batch global_batch_size/dp = {t.global_batch_size}/{dp} = {local} "
           "(or be at least it)")
     return dp, p.tp, p.ep

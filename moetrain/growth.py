@@ -74,11 +74,10 @@ import torch.nn.functional as F
 
 from moetrain.config import Config, load_config, to_dict
 from moetrain.model.transformer import Transformer
+from moetrain.moe.router import ROUTERS
 
 _LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
 _DENSE_FFN = ("ffn.w1.weight", "ffn.w3.weight", "ffn.w2.weight")
-# routers whose K gates of a token sum to 1 for any logits (given K > 1 for topk)
-_NORMALIZED_ROUTERS = ("gshard", "noisy_topk", "aux_free")
 
 
 class GrowthError(ValueError):
@@ -173,30 +172,37 @@ class UpcyclePlan:
     notes: tuple = field(default_factory=tuple)
 
 
-def gates_sum_to_one(cfg: Config) -> bool:
-    """Whether the K gates of every token sum to 1 whatever the logits (so identical experts
-    give exactly the dense output for any router)."""
-    e = cfg.moe
-    if e.router in _NORMALIZED_ROUTERS:
-        return True
-    return e.router == "topk" and e.norm_topk_prob and cfg.routed_top_k > 1
-
-
 def plan_upcycle(dense_cfg: Config, moe_cfg: Config, noise: float = 0.0, router: str = "auto",
                  seed: Optional[int] = None) -> UpcyclePlan:
     """Check that moe_cfg can be upcycled from dense_cfg and choose the router init and scale.
     Raises GrowthError (one line) when it cannot."""
+    _check_upcycle_target(dense_cfg, moe_cfg, noise, router)
+    e, H, He = moe_cfg.moe, moe_cfg.model.ffn_hidden, moe_cfg.expert_hidden
+    N, K, r = moe_cfg.num_ffn_experts, moe_cfg.routed_top_k, H // He
+    router, scale, note = _router_init(moe_cfg, router, N, K, r)
+    notes = [note]
+    exact = e.capacity_factor is None and noise == 0
+    if e.capacity_factor is not None:
+        notes.append(f"warning: moe.capacity_factor={e.capacity_factor}: dropped copies break step-0 equivalence"
+                     + (" (the zero router sends every token to the same K experts at step 0)" if router == "zero" else "")
+                     + "; moe.capacity_factor=null is exact")
+    if noise > 0:
+        notes.append(f"noise {noise} (relative) added to every expert: step 0 is close to, not equal to, the dense model")
+    return UpcyclePlan(N, K, r, He, router, scale, exact, noise,
+                       moe_cfg.train.seed if seed is None else seed, tuple(notes))
+
+
+def _check_upcycle_target(dense_cfg: Config, moe_cfg: Config, noise: float, router: str) -> None:
     e, m = moe_cfg.moe, moe_cfg.model
     if e.num_experts <= 0:
         raise GrowthError("the target config is dense (moe.num_experts=0): set moe.num_experts=N to upcycle")
     if e.layer != "moe":
         raise GrowthError(f"moe.layer={e.layer!r}: upcycling builds routed FFN experts, use moe.layer=moe")
-    if e.router == "expert_choice":
-        raise GrowthError("moe.router='expert_choice' is not allowed for upcycling: a token may be taken by 0..N "
+    if not ROUTERS[e.router].token_choice:
+        raise GrowthError(f"moe.router={e.router!r} is not allowed for upcycling: a token may be taken by 0..N "
                           "experts, so no init reproduces the dense output; use a token-choice router")
-    z = e.zero_experts
-    if z.zero + z.copy + z.constant > 0:
-        raise GrowthError(f"moe.zero_experts={z.zero + z.copy + z.constant} experts are not allowed for upcycling: "
+    if e.num_zero_experts > 0:
+        raise GrowthError(f"moe.zero_experts={e.num_zero_experts} experts are not allowed for upcycling: "
                           "tokens routed to them would lose the dense FFN output; set them to 0")
     if e.shared_experts > 0:
         raise GrowthError(f"moe.shared_experts={e.shared_experts} is not supported by upcycling yet: set it to 0")
@@ -209,17 +215,20 @@ def plan_upcycle(dense_cfg: Config, moe_cfg: Config, noise: float = 0.0, router:
         if a != b:
             raise GrowthError(f"model.{key}={b!r} in the target config but {a!r} in the dense checkpoint: "
                               "upcycling keeps the model shape")
-    H, He, N, K = m.ffn_hidden, moe_cfg.expert_hidden, moe_cfg.num_ffn_experts, moe_cfg.routed_top_k
+    H, He, K = m.ffn_hidden, moe_cfg.expert_hidden, moe_cfg.routed_top_k
     if He > H or H % He:
         raise GrowthError(f"expert hidden size {He} (moe.expert_hidden / moe.expert_granularity) must divide the "
                           f"dense model.ffn_hidden={H}: experts are copies (= {H}) or equal slices of the dense FFN")
-    r = H // He
-    if K % r:
+    if K % (H // He):
         raise GrowthError(f"{K} choices per token (moe.top_k x moe.expert_granularity) cannot cover the dense FFN "
-                          f"cut into {r} slices of {He}: set moe.expert_hidden so that {H} / expert hidden "
+                          f"cut into {H // He} slices of {He}: set moe.expert_hidden so that {H} / expert hidden "
                           f"divides {K}, e.g. moe.expert_hidden={H}")
-    normalized = gates_sum_to_one(moe_cfg)
-    notes = []
+
+
+def _router_init(moe_cfg: Config, router: str, N: int, K: int, r: int) -> tuple[str, float, str]:
+    """(router init, w2 scale, note) for N experts of r slices, K choices (module docstring)."""
+    e, H, He = moe_cfg.moe, moe_cfg.model.ffn_hidden, moe_cfg.expert_hidden
+    normalized = ROUTERS[e.router].gates_sum_to_one(e)     # identical experts then give the dense output
     if router == "auto":
         router = "grouped" if normalized else "zero"
     if router == "grouped":
@@ -229,27 +238,16 @@ def plan_upcycle(dense_cfg: Config, moe_cfg: Config, noise: float = 0.0, router:
         if N % r:
             raise GrowthError(f"{N} experts do not form whole groups of {r} slices (dense hidden {H} / expert hidden "
                               f"{He}): choose moe.num_experts x moe.expert_granularity as a multiple of {r}")
-        scale = float(r)
-        notes.append(("router keeps its fresh random init" if r == 1 else
-                      f"router rows shared by each group of {r} slice experts (fresh random init)")
-                     + f": every token takes {K // r} whole group{'s' if K // r > 1 else ''} with gates summing to 1"
-                     + (f"; w2 scaled by r = {r}" if r > 1 else ""))
-    else:
-        gate = 1.0 / K if normalized else 1.0 / N
-        scale = r / (gate * K)
-        why = f"1/K = 1/{K} (renormalized)" if normalized else f"1/N = 1/{N} (raw softmax probability)"
-        picks = "expert 0" if K == 1 else f"experts 0..{K - 1}"
-        notes.append(f"router weights zero: every token picks {picks} at step 0 (ties break toward the lower id), "
-                     f"each gate {why}; w2 scaled by r/(gK) = {scale:g}")
-    exact = e.capacity_factor is None and noise == 0
-    if e.capacity_factor is not None:
-        notes.append(f"warning: moe.capacity_factor={e.capacity_factor}: dropped copies break step-0 equivalence"
-                     + (" (the zero router sends every token to the same K experts at step 0)" if router == "zero" else "")
-                     + "; moe.capacity_factor=null is exact")
-    if noise > 0:
-        notes.append(f"noise {noise} (relative) added to every expert: step 0 is close to, not equal to, the dense model")
-    return UpcyclePlan(N, K, r, He, router, scale, exact, noise,
-                       moe_cfg.train.seed if seed is None else seed, tuple(notes))
+        return router, float(r), (("router keeps its fresh random init" if r == 1 else
+                                   f"router rows shared by each group of {r} slice experts (fresh random init)")
+                                  + f": every token takes {K // r} whole group{'s' if K // r > 1 else ''} with gates "
+                                  "summing to 1" + (f"; w2 scaled by r = {r}" if r > 1 else ""))
+    gate = 1.0 / K if normalized else 1.0 / N
+    scale = r / (gate * K)
+    why = f"1/K = 1/{K} (renormalized)" if normalized else f"1/N = 1/{N} (raw softmax probability)"
+    picks = "expert 0" if K == 1 else f"experts 0..{K - 1}"
+    return router, scale, (f"router weights zero: every token picks {picks} at step 0 (ties break toward the lower "
+                           f"id), each gate {why}; w2 scaled by r/(gK) = {scale:g}")
 
 
 def _keyed_generator(seed: int, key: str) -> torch.Generator:

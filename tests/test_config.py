@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from moetrain.config import (Config, ConfigError, check_output_dirs, load_config, micro_batch, validate,
+from moetrain.config import (Config, ConfigError, check_output_dirs, load_config, micro_batch, replace_keys, validate,
                              validate_layout)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -162,6 +162,55 @@ def test_validate_accepts_the_defaults_and_dense():
     validate(load_config(None, ["moe.num_experts=0"]))
 
 
+def test_configs_are_frozen_and_replace_keys_builds_a_new_one():
+    import dataclasses
+    cfg = load_config(TINY)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.moe.top_k = 1
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train = None
+    new = replace_keys(cfg, {"moe.top_k": 1, "moe.peer.heads": 2, "logging.run_name": "x"})
+    assert (new.moe.top_k, new.moe.peer.heads, new.logging.run_name) == (1, 2, "x")
+    assert (cfg.moe.top_k, cfg.moe.peer.heads, cfg.logging.run_name) == (2, 4, "tiny")   # untouched
+    assert new.model is cfg.model                                                      # shared, not copied
+
+
+def test_router_names_and_checks_come_from_the_registry():
+    from moetrain.moe.router import ROUTERS
+    msg = config_error(TINY, ["moe.router=nope"])
+    assert ", ".join(ROUTERS) in msg
+    for name, spec in ROUTERS.items():
+        k = spec.top_k or 2
+        extra = ["moe.aux_loss_scope=micro_batch"] + ([] if spec.dropless else ["moe.capacity_factor=1.0"])
+        load_config(TINY, [f"moe.router={name}", f"moe.top_k={k}"] + extra)          # its own needs met: valid
+        if spec.own_balance_loss:
+            assert "moe.aux_loss_scope" in config_error(TINY, [f"moe.router={name}", f"moe.top_k={k}",
+                                                                "moe.aux_loss_scope=sequence"] + extra[1:])
+        if not spec.dropless:
+            assert "moe.capacity_factor" in config_error(TINY, [f"moe.router={name}", f"moe.top_k={k}",
+                                                               "moe.capacity_factor=null"])
+        if not spec.token_choice:
+            assert "moe.zero_experts" in config_error(TINY, [f"moe.router={name}", "moe.zero_experts.zero=1"])
+            assert "moe.overflow" in config_error(TINY, [f"moe.router={name}", "moe.overflow=reroute"])
+
+
+@pytest.mark.parametrize("overrides", [
+    ["moe.router=switch", "moe.top_k=1"],                    # raw top-1 probability: nothing to renormalize
+    ["moe.norm_topk_prob=false"],                            # topk with raw gates
+    ["moe.top_k=1"],                                         # a single copy
+    ["moe.router=expert_choice", "moe.top_k=1"],             # expert choice has no top-k of a token
+    ["moe.capacity_factor=null"],                            # dropless: nothing is dropped
+])
+def test_renormalize_after_drop_only_where_it_applies(overrides):
+    assert "moe.renormalize_after_drop" in config_error(TINY, ["moe.renormalize_after_drop=true"] + overrides)
+
+
+@pytest.mark.parametrize("router", ["topk", "gshard", "noisy_topk", "aux_free"])
+def test_renormalize_after_drop_for_normalized_top_k(router):
+    cfg = load_config(TINY, ["moe.renormalize_after_drop=true", f"moe.router={router}"])
+    assert cfg.moe.renormalize_after_drop and not load_config(TINY).moe.renormalize_after_drop   # default off
+
+
 # --------------------------------------------------------------------------- validate_layout
 
 def layout_error(cfg, world) -> str:
@@ -183,8 +232,7 @@ def test_validate_layout_resolves_dp():
 
 
 def test_validate_layout_world_not_divisible():
-    cfg = Config()
-    cfg.parallel.tp = 2                      # validate() refuses tp != 1 today; layout is checked alone
+    cfg = replace_keys(Config(), {"parallel.tp": 2})     # frozen: a new config; layout is checked alone
     assert "parallel.tp" in layout_error(cfg, 3)
     cfg = load_config(TINY, ["parallel.dp=2"])
     msg = layout_error(cfg, 3)               # dp * tp != world
@@ -230,6 +278,7 @@ def test_cli_bad_config_exits_2_with_one_line():
     assert "moe.top_k" in lines[0]
 
 
+@pytest.mark.slow
 def test_cli_non_finite_gradient_stops_every_rank_with_one_line(tmp_path):
     """A diverged run (here: absurd init) stops before the optimizer step on every rank, exit 3."""
     env = {k: v for k, v in os.environ.items()

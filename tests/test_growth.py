@@ -160,6 +160,7 @@ def test_upcycle_refusals(dense, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_upcycled_checkpoint_resumes_at_ep2(dense, tmp_path):
     """World 2, ep 2: the step-0 val loss equals the dense model's, the first training loss equals
     the dense model's CE on batch 0, then it trains."""

@@ -23,8 +23,10 @@ Systems (every rank runs its own `--tokens` tokens; experts are sharded ep = wor
              MoE layer with no capacity padding and no drops spends on its experts.
   deepspeed  deepspeed.moe.layer.MoE with an `expert=` SwiGLU of the same sizes, same E, k,
              capacity factor (none -> drop_tokens=False), min_capacity, ep_size = world,
-             use_rts=False and top2_2nd_expert_sampling=False (so it routes like ours). Router and
-             expert weights are copied from ours, so both see the same routing decisions.
+             use_rts=False and top2_2nd_expert_sampling=False. Router and expert weights are
+             copied from ours. Without drops both route alike; with drops DeepSpeed keeps another
+             token set at top-1 and renormalizes surviving top-2 weights (README, "Routing:
+             where we differ from DeepSpeed"), so its kept rows and weights differ slightly.
 
 Each step: forward, loss = <y, g> + 0.01 * aux_loss (g fixed), backward into the parameters and
 the input; gradients are set to None before each step (outside the timed region). Ranks meet at
@@ -129,6 +131,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from moetrain.cpu_runtime import configure_cpu_process  # noqa: E402
+from moetrain.config import MoEConfig  # noqa: E402
 from moetrain.moe.experts import SwiGLU  # noqa: E402
 from moetrain.moe.layer import MoELayer  # noqa: E402
 from moetrain.parallel.apply import apply_ep  # noqa: E402
@@ -470,8 +473,8 @@ def build_ours(args, num_experts: int, impl: str) -> MoELayer:
     """Full layer, identical on every rank (seeded), initialized before sharding. Built inside
     Runtime.build() it is created on the device (seeded by the same torch.manual_seed)."""
     torch.manual_seed(args.seed)
-    layer = MoELayer(args.dim, num_experts, args.k, args.hidden, args.capacity_factor,
-                     min_capacity=args.min_capacity, grouped_mm=impl)
+    layer = MoELayer(MoEConfig(num_experts=num_experts, top_k=args.k, capacity_factor=args.capacity_factor,
+                               min_capacity=args.min_capacity, grouped_mm=impl), args.dim, args.hidden)
     with torch.no_grad():
         layer.router.weight.normal_(0.0, INIT_STD)
         for w in (layer.experts.w1, layer.experts.w3, layer.experts.w2):
@@ -545,7 +548,8 @@ def grouped_skip_reason(ctx: Ctx) -> Optional[str]:
     try:
         with rt.build():
             torch.manual_seed(args.seed)
-            layer = MoELayer(args.dim, 2, 1, args.hidden, None, grouped_mm="grouped")
+            layer = MoELayer(MoEConfig(num_experts=2, top_k=1, capacity_factor=None, grouped_mm="grouped"), args.dim,
+                             args.hidden)
             with torch.no_grad():
                 for w in (layer.router.weight, layer.experts.w1, layer.experts.w3, layer.experts.w2):
                     w.normal_(0.0, INIT_STD)

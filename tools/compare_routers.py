@@ -19,6 +19,7 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)           # moetrain from this checkout, installed or not
 DEFAULT_RECIPES = ["tiny_cpu", "switch", "gshard", "noisy_topk", "expert_choice", "aux_free",
                    "deepseek", "moepp", "reroute", "peer"]
 

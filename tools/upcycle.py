@@ -25,7 +25,6 @@ config that cannot be upcycled (one line on stderr).
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
 
@@ -36,7 +35,7 @@ sys.path[:0] = [os.path.dirname(_TOOLS), _TOOLS]
 from moetrain import growth  # noqa: E402
 from moetrain.checkpoint import store  # noqa: E402
 from moetrain.checkpoint.convert import read_checkpoint, run_tool, write_sharded  # noqa: E402
-from moetrain.config import ConfigError, load_config, to_yaml  # noqa: E402
+from moetrain.config import ConfigError, load_config, replace_keys, to_yaml  # noqa: E402
 
 PROG = "upcycle"
 
@@ -54,13 +53,10 @@ def write_checkpoint(full: dict, out: str, source: str, cfg, name: str, override
     os.makedirs(out, exist_ok=True)
     path = write_sharded(full, out, source)
     given = {o.split("=", 1)[0] for o in overrides}
-    run_cfg = copy.deepcopy(cfg)
-    if "checkpoint.dir" not in given:
-        run_cfg.checkpoint.dir = out
-    if "checkpoint.resume" not in given:
-        run_cfg.checkpoint.resume = "auto"
-    if "logging.run_name" not in given and suffix:
-        run_cfg.logging.run_name = cfg.logging.run_name + suffix
+    changes = {"checkpoint.dir": out, "checkpoint.resume": "auto"}
+    if suffix:
+        changes["logging.run_name"] = cfg.logging.run_name + suffix
+    run_cfg = replace_keys(cfg, {k: v for k, v in changes.items() if k not in given})
     with open(os.path.join(out, name), "w") as f:
         f.write(to_yaml(run_cfg))
     return path

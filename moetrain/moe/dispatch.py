@@ -13,6 +13,10 @@ AllToAllDispatcher: experts sharded over an EP group; copies travel by two uneve
 (dispatch and combine), both differentiable. The count exchange's device-to-host copy is the one
 host sync per layer and micro-step that uneven all-to-alls need.
 
+RowShardDispatcher: PEER's tables row-sharded over an EP group (all-gather, reduce-scatter).
+GroupSum: per-expert counts summed for the global-batch balance loss. No other MoE code calls a
+collective.
+
 Payloads travel in the dtype of x (the layer casts it to the compute dtype: bf16 under autocast).
 
 Shape legend: T tokens, D model dim, C = T*K copies, N kept copies sent, M rows received.
@@ -23,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
 
 from moetrain.moe.experts import ExpertCounts
 from moetrain.moe.permute import (gather_rows, invert_permutation, permute_rows, rank_splits, regroup_by_expert,
@@ -130,3 +135,57 @@ class AllToAllDispatcher:
         y_recv_order = permute_rows(y_MD, meta.ungroup_M, meta.regroup_M)
         y_back = all_to_all(y_recv_order, meta.send_splits, meta.recv_splits, self.group, meta.timer, "combine")
         return _combine_local(y_back, meta)
+
+
+class RowShardDispatcher:
+    """PEER over `group`: rank r holds rows [r*N/ep, (r+1)*N/ep) of the expert tables, retrieval
+    is replicated. dispatch all-gathers tokens, gate weights and retrieved ids; combine
+    reduce-scatters the partial sums (the gathers' backward is a reduce-scatter of the gradient)."""
+
+    def __init__(self, group, size: int):
+        self.group, self.size = group, size
+
+    def dispatch(self, x_TD: torch.Tensor, w_THK: torch.Tensor, ids_THK: torch.Tensor):
+        xs = _GatherRows.apply(x_TD, self.group, self.size)
+        ws = _GatherRows.apply(w_THK, self.group, self.size)
+        ids_all = [torch.empty_like(ids_THK) for _ in range(self.size)]
+        dist.all_gather(ids_all, ids_THK.contiguous(), group=self.group)
+        return xs, ws, torch.cat(ids_all)
+
+    def combine(self, partial_GD: torch.Tensor, x_TD: torch.Tensor) -> torch.Tensor:
+        from torch.distributed.nn import functional as dnn
+        out = torch.empty_like(x_TD)
+        return dnn.reduce_scatter(out, list(partial_GD.chunk(self.size)), group=self.group)
+
+
+class _GatherRows(torch.autograd.Function):
+    """all_gather along dim 0 within `group`; backward: reduce-scatter of the gradient.
+    (torch.distributed.nn's all_gather emulates that backward on gloo with scatters whose source
+    is a group rank passed as a global one: it fails in any group other than ranks 0..n-1, e.g.
+    the EP groups of dp > ep or tp > 1 layouts.)"""
+
+    @staticmethod
+    def forward(ctx, x, group, size: int):
+        ctx.group, ctx.size = group, size
+        parts = [torch.empty_like(x) for _ in range(size)]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        parts = [g.contiguous() for g in grad.chunk(ctx.size)]
+        out = torch.empty_like(parts[0])
+        dist.reduce_scatter(out, parts, group=ctx.group)
+        return out, None, None
+
+
+@dataclass(frozen=True)
+class GroupSum:
+    """Sums a tensor over `group` (of `size` ranks) in place: moe.aux_loss_scope=global_batch
+    sums each expert's load counts over the data-parallel group."""
+    group: object
+    size: int
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(t, group=self.group)
+        return t

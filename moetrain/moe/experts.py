@@ -32,6 +32,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from moetrain.config import grouped_mm_misfit
 from moetrain.moe.grouped_swiglu import grouped_swiglu
@@ -99,8 +100,10 @@ class GroupedExperts(nn.Module):
         self.num_experts = count
 
     def pick_impl(self, x_ND: torch.Tensor) -> str:
-        # the local hidden size (expert tensor parallelism shards it) is what the kernel sees
-        return choose_impl(self.impl, x_ND.device, compute_dtype(x_ND), self.dim, self.w1.shape[-1])[0]
+        # the local hidden size (expert tensor parallelism shards it: w1 is then a DTensor on the
+        # tp mesh, and forward sees its local shard) is what the kernel sees
+        w1 = self.w1.to_local() if isinstance(self.w1, DTensor) else self.w1
+        return choose_impl(self.impl, x_ND.device, compute_dtype(x_ND), self.dim, w1.shape[-1])[0]
 
     def needs_host_counts(self, x_ND: torch.Tensor) -> bool:
         """Whether forward() reads the counts on the host (the dispatcher then provides them)."""

@@ -1,4 +1,4 @@
-"""MoELayer = gate + dispatcher + grouped experts (+ shared experts, + zero-computation experts).
+"""MoELayer = router + dispatcher + grouped experts (+ shared experts, + zero-computation experts).
 Returns (y, MoEAux).
 
 The layer adds nothing to the residual itself: a copy dropped for capacity contributes zero, so
@@ -20,9 +20,11 @@ import torch
 import torch.nn as nn
 from torch.profiler import record_function
 
+from moetrain.config import MoEConfig
 from moetrain.moe.dispatch import LocalDispatcher
 from moetrain.moe.experts import GroupedExperts, SwiGLU
-from moetrain.moe.gate import Gate
+from moetrain.moe.router import Router, RouterOut
+from moetrain.moe.routing import balance_loss_from_counts
 from moetrain.parallel.comm import CommTimer
 from moetrain.precision import compute_dtype
 
@@ -50,32 +52,29 @@ class MoEAux:
 
 
 class MoELayer(nn.Module):
-    def __init__(self, dim: int, num_experts: int, top_k: int, expert_hidden: int,
-                 capacity_factor: Optional[float], min_capacity: int = 4, router: str = "topk",
-                 shared_experts: int = 0, norm_topk_prob: bool = True, router_jitter: float = 0.0,
-                 grouped_mm: str = "auto", overlap: bool = True, zero_experts: tuple = (0, 0, 0),
-                 gated_residual: bool = False, overflow: str = "residual", aux_scope: str = "micro_batch",
-                 aux_free_gamma: float = 1e-3, shared_hidden: Optional[int] = None):
+    def __init__(self, moe: MoEConfig, dim: int, expert_hidden: int):
+        """expert_hidden = Config.expert_hidden (one fine-grained expert); shared experts are coarse."""
         super().__init__()
-        self.num_experts, self.top_k = num_experts, top_k
-        self.num_zero, self.num_copy, self.num_const = zero_experts
-        self.overlap = overlap
-        self.router = Gate(dim, num_experts, sum(zero_experts), top_k, router, capacity_factor, min_capacity,
-                           norm_topk_prob, router_jitter, gated_residual, overflow == "reroute", aux_scope,
-                           aux_free_gamma)
-        self.experts = GroupedExperts(num_experts, dim, expert_hidden, grouped_mm)
-        hidden = shared_hidden if shared_hidden is not None else expert_hidden * shared_experts
-        self.shared = SwiGLU(dim, hidden) if shared_experts > 0 else None
+        self.num_experts, self.top_k = moe.num_ffn_experts, moe.routed_top_k
+        z = moe.zero_experts
+        self.num_zero, self.num_copy, self.num_const = z.zero, z.copy, z.constant
+        self.overlap = moe.overlap
+        self.router = Router(moe, dim)
+        self.experts = GroupedExperts(self.num_experts, dim, expert_hidden, moe.grouped_mm)
+        shared_hidden = expert_hidden * moe.expert_granularity * moe.shared_experts
+        self.shared = SwiGLU(dim, shared_hidden) if moe.shared_experts > 0 else None
         if self.num_const > 0:
             self.const_w = nn.Parameter(torch.empty(self.num_const, 2, dim))
             self.const_v = nn.Parameter(torch.empty(self.num_const, dim))
-        self.dispatcher = LocalDispatcher(num_experts)
+        self.dispatcher = LocalDispatcher(self.num_experts)
+        self.count_sum = None          # dispatch.GroupSum over dp (aux_loss_scope=global_batch, dp > 1)
 
     def forward(self, x_BSD: torch.Tensor, prev_logits: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, MoEAux]:
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
         with record_function("moe/router"):
             g = self.router(x_TD, prev_logits, B)
+            aux_loss = g.aux_loss if g.aux_loss is not None else self._global_balance_loss(g)
         routing = g.routing
         ffn_routing = routing
         if self.num_zero + self.num_copy + self.num_const > 0:
@@ -101,10 +100,18 @@ class MoELayer(nn.Module):
         if self.num_zero + self.num_copy + self.num_const > 0:
             y_TD = y_TD + self._zero_compute(x_TD, routing)
 
-        aux = MoEAux(aux_loss=g.aux_loss, z_loss=g.z_loss, counts_E=routing.counts_E.detach(),
+        aux = MoEAux(aux_loss=aux_loss, z_loss=g.z_loss, counts_E=routing.counts_E.detach(),
                      kept_E=routing.kept_E.detach(), entropy=g.entropy, recv_tokens=counts_local.device.sum(),
                      num_copies=routing.expert_idx_TK.numel(), logits=g.logits_TE, timer=meta.timer)
         return y_TD.view(B, S, D).to(x_BSD.dtype), aux
+
+    def _global_balance_loss(self, g: RouterOut) -> torch.Tensor:
+        """aux_loss_scope=global_batch: f from every data-parallel rank's tokens (the counts summed
+        through the door), P from this rank's; without a group, this rank's micro batch."""
+        counts, ranks = g.routing.counts_E.float(), 1
+        if self.count_sum is not None:
+            counts, ranks = self.count_sum(counts), self.count_sum.size
+        return balance_loss_from_counts(g.probs_TE, counts, g.routing.expert_idx_TK.numel() * ranks)
 
     def _zero_compute(self, x_TD: torch.Tensor, routing) -> torch.Tensor:
         """Weighted outputs of the copy and constant experts (zero experts add nothing)."""

@@ -9,8 +9,8 @@ the expert pool and their outputs are summed.
 
 Expert tables can be sharded over an EP group (rank r holds rows [r*N/ep, (r+1)*N/ep)): tokens
 and their retrieved ids are all-gathered in the group, each rank adds the contributions of the
-rows it holds, and a reduce-scatter returns every rank its own tokens' sums. Retrieval (queries,
-keys) stays replicated.
+rows it holds, and a reduce-scatter returns every rank its own tokens' sums (the collectives:
+dispatch.RowShardDispatcher, installed by apply_ep). Retrieval (queries, keys) stays replicated.
 
 Shape legend: T tokens, D dim, H heads, K retrieved experts per head, n sub-keys, N = n^2.
 """
@@ -56,8 +56,7 @@ class PEERLayer(nn.Module):
         self.expert_down = nn.Parameter(torch.empty(self.num_experts, dim))   # u_i
         self.expert_up = nn.Parameter(torch.empty(self.num_experts, dim))     # v_i
         self.row_offset = 0            # global id of local row 0 (EP sharding)
-        self.ep_group = None
-        self.ep_size = 1
+        self.dispatcher = None         # dispatch.RowShardDispatcher when the tables are sharded
         self.dense_scoring = None      # None = by table size (DENSE_SCORING_MAX_ROWS_PER_PICK)
 
     def shard_(self, offset: int, count: int) -> None:
@@ -106,38 +105,10 @@ class PEERLayer(nn.Module):
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
         w, ids = self.retrieve(x_TD)
-        if self.ep_group is None or self.ep_size == 1:
+        if self.dispatcher is None:
             return self._experts(x_TD, w, ids).view(B, S, D)
-        from torch.distributed.nn import functional as dnn
-        xs = _GatherRows.apply(x_TD, self.ep_group, self.ep_size)
-        ws = _GatherRows.apply(w, self.ep_group, self.ep_size)
-        ids_all = [torch.empty_like(ids) for _ in range(self.ep_size)]
-        torch.distributed.all_gather(ids_all, ids.contiguous(), group=self.ep_group)
-        partial = self._experts(xs, ws, torch.cat(ids_all))
-        out = torch.empty_like(x_TD)
-        out = dnn.reduce_scatter(out, list(partial.chunk(self.ep_size)), group=self.ep_group)
-        return out.view(B, S, D)
-
-
-class _GatherRows(torch.autograd.Function):
-    """all_gather along dim 0 within `group`; backward: reduce-scatter of the gradient.
-    (torch.distributed.nn's all_gather emulates that backward on gloo with scatters whose source
-    is a group rank passed as a global one: it fails in any group other than ranks 0..n-1, e.g.
-    the EP groups of dp > ep or tp > 1 layouts.)"""
-
-    @staticmethod
-    def forward(ctx, x, group, size: int):
-        ctx.group, ctx.size = group, size
-        parts = [torch.empty_like(x) for _ in range(size)]
-        torch.distributed.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad):
-        parts = [g.contiguous() for g in grad.chunk(ctx.size)]
-        out = torch.empty_like(parts[0])
-        torch.distributed.reduce_scatter(out, parts, group=ctx.group)
-        return out, None, None
+        xs, ws, ids_all = self.dispatcher.dispatch(x_TD, w, ids)
+        return self.dispatcher.combine(self._experts(xs, ws, ids_all), x_TD).view(B, S, D)
 
 
 def brute_force_topk(q1_THd, q2_THd, keys1_Hnd, keys2_Hnd, k: int) -> tuple[torch.Tensor, torch.Tensor]:

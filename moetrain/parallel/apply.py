@@ -1,18 +1,16 @@
 """Add parallelism to a built, parallelism-agnostic model (torchtitan's parallelize pattern).
 
 Order (train/loop.build_trainer): apply_ep (before init: experts are filled by global id),
-init_weights, apply_tp (after init: TP shards are slices of the full weights; parallel/tp.py)."""
+init_weights, apply_tp (after init: TP shards are slices of the full weights; model/tp_plan.py)."""
 from __future__ import annotations
 
 import torch.nn as nn
 
-from moetrain.moe.dispatch import AllToAllDispatcher
+from moetrain.moe.dispatch import AllToAllDispatcher, GroupSum, RowShardDispatcher
 from moetrain.moe.experts import GroupedExperts
-from moetrain.moe.gate import Gate
 from moetrain.moe.layer import MoELayer
 from moetrain.moe.peer import PEERLayer
 from moetrain.parallel.mesh import Parallel
-from moetrain.parallel.tp import apply_tp  # noqa: F401  (tensor parallelism lives in tp.py)
 
 
 def apply_ep(model: nn.Module, par: Parallel) -> None:
@@ -32,15 +30,15 @@ def apply_ep(model: nn.Module, par: Parallel) -> None:
         elif isinstance(mod, PEERLayer):
             rows = mod.num_experts // ep
             mod.shard_(par.ep_rank * rows, rows)
-            mod.ep_group, mod.ep_size = par.ep_group, ep
+            mod.dispatcher = RowShardDispatcher(par.ep_group, ep)
 
 
 def apply_routing_groups(model: nn.Module, par: Parallel) -> None:
-    """Give gates that balance over the global batch (moe.aux_loss_scope=global_batch) the
-    data-parallel group their load counts are summed over."""
+    """Give MoE layers that balance over the global batch (moe.aux_loss_scope=global_batch) the
+    sum of their load counts over the data-parallel group."""
     for mod in model.modules():
-        if isinstance(mod, Gate) and mod.aux_scope == "global_batch" and par.dims.dp > 1:
-            mod.balance_group, mod.balance_group_size = par.dp_group, par.dims.dp
+        if isinstance(mod, MoELayer) and mod.router.cfg.aux_loss_scope == "global_batch" and par.dims.dp > 1:
+            mod.count_sum = GroupSum(par.dp_group, par.dims.dp)
 
 
 def is_expert_param(name: str, module_of: dict[str, nn.Module]) -> bool:

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from moetrain.config import MoEConfig
 from moetrain.moe.layer import MoEAux, MoELayer
 from moetrain.moe.routing import load_balancing_loss, router_entropy, router_z_loss
 
@@ -24,8 +25,9 @@ TOL = dict(rtol=1e-5, atol=1e-6)
 
 
 def make_layer(top_k, capacity_factor, impl, shared=0, normalize=True, seed=0, router="topk"):
-    layer = MoELayer(D, E, top_k, H, capacity_factor, min_capacity=0, router=router,
-                     shared_experts=shared, norm_topk_prob=normalize, grouped_mm=impl)
+    moe = MoEConfig(num_experts=E, top_k=top_k, capacity_factor=capacity_factor, min_capacity=0, router=router,
+                    shared_experts=shared, norm_topk_prob=normalize, grouped_mm=impl)
+    layer = MoELayer(moe, D, H)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in layer.parameters():

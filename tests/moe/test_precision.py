@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moetrain.config import ConfigError
-from moetrain.moe.gate import Gate
+from moetrain.config import ConfigError, MoEConfig
 from moetrain.moe.layer import MoELayer
+from moetrain.moe.router import Router
 from moetrain.parallel.fsdp import fsdp_dtypes
 from moetrain.precision import autocast_off, compute_dtype, uses_bf16_autocast
 
@@ -20,7 +20,7 @@ D, E = 32, 8
 
 
 def _gate(kind="topk"):
-    gate = Gate(D, E, 0, 2, kind, None, 1)
+    gate = Router(MoEConfig(num_experts=E, top_k=2, router=kind, capacity_factor=None, min_capacity=1), D)
     torch.manual_seed(0)
     with torch.no_grad():
         gate.weight.normal_(0, 0.5)
@@ -43,7 +43,7 @@ def test_router_logits_are_fp32_under_bf16_autocast(kind):
 
 
 def test_layer_sends_compute_dtype_and_returns_the_residual_dtype():
-    layer = MoELayer(D, E, 2, 16, None, grouped_mm="loop")
+    layer = MoELayer(MoEConfig(num_experts=E, top_k=2, capacity_factor=None, grouped_mm="loop"), D, 16)
     with torch.no_grad():
         for p in layer.parameters():
             p.normal_(0, 0.1)

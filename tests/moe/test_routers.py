@@ -1,4 +1,4 @@
-"""Routing methods from the literature (moetrain.moe.routers, moetrain.moe.gate) against their
+"""Routing methods from the literature (moetrain.moe.routing, moetrain.moe.router) against their
 papers' formulas: hand-worked tensors, independent re-implementations written here, and
 statistical checks with tolerances from the binomial standard deviation (fixed seeds).
 
@@ -22,18 +22,21 @@ import torch
 import torch.nn.functional as F
 
 from _dist import run_dist
-from moetrain.moe import routers as R
-from moetrain.moe.gate import Gate
+from moetrain.config import MoEConfig
+from moetrain.moe import routing as R
 from moetrain.moe.layer import MoELayer
+from moetrain.moe.router import Router
 from moetrain.moe.routing import load_balancing_loss
 
 TOL = dict(rtol=1e-5, atol=1e-6)
 
 
 def gate(kind, E, top_k, dim=None, cf=None, min_capacity=0, **kw):
-    """A Gate whose logits are exactly x @ W^T; W = identity when dim is None (logits = x)."""
+    """A Router whose logits are exactly x @ W^T; W = identity when dim is None (logits = x).
+    kw: moe.* keys (router_jitter, overflow, aux_loss_scope, aux_free_gamma, ...)."""
     dim = E if dim is None else dim
-    g = Gate(dim, E, 0, top_k, kind, cf, min_capacity, **kw)
+    g = Router(MoEConfig(num_experts=E, top_k=top_k, router=kind, capacity_factor=cf, min_capacity=min_capacity,
+                         **kw), dim)
     with torch.no_grad():
         if dim == E:
             g.weight.copy_(torch.eye(E))
@@ -95,7 +98,7 @@ def test_gshard_second_expert_rate_is_expected_min_1_2g2():
 
 
 def test_gshard_gate_in_training_draws_u_per_token():
-    """The Gate's own draws (torch default generator, seeded per rank by the trainer): same rate."""
+    """The Router's own draws (torch default generator, seeded per rank by the trainer): same rate."""
     T, E = 20000, 8
     g = gate("gshard", E, 2).train()
     x = torch.randn(T, E, generator=torch.Generator().manual_seed(3)) * 1.5
@@ -163,7 +166,7 @@ def test_gshard_aux_loss_by_hand():
     probs = torch.tensor([[.7, .2, .1], [.1, .6, .3], [.5, .1, .4], [.3, .3, .4]])
     got = R.gshard_aux_loss(probs, torch.tensor([0, 1, 0, 2]))
     torch.testing.assert_close(got, torch.tensor(1.05), **TOL)
-    # through the Gate (logits = log probs; softmax gives the probs back), train and eval
+    # through the Router (logits = log probs; softmax gives the probs back), train and eval
     g = gate("gshard", 3, 2)
     for mode in (g.train, g.eval):
         mode()
@@ -202,7 +205,7 @@ def test_switch_jitter_changes_routing_only_in_training():
     """Jitter multiplies the router input by U(1 - eps, 1 + eps) in training; eval is exact."""
     T, E, D, eps = 2000, 4, 16, 0.5
     plain = gate("switch", E, 1, dim=D)
-    jit = gate("switch", E, 1, dim=D, jitter=eps)
+    jit = gate("switch", E, 1, dim=D, router_jitter=eps)
     x = torch.randn(T, D, generator=torch.Generator().manual_seed(5))
     ref = plain(x, None, 1)
     jit.eval()
@@ -280,7 +283,7 @@ def test_noisy_topk_load_loss_equals_independent_estimator(k):
 
 
 def test_noisy_topk_gate_aux_is_importance_plus_load_with_its_own_noise():
-    """Gate in training: H = x W_g + n * (softplus(x W_noise) + 1e-2), n ~ N(0, 1) from the
+    """Router in training: H = x W_g + n * (softplus(x W_noise) + 1e-2), n ~ N(0, 1) from the
     default generator; aux = CV(Importance)^2 + CV(Load)^2. In eval: no noise, no load term."""
     T, E, D, k = 48, 5, 7, 2
     g = gate("noisy_topk", E, k, dim=D).train()
@@ -379,7 +382,9 @@ def test_expert_choice_layer_output_and_unchosen_tokens_get_zero():
     """MoELayer with router expert_choice: y_t = sum over experts e that took t of
     S[t, e] * FFN_e(x_t); a token taken by no expert gets exactly 0."""
     D, H, E, B, S = 6, 5, 3, 1, 6
-    layer = MoELayer(D, E, 1, H, 1.0, min_capacity=0, router="expert_choice", grouped_mm="loop").double()
+    moe = MoEConfig(num_experts=E, top_k=1, capacity_factor=1.0, min_capacity=0, router="expert_choice",
+                    grouped_mm="loop")
+    layer = MoELayer(moe, D, H).double()
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in layer.parameters():
@@ -414,7 +419,7 @@ def test_aux_free_bias_update_is_gamma_sign_mean_minus_load():
     torch.testing.assert_close(got, b + 0.01 * torch.tensor([-1., 1., 1., 1.]))
     load = torch.tensor([5., 5., 2., 8.])            # at the mean: no change
     torch.testing.assert_close(R.aux_free_bias_update(b, load, 0.01), b + 0.01 * torch.tensor([0., 0., 1., -1.]))
-    # through the Gate buffer (what Trainer.update_router_biases calls after the optimizer step)
+    # through the Router buffer (what Trainer.update_router_biases calls after the optimizer step)
     g = gate("aux_free", 4, 2, aux_free_gamma=0.5).train()
     g(torch.randn(8, 4), None, 1)                    # the forward pass never touches the bias
     assert torch.equal(g.expert_bias, torch.zeros(4))
@@ -538,9 +543,9 @@ def test_reroute_invariants_on_random_skewed_routing():
 
 
 def test_gate_reroute_uses_router_preference():
-    """Gate(overflow reroute) == apply_capacity with each token's experts sorted by probability."""
+    """Router(overflow reroute) == apply_capacity with each token's experts sorted by probability."""
     T, E, D = 64, 8, 12
-    g = gate("topk", E, 2, dim=D, cf=0.75, min_capacity=0, reroute=True)
+    g = gate("topk", E, 2, dim=D, cf=0.75, min_capacity=0, overflow="reroute")
     x = torch.randn(T, D, generator=torch.Generator().manual_seed(9))
     out = g(x, None, 1)
     sel = R.select_topk(out.logits_TE, 2, True)
@@ -555,7 +560,7 @@ def test_gate_reroute_uses_router_preference():
 def test_noisy_topk_reroute_goes_to_next_best_by_router_score():
     """Eval (no noise), top-1, capacity 1: both tokens pick expert 0; logits rank 3 second, so
     the overflowed copy of t1 should go to expert 3, not to expert 1."""
-    g = gate("noisy_topk", 4, 1, dim=4, cf=0.5, min_capacity=1, reroute=True).eval()
+    g = gate("noisy_topk", 4, 1, dim=4, cf=0.5, min_capacity=1, overflow="reroute").eval()
     x = torch.tensor([[5.0, -3.0, -2.0, 1.0], [5.0, -3.0, -2.0, 1.0]])
     out = g(x, None, 1)
     assert out.routing.expert_idx_TK.squeeze(1).tolist() == [0, 3]
@@ -578,7 +583,7 @@ def _switch_loss_by_hand(probs_TE, idx_TK):
 
 def test_sequence_scope_is_the_mean_of_per_sequence_switch_losses():
     B, S, E, D, K = 3, 5, 4, 6, 2
-    g = gate("topk", E, K, dim=D, aux_scope="sequence")
+    g = gate("topk", E, K, dim=D, aux_loss_scope="sequence")
     x = torch.randn(B * S, D, generator=torch.Generator().manual_seed(12))
     out = g(x, None, B)
     probs = torch.softmax(out.logits_TE.double(), -1)
@@ -590,29 +595,53 @@ def test_sequence_scope_is_the_mean_of_per_sequence_switch_losses():
     assert abs(float(micro) - want) > 1e-3           # the example tells the scopes apart
 
 
+def _global_scope_layer(E, D, K):
+    moe = MoEConfig(num_experts=E, top_k=K, capacity_factor=None, aux_loss_scope="global_batch", grouped_mm="loop")
+    layer = MoELayer(moe, D, 3)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.zero_()
+        layer.router.weight.copy_(gate("topk", E, K, dim=D).weight)
+    return layer
+
+
 def _global_scope_body(rank, world):
+    from moetrain.parallel.apply import apply_routing_groups
     from moetrain.parallel.mesh import LaunchEnv, init_parallel
     par = init_parallel(world, 1, 1, LaunchEnv(rank, world, rank, world, "torchrun"), "cpu")
-    E, D, K, T = 4, 6, 2, 10
+    E, D, K, B, S = 4, 6, 2, 2, 5
+    T = B * S
     xs = [torch.randn(T, D, generator=torch.Generator().manual_seed(100 + r)) for r in range(world)]
-    g = gate("topk", E, K, dim=D, aux_scope="global_batch")
-    g.balance_group, g.balance_group_size = par.dp_group, world
-    out = g(xs[rank], None, 2)
-    out.aux_loss.backward()
+    layer = _global_scope_layer(E, D, K)
+    apply_routing_groups(layer, par)                 # the count sum over dp: the layer's door
+    _, aux = layer(xs[rank].view(B, S, D))
+    aux.aux_loss.backward()
     # reference, every rank's counts computed here from every rank's inputs
     ref = gate("topk", E, K, dim=D)
     counts = torch.zeros(E, dtype=torch.float64)
     for r in range(world):
-        counts += torch.bincount(ref(xs[r], None, 2).routing.expert_idx_TK.reshape(-1), minlength=E).double()
+        counts += torch.bincount(ref(xs[r], None, B).routing.expert_idx_TK.reshape(-1), minlength=E).double()
     probs = torch.softmax(xs[rank].double() @ ref.weight.detach().double().t(), -1)
     want = E * (counts / (T * K * world) * probs.mean(0)).sum()
-    local = float(ref(xs[rank], None, 2).aux_loss)
+    local = float(ref(xs[rank], None, B).aux_loss)
     # the gradient is that of the local P with the global f (counts carry no gradient)
     w = ref.weight.detach().clone().requires_grad_(True)
     (E * (counts.float() / (T * K * world) * torch.softmax(xs[rank] @ w.t(), -1).mean(0)).sum()).backward()
-    return float(out.aux_loss), float(want), local, g.weight.grad, w.grad
+    return float(aux.aux_loss), float(want), local, layer.router.weight.grad, w.grad
 
 
+def test_global_batch_scope_without_a_group_is_the_micro_batch_loss():
+    """World 1 (no count sum installed): the counts are this micro batch's, bit for bit."""
+    E, D, K, B, S = 4, 6, 2, 2, 5
+    x = torch.randn(B, S, D, generator=torch.Generator().manual_seed(7))
+    out = gate("topk", E, K, dim=D, aux_loss_scope="global_batch")(x.view(B * S, D), None, B)
+    assert out.aux_loss is None                      # the router leaves the count sum to its caller
+    _, aux = _global_scope_layer(E, D, K)(x)
+    micro = gate("topk", E, K, dim=D)(x.view(B * S, D), None, B).aux_loss
+    assert torch.equal(aux.aux_loss, micro)
+
+
+@pytest.mark.slow
 def test_global_batch_scope_uses_every_dp_ranks_counts():
     outs = run_dist(_global_scope_body, 2)
     for got, want, local, grad, want_grad in outs:

@@ -1,4 +1,6 @@
-"""Pure routing math (moetrain.moe.routing) against hand-worked tensors.
+"""Pure routing math (moetrain.moe.routing) against hand-worked tensors: softmax top-k
+(select_topk), the GShard capacity cut (apply_capacity) and their composition as the Router runs
+it, renormalize_kept, the balance, z- and entropy losses.
 
 Every expected value below is written out by hand in the comment next to it; nothing is computed
 by calling the function under test a second time.
@@ -10,8 +12,10 @@ import math
 import pytest
 import torch
 
-from moetrain.moe.routing import (Routing, assign_slots, expert_capacity, load_balancing_loss, route_topk,
-                                  router_entropy, router_z_loss, topk_gates)
+from moetrain.config import MoEConfig
+from moetrain.moe.router import Router
+from moetrain.moe.routing import (Routing, Selection, apply_capacity, expert_capacity, load_balancing_loss,
+                                  renormalize_kept, router_entropy, router_z_loss, select_topk)
 
 T_, F_ = True, False
 
@@ -19,6 +23,33 @@ T_, F_ = True, False
 def logits_from_probs(rows) -> torch.Tensor:
     """log of (unnormalized) probabilities: softmax of the result is rows / rows.sum(-1)."""
     return torch.log(torch.tensor(rows, dtype=torch.float32))
+
+
+def topk_gates(logits, k, normalize):
+    sel = select_topk(logits, k, normalize)
+    return sel.probs_TE, sel.expert_idx_TK, sel.weights_TK
+
+
+def cut(idx, num_experts, capacity):
+    """kept_TK of apply_capacity for these choices (uniform probs and weights, all active)."""
+    idx = torch.tensor(idx) if not torch.is_tensor(idx) else idx
+    T, K = idx.shape
+    sel = Selection(idx, torch.full((T, K), 1.0 / K), torch.ones(T, K, dtype=torch.bool),
+                    torch.full((T, num_experts), 1.0 / num_experts))
+    return apply_capacity(sel, num_experts, capacity).kept_TK
+
+
+def slots(idx, num_experts):
+    """Slot of each copy in its expert's buffer, read off the cut: kept at capacity c iff slot < c,
+    so slot = (number of capacities 0..T*K that drop the copy) - 1."""
+    T, K = torch.as_tensor(idx).shape
+    return sum((~cut(idx, num_experts, c)).long() for c in range(T * K + 1)) - 1
+
+
+def route_topk(logits, top_k, capacity, normalize=True):
+    """The token-choice path of the Router for router topk: select, then the capacity cut."""
+    sel = select_topk(logits, top_k, normalize)
+    return apply_capacity(sel, logits.shape[1], capacity), sel.probs_TE
 
 
 # --------------------------------------------------------------------------- expert_capacity
@@ -49,7 +80,7 @@ def test_expert_capacity_exact_product_is_not_rounded_up():
     assert expert_capacity(200, 8, 2, 1.1, 0) == 55
 
 
-# --------------------------------------------------------------------------- topk_gates
+# --------------------------------------------------------------------------- select_topk
 
 def test_topk_gates_values_normalized():
     logits = logits_from_probs([[1, 2, 3, 4],      # probs .1 .2 .3 .4
@@ -100,7 +131,7 @@ def test_topk_gates_ties_go_to_lowest_expert_id(row, k, expected):
     assert torch.all(w[0, :-1] >= w[0, 1:])            # weights in descending order
 
 
-# --------------------------------------------------------------------------- assign_slots
+# --------------------------------------------------------------------------- apply_capacity
 
 # Hand example (E=3, T=4, K=2):
 #   t0 -> [0, 1]   t1 -> [0, 2]   t2 -> [1, 0]   t3 -> [0, 1]
@@ -111,51 +142,43 @@ HAND_IDX = [[0, 1], [0, 2], [1, 0], [0, 1]]
 HAND_SLOTS = [[0, 1], [1, 0], [0, 3], [2, 2]]
 
 
-def test_assign_slots_first_choices_fill_before_second_choices():
-    slot, kept = assign_slots(torch.tensor(HAND_IDX), 3, capacity=3)
-    assert slot.tolist() == HAND_SLOTS
+def test_capacity_cut_first_choices_fill_before_second_choices():
+    assert slots(HAND_IDX, 3).tolist() == HAND_SLOTS
+    kept = cut(HAND_IDX, 3, capacity=3)
     # capacity 3: t3's FIRST choice (slot 2 of e0) is kept and t2's SECOND choice (slot 3) is dropped,
     # although t2 comes first in token order (token-major order would do the opposite).
     assert kept.tolist() == [[T_, T_], [T_, T_], [T_, F_], [T_, T_]]
 
 
-def test_assign_slots_capacity_cut():
-    slot, kept = assign_slots(torch.tensor(HAND_IDX), 3, capacity=2)
-    assert slot.tolist() == HAND_SLOTS
-    assert kept.tolist() == [[T_, T_], [T_, T_], [T_, F_], [F_, F_]]   # t3 loses both copies
-    _, kept1 = assign_slots(torch.tensor(HAND_IDX), 3, capacity=1)
+def test_capacity_cut():
+    assert cut(HAND_IDX, 3, capacity=2).tolist() == [[T_, T_], [T_, T_], [T_, F_], [F_, F_]]   # t3 loses both
     # slot 0 only: t0->e0, t2->e1, t1->e2
-    assert kept1.tolist() == [[T_, F_], [F_, T_], [T_, F_], [F_, F_]]
+    assert cut(HAND_IDX, 3, capacity=1).tolist() == [[T_, F_], [F_, T_], [T_, F_], [F_, F_]]
 
 
-def test_assign_slots_capacity_zero_drops_everything():
-    _, kept = assign_slots(torch.tensor(HAND_IDX), 3, capacity=0)
-    assert not kept.any()
+def test_capacity_zero_drops_everything():
+    assert not cut(HAND_IDX, 3, capacity=0).any()
 
 
-def test_assign_slots_dropless_keeps_all():
-    slot, kept = assign_slots(torch.tensor(HAND_IDX), 3, capacity=None)
-    assert slot.tolist() == HAND_SLOTS
+def test_dropless_keeps_all():
+    kept = cut(HAND_IDX, 3, capacity=None)
     assert kept.all() and kept.shape == (4, 2) and kept.dtype == torch.bool
 
 
-def test_assign_slots_all_tokens_to_one_expert_and_empty_experts():
+def test_capacity_all_tokens_to_one_expert_and_empty_experts():
     idx = torch.full((5, 1), 1)                        # E=3; experts 0 and 2 get nothing
-    slot, kept = assign_slots(idx, 3, capacity=2)
-    assert slot.tolist() == [[0], [1], [2], [3], [4]]
-    assert kept.tolist() == [[T_], [T_], [F_], [F_], [F_]]
-    slot, kept = assign_slots(idx, 3, capacity=None)
-    assert kept.all()
+    assert slots(idx, 3).tolist() == [[0], [1], [2], [3], [4]]
+    assert cut(idx, 3, capacity=2).tolist() == [[T_], [T_], [F_], [F_], [F_]]
+    assert cut(idx, 3, capacity=None).all()
 
 
-def test_assign_slots_top1_is_token_order():
+def test_capacity_top1_is_token_order():
     idx = torch.tensor([[2], [0], [2], [2], [0], [1]])
-    slot, kept = assign_slots(idx, 4, capacity=2)
-    assert slot.view(-1).tolist() == [0, 0, 1, 2, 1, 0]
-    assert kept.view(-1).tolist() == [T_, T_, T_, F_, T_, T_]
+    assert slots(idx, 4).view(-1).tolist() == [0, 0, 1, 2, 1, 0]
+    assert cut(idx, 4, capacity=2).view(-1).tolist() == [T_, T_, T_, F_, T_, T_]
 
 
-# --------------------------------------------------------------------------- route_topk
+# --------------------------------------------------------------------------- select + cut
 
 # logits whose top-2 reproduce HAND_IDX
 HAND_LOGITS = torch.tensor([[2., 1., 0.], [2., 0., 1.], [1., 2., 0.], [2., 1., 0.]])
@@ -170,7 +193,7 @@ def test_route_topk_counts_and_kept():
     assert routing.counts_E.tolist() == [4, 3, 1]
     # after: e0 keeps slots 0,1 ; e1 keeps slots 0,1 ; e2 keeps 1
     assert routing.kept_E.tolist() == [2, 2, 1]
-    assert routing.capacity == 2 and routing.num_experts == 3
+    assert routing.capacity == 2 and routing.counts_E.numel() == 3
     torch.testing.assert_close(probs, torch.softmax(HAND_LOGITS, -1))
     # weights are the renormalized probabilities of the chosen experts: e/(e+1), 1/(e+1) for logits 2,1
     e = math.e
@@ -193,6 +216,59 @@ def test_route_topk_expert_with_zero_tokens():
     assert routing.counts_E.tolist() == [0, 3, 0, 0]
     assert routing.kept_E.tolist() == [0, 2, 0, 0]
     assert routing.kept_TK.view(-1).tolist() == [T_, T_, F_]
+
+
+def hand_router(capacity, renormalize=False):
+    """Router topk, k = 2, E = 3, identity gate weights (logits = x); capacity = min_capacity
+    (the factor is tiny: ceil(1e-6 * 2 * 4 / 3) = 1 <= min_capacity)."""
+    moe = MoEConfig(num_experts=3, top_k=2, capacity_factor=1e-6, min_capacity=capacity,
+                    renormalize_after_drop=renormalize)
+    router = Router(moe, 3)
+    with torch.no_grad():
+        router.weight.copy_(torch.eye(3))
+    return router
+
+
+def test_router_module_runs_the_same_routing():
+    out = hand_router(2)(HAND_LOGITS, None, 1)
+    assert out.routing.expert_idx_TK.tolist() == HAND_IDX
+    assert out.routing.kept_TK.tolist() == [[T_, T_], [T_, T_], [T_, F_], [F_, F_]]
+    assert out.routing.counts_E.tolist() == [4, 3, 1] and out.routing.kept_E.tolist() == [2, 2, 1]
+    e = math.e
+    torch.testing.assert_close(out.routing.weights_TK[2], torch.tensor([e / (e + 1), 1 / (e + 1)]))
+    # balance loss: f = [4, 3, 1] / 8 (before the cut), P = mean of the softmax rows
+    P = torch.softmax(HAND_LOGITS, -1).mean(0)
+    torch.testing.assert_close(out.aux_loss, 3 * (torch.tensor([4., 3., 1.]) / 8 * P).sum())
+
+
+# --------------------------------------------------------------------------- renormalize_kept
+
+def test_renormalize_kept_by_hand():
+    """w_k kept_k / sum_j w_j kept_j: a lone survivor gets 1, both kept are renormalized (also from
+    raw gates: .3, .1 -> .75, .25), every copy dropped -> 0 (DeepSpeed clamps the sum at eps)."""
+    r = Routing(torch.tensor([[0, 1], [1, 2], [2, 0], [0, 2]]),
+                torch.tensor([[.6, .4], [.7, .3], [.5, .5], [.3, .1]]),
+                torch.tensor([[T_, F_], [T_, T_], [F_, F_], [T_, T_]]),
+                torch.tensor([3, 2, 3]), torch.tensor([2, 1, 2]), 2)
+    out = renormalize_kept(r)
+    torch.testing.assert_close(out.weights_TK, torch.tensor([[1., 0.], [.7, .3], [0., 0.], [.75, .25]]))
+    assert out.kept_TK is r.kept_TK and out.expert_idx_TK is r.expert_idx_TK
+
+
+def test_renormalize_after_drop_gives_the_survivor_weight_one():
+    """HAND_LOGITS at capacity 2: each token's top-2 logits are 2 and 1 -> GShard weights
+    e/(e+1), 1/(e+1). t2 keeps only its first copy, t3 none. moe.renormalize_after_drop (DeepSpeed):
+    t2 -> [1, 0], t3 -> [0, 0]; t0, t1 (both kept) unchanged. Default (GShard): unchanged."""
+    e = math.e
+    g = [e / (e + 1), 1 / (e + 1)]
+    plain = hand_router(2)(HAND_LOGITS, None, 1).routing
+    torch.testing.assert_close(plain.weights_TK, torch.tensor([g, g, g, g]))
+    renorm = hand_router(2, renormalize=True)(HAND_LOGITS, None, 1).routing
+    assert renorm.kept_TK.tolist() == plain.kept_TK.tolist()
+    torch.testing.assert_close(renorm.weights_TK, torch.tensor([g, g, [1., 0.], [0., 0.]]))
+    # nothing dropped (capacity 4): the same weights as GShard's
+    torch.testing.assert_close(hand_router(4, renormalize=True)(HAND_LOGITS, None, 1).routing.weights_TK,
+                               torch.tensor([g, g, g, g]))
 
 
 # --------------------------------------------------------------------------- load_balancing_loss

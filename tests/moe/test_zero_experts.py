@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from _dist import run_dist
 from _oracle import reference_step
+from moetrain.config import MoEConfig, ZeroExpertsConfig
 from moetrain.moe.layer import MoELayer
 
 D, H, FFN = 8, 6, 4
@@ -29,8 +30,9 @@ TOL = dict(rtol=1e-5, atol=1e-6)
 
 
 def make_layer(top_k=2, cf=None, zero=ZERO, seed=0, router_scale=1.5, gated_residual=False):
-    layer = MoELayer(D, FFN, top_k, H, cf, min_capacity=0, zero_experts=zero, grouped_mm="loop",
-                     gated_residual=gated_residual)
+    moe = MoEConfig(num_experts=FFN, top_k=top_k, capacity_factor=cf, min_capacity=0,
+                    zero_experts=ZeroExpertsConfig(*zero), grouped_mm="loop", gated_residual=gated_residual)
+    layer = MoELayer(moe, D, H)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in layer.parameters():

@@ -10,6 +10,7 @@ import torch
 
 from _dist import run_dist
 from _oracle import reference_step
+from moetrain.config import MoEConfig
 from moetrain.moe.layer import MoELayer
 from moetrain.parallel.apply import apply_ep
 from moetrain.parallel.mesh import LaunchEnv, init_parallel
@@ -19,7 +20,9 @@ E, D, H, T = 8, 12, 16, 10
 
 def _make_layer(k, cf, shared, seed=0):
     torch.manual_seed(seed)
-    layer = MoELayer(D, E, k, H, cf, min_capacity=1, shared_experts=shared, grouped_mm="loop").double()
+    moe = MoEConfig(num_experts=E, top_k=k, capacity_factor=cf, min_capacity=1, shared_experts=shared,
+                    grouped_mm="loop")
+    layer = MoELayer(moe, D, H).double()
     with torch.no_grad():
         for p in layer.parameters():
             p.copy_(torch.randn_like(p) * 0.3)
@@ -78,6 +81,7 @@ def _cases_body(rank, world, ep, cases):
 ROUTING_CASES = [(2, None, 0, None), (2, 1.0, 0, None), (1, 0.5, 0, None)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world,ep", [(2, 2), (4, 4), (4, 2)])
 def test_ep_layer_matches_single_process(world, ep):
     """k=2 dropless, k=2 with drops, k=1 with heavy drops; ep=2, ep=4, and dp=4 x ep=2."""
@@ -88,6 +92,7 @@ def test_ep_layer_shared_experts_overlap():
     run_dist(_cases_body, 2, (2, [(2, 1.0, 1, None)]))
 
 
+@pytest.mark.slow
 def test_all_tokens_to_one_expert():
     """At top-1 every token picks expert 0: ranks 1-3 receive nothing from anyone. No hang, exact
     results, and with capacity 1.0 (C = ceil(1*1*10/8) = 2 per source rank) the drops are counted."""
