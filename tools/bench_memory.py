@@ -171,8 +171,7 @@ def measure(trainer) -> dict[str, int]:
         trainer.engine.step()
     else:
         t, par = trainer.cfg.train, trainer.par
-        clip_grad_norm(trainer.dense_params, trainer.expert_params, t.grad_clip, par.ep_group, par.dims.ep,
-                       par.tp_group, par.dims.tp)
+        clip_grad_norm(trainer.dense_params, trainer.expert_params, t.grad_clip, par.ep_group, par.dims.ep)
         trainer.opt.step()
     params, optim = param_storages(trainer), optim_storages(trainer)
     # a storage counted as a parameter is not also counted as a gradient or optimizer state

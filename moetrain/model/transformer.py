@@ -1,9 +1,10 @@
 """Decoder-only LM (RMSNorm, RoPE, causal SDPA attention, SwiGLU), MoE FFN every `moe.every` layers.
 
 The model knows nothing of parallelism (DESIGN habit 2): apply_ep/apply_* in moetrain.parallel
-reshape it after construction. Weights are created uninitialized; `init_weights(seed)` fills every
-parameter from a generator keyed by (seed, parameter name[, global expert id]), so the values do
-not depend on the layout, the device, or which rank holds the expert.
+and model/tp_plan.apply_tp reshape it after construction. Weights are created uninitialized;
+`init_weights(seed)` fills every parameter from a generator keyed by (seed, parameter name[,
+global expert id]), so the values do not depend on the layout, the device, or which rank holds
+the expert.
 
 Shape legend: B batch, S sequence, D dim, V vocab, Hh heads, Dh head dim.
 """
@@ -78,12 +79,7 @@ class Block(nn.Module):
             p = e.peer
             self.ffn = PEERLayer(m.dim, p.num_keys, p.heads, p.top_k, p.key_dim, p.query_bn)
         elif self.is_moe:
-            z = e.zero_experts
-            self.ffn = MoELayer(m.dim, cfg.num_ffn_experts, cfg.routed_top_k, cfg.expert_hidden, e.capacity_factor,
-                                e.min_capacity, e.router, e.shared_experts, e.norm_topk_prob,
-                                e.router_jitter, e.grouped_mm, e.overlap, (z.zero, z.copy, z.constant),
-                                e.gated_residual, e.overflow, e.aux_loss_scope, e.aux_free_gamma,
-                                shared_hidden=cfg.base_expert_hidden * e.shared_experts)
+            self.ffn = MoELayer(e, m.dim, cfg.expert_hidden)
         else:
             self.ffn = SwiGLU(m.dim, m.ffn_hidden)
 
@@ -182,10 +178,9 @@ def count_params(model: Transformer, cfg: Config) -> tuple[int, int]:
             if id(p) in seen:       # tied embeddings count once
                 continue
             seen.add(id(p))
-            # a tensor-parallel shard (parallel.tp.apply_tp marks it) is 1/tp of the tensor
-            shards = cfg.parallel.tp if getattr(p, "tp_shard_dim", None) is not None else 1
+            # shapes are global: a sharded parameter (TP, FSDP) is a DTensor of the whole tensor
             if isinstance(mod, GroupedExperts):
-                per_expert = p[0].numel() * shards
+                per_expert = p.shape[1:].numel()
                 total += per_expert * cfg.num_ffn_experts
                 active += per_expert * cfg.routed_top_k
             elif isinstance(mod, PEERLayer) and p_name.startswith("expert_"):
@@ -193,6 +188,6 @@ def count_params(model: Transformer, cfg: Config) -> tuple[int, int]:
                 total += per_expert * mod.num_experts
                 active += per_expert * mod.heads * mod.top_k
             else:
-                total += p.numel() * shards
-                active += p.numel() * shards
+                total += p.numel()
+                active += p.numel()
     return total, active

@@ -4,6 +4,8 @@
 is built. It shards every parameter over the ranks that hold a replica of it:
   dense params (incl. TP shards, routers, norms) over "dp"  (edp x ep flattened)
   expert params (GroupedExperts)                 over "edp" (the ranks holding the same experts)
+A TP shard (a DTensor on the tp mesh, model/tp_plan.py) becomes a DTensor on (dp or edp, tp): the
+FSDP meshes are slices of the same root mesh as the tp mesh, as FSDP2 requires for that.
 Units: each GroupedExperts (its own group on the edp mesh), each transformer block and the root
 (embedding, final norm, head) on the dp mesh, bottom-up as FSDP2 wants it.
 
@@ -12,7 +14,7 @@ so each rank holds its share of the global mean and the reduction must be a SUM,
 does not do by default (it averages): every unit gets `set_gradient_divide_factor(1.0)` and
 `set_force_sum_reduction_for_comms(True)` (gloo has neither AVG nor PREMUL_SUM). The loop's own
 all-reduce (parallel/grads.GradientSync) skips the DTensor parameters FSDP manages; clipping
-sums each DTensor's local squares over its FSDP mesh (grads.grad_sq_norms).
+sums each DTensor's local squares over the mesh dims it is sharded on (grads.grad_sq_norms).
 
 Which tensor dim FSDP splits (`fsdp_shard_dim`) is chosen so that a rank's shard is a plain
 block of the parameter's global tensor, which lets checkpoints (checkpoint/state.py) describe it as a
@@ -35,13 +37,13 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 
 from moetrain.config import ConfigError
 
 from moetrain.moe.experts import GroupedExperts
 from moetrain.parallel.apply import is_expert_param
 from moetrain.parallel.mesh import Parallel
-from moetrain.parallel.tp import tp_shard_dim
 
 
 def fsdp_shard_dim(shape: tuple, is_expert: bool, tp_dim: Optional[int], size: int) -> Optional[int]:
@@ -66,7 +68,8 @@ def _plan(model: nn.Module, par: Parallel) -> tuple[dict[int, int], set]:
         if expert and not isinstance(owner, GroupedExperts):
             d = None                       # PEER expert tables
         else:
-            d = fsdp_shard_dim(tuple(p.shape), expert, tp_shard_dim(p), size)
+            tp_dim = next((pl.dim for pl in p.placements if pl.is_shard()), None) if isinstance(p, DTensor) else None
+            d = fsdp_shard_dim(tuple(p.shape), expert, tp_dim, size)
         if d is None:
             ignored.add(p)
         else:
@@ -101,13 +104,10 @@ def apply_fsdp(model: nn.Module, par: Parallel, param_dtype: Optional[torch.dtyp
     each matmul reads, as without FSDP."""
     if par.dims.dp == 1 or par.mesh is None:
         return []
-    from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from torch.distributed.tensor import Shard
 
     dims, ignored = _plan(model, par)
-    # fully_shard replaces each nn.Parameter by a DTensor one: carry our markers over by name
-    tp_dims = {n: d for n, p in model.named_parameters() if (d := tp_shard_dim(p)) is not None}
     left_out = [n for n, p in model.named_parameters() if p in ignored]
 
     def placement(p):
@@ -115,9 +115,8 @@ def apply_fsdp(model: nn.Module, par: Parallel, param_dtype: Optional[torch.dtyp
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
     common = dict(reshard_after_forward=True, shard_placement_fn=placement, ignored_params=ignored, mp_policy=mp)
-    # the flattened dp axis as a 1-D mesh over our existing dp group (no new groups)
-    dp_mesh = DeviceMesh.from_group(par.dp_group, par.device.type, mesh_dim_names=("dp",))
-    edp_mesh = par.mesh["edp"]
+    # our existing groups (init_parallel made them), slices of the root mesh that tp_mesh is of
+    dp_mesh, edp_mesh = par.mesh["edp", "ep"]._flatten("dp"), par.mesh["edp"]
     units = []
     for mod in model.modules():
         if isinstance(mod, GroupedExperts) and any(p not in ignored for p in mod.parameters(recurse=False)):
@@ -128,8 +127,4 @@ def apply_fsdp(model: nn.Module, par: Parallel, param_dtype: Optional[torch.dtyp
     for unit in units:
         unit.set_gradient_divide_factor(1.0)          # SUM over the mesh, never the mean
         unit.set_force_sum_reduction_for_comms(True)
-
-    for name, p in model.named_parameters():
-        if name in tp_dims:
-            p.tp_shard_dim = tp_dims[name]
     return left_out

@@ -11,10 +11,10 @@ launched during the last micro-step's backward (BucketedAllReduce), overlapping 
 with the rest of the backward as DDP does.
 Tensor parallelism adds no reduction: the dp and edp groups hold the ranks with the same tp
 index, hence the same shard, and replicated parameters already hold complete gradients on every
-TP rank (parallel/tp.py). Only the norm has to sum the shards over tp.
-Under FSDP (parallel/fsdp.py) the managed parameters are DTensor shards whose gradients FSDP
-has already reduce-scattered (as a SUM): sync skips them, and the norm sums each shard's squares
-over its FSDP mesh before the tp/ep sums below.
+TP rank (model/tp_plan.py); TP shards are DTensors on the tp mesh, reduced by their local data.
+Under FSDP (parallel/fsdp.py) the managed parameters are DTensors sharded over dp or edp whose
+gradients FSDP has already reduce-scattered (as a SUM): sync skips them. The norm reads every
+DTensor's placements: a gradient's local squares are summed over each mesh dim it is sharded on.
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ class BucketedAllReduce:
         for plist in by_dtype.values():
             bucket, size = [], 0
             for p in plist:
-                nbytes = p.numel() * p.element_size()
+                nbytes = _local(p).numel() * p.element_size()
                 if bucket and bucket_bytes > 0 and size + nbytes > bucket_bytes:
                     self.buckets.append(bucket)
                     bucket, size = [], 0
@@ -85,7 +85,7 @@ class BucketedAllReduce:
             self._launch(self._next)
 
     def _launch(self, i: int) -> None:
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.buckets[i]]
+        grads = [_local(p.grad) if p.grad is not None else torch.zeros_like(_local(p)) for p in self.buckets[i]]
         flat = torch.cat([g.reshape(-1) for g in grads])
         self._pending[i] = (flat, dist.all_reduce(flat, group=self.group, async_op=True))
         self._next = i + 1
@@ -99,23 +99,23 @@ class BucketedAllReduce:
             work.wait()
             offset = 0
             for p in bucket:
-                n = p.numel()
-                p.grad = flat[offset:offset + n].view_as(p)
+                n = _local(p).numel()
+                p.grad = _grad_like(p, flat[offset:offset + n])
                 offset += n
         self._reset()
 
 
 class GradientSync:
     """The loop's gradient reduction (see the module docstring): dense params over dp, expert
-    params over edp, each through a BucketedAllReduce; FSDP-managed parameters (DTensors) are
-    left out (FSDP reduce-scattered them in backward)."""
+    params over edp, each through a BucketedAllReduce; FSDP-managed parameters (DTensors sharded
+    over that group) are left out (FSDP reduce-scattered them in backward)."""
 
     def __init__(self, dense: list, expert: list, par, bucket_mb: float):
         d = par.dims
         bucket_bytes = bucket_mb * 2 ** 20
         self.reducers = []
         for params, group, size in ((dense, par.dp_group, d.dp), (expert, par.edp_group, d.edp)):
-            plain = [p for p in params if not _is_dtensor(p)]
+            plain = [p for p in params if group not in _shard_groups(p)]
             if size > 1 and plain:
                 self.reducers.append(BucketedAllReduce(plain, group, bucket_bytes))
 
@@ -132,79 +132,69 @@ def _is_dtensor(p) -> bool:
     return isinstance(p, DTensor)
 
 
-def grad_sq_norms(dense: list, expert: list, ep_group=None, ep: int = 1, tp_group=None, tp: int = 1) -> dict:
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's data: a DTensor's local shard, a plain tensor itself."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _grad_like(p: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """A flat slice of a reduced bucket as p's gradient (a DTensor placed like p for a DTensor)."""
+    if not _is_dtensor(p):
+        return flat.view_as(p)
+    return DTensor.from_local(flat.view_as(p.to_local()), p.device_mesh, p.placements, run_check=False,
+                              shape=p.shape, stride=p.stride())
+
+
+def _shard_groups(p) -> tuple:
+    """The process groups of the mesh dims a DTensor is sharded on (tp: tensor parallelism;
+    dp / edp: FSDP): its ranks there hold disjoint blocks of it. () for a plain tensor."""
+    if not _is_dtensor(p):
+        return ()
+    return tuple(p.device_mesh.get_group(i) for i, pl in enumerate(p.placements) if not pl.is_replicate())
+
+
+def grad_sq_norms(dense: list, expert: list, ep_group=None, ep: int = 1) -> dict:
     """Squared L2 norms of the synced gradients, each logical parameter counted once:
-    {"dense", "dense_tp", "expert", "expert_tp"} (fp32 scalars, equal on every rank).
-
-      dense (whole)  identical on every rank of the mesh (summed over dp; complete on every TP
-                     rank, see parallel/tp.py): counted as is
-      dense TP shard differs across tp, identical across dp: summed over tp
-      expert         differs across ep (other experts), identical across edp (and tp unless
-                     etp): summed over ep
-      expert TP shard (etp) differs across ep and tp: summed over ep and tp
-    """
-    from moetrain.parallel.tp import tp_shard_dim
-
+    {"dense", "expert"} (fp32 scalars, equal on every rank). Each rank sums the squares of the
+    gradient data it holds, then sums over the ranks that hold the other parts of the parameter:
+    the mesh dims its DTensor is sharded on (tp, and dp / edp under FSDP), and ep for experts
+    (each EP rank holds other experts). Replicas (dp without FSDP, tp for a replicated
+    parameter, edp) already agree and are counted once."""
     # the parameters' device (a rank without any gradient still joins the all-reduces below, and
     # on NCCL with a tensor on its GPU)
     device = next((p.device for p in list(dense) + list(expert)), torch.device("cpu"))
-
-    def sq(params):
-        gs = [p.grad for p in params if p.grad is not None]
-        if not gs:
-            return torch.zeros((), dtype=torch.float32, device=device)
-        # one multi-tensor kernel for all norms instead of two small kernels per parameter
-        return torch.stack(torch._foreach_norm(gs)).float().pow(2).sum()
-
-    def split(params):
-        whole = [p for p in params if tp_shard_dim(p) is None]
-        return whole, [p for p in params if tp_shard_dim(p) is not None]
-
-    plain_dense = [p for p in dense if not _is_dtensor(p)]
-    plain_expert = [p for p in expert if not _is_dtensor(p)]
-    d_whole, d_tp = split(plain_dense)
-    e_whole, e_tp = split(plain_expert)
-    vals = torch.stack([sq(d_whole), sq(d_tp), sq(e_whole), sq(e_tp)])
-    vals = vals + _fsdp_sq_norms(dense, expert, device)
-    if ep > 1:
-        ep_part = vals[2:].clone()
-        dist.all_reduce(ep_part, group=ep_group)
-        vals = torch.cat([vals[:2], ep_part])
-    if tp > 1:
-        tp_part = vals[1::2].clone()           # the TP-sharded kinds
-        dist.all_reduce(tp_part, group=tp_group)
-        vals = torch.stack([vals[0], tp_part[0], vals[2], tp_part[1]])
-    vals = vals.cpu()
-    return {"dense": vals[0], "dense_tp": vals[1], "expert": vals[2], "expert_tp": vals[3]}
-
-
-def _fsdp_sq_norms(dense: list, expert: list, device) -> torch.Tensor:
-    """The four kinds' squared norms over FSDP shards (DTensor grads): each rank of an FSDP mesh
-    holds a disjoint block, so the local squares are summed over that mesh (in parameter order,
-    the same on every rank). The result is what the unsharded parameters would give."""
-    from moetrain.parallel.tp import tp_shard_dim
-
-    buckets: dict = {}          # mesh group -> [4] partial squares
-    for kind_base, params in ((0, dense), (2, expert)):
+    kinds: dict = {}            # (expert?, groups to sum over) -> local gradients
+    for is_expert, params in ((0, dense), (1, expert)):
+        extra = (ep_group,) if is_expert and ep > 1 else ()
         for p in params:
-            if not _is_dtensor(p):
-                continue
-            # every rank registers every mesh (grad or not), so all join the same all-reduces
-            acc = buckets.setdefault(p.device_mesh.get_group(), torch.zeros(4, dtype=torch.float32, device=device))
+            # every rank registers every kind (grad or not), so all join the same all-reduces
+            grads = kinds.setdefault((is_expert, _shard_groups(p) + extra), [])
             if p.grad is not None:
-                acc[kind_base + (tp_shard_dim(p) is not None)] += p.grad.to_local().float().pow(2).sum()
-    total = torch.zeros(4, dtype=torch.float32, device=device)
-    for group, acc in buckets.items():
-        dist.all_reduce(acc, group=group)
-        total += acc
-    return total
+                grads.append(_local(p.grad))
+    vals = [_sq(grads, device) for grads in kinds.values()]
+    for group in dict.fromkeys(g for _, gs in kinds for g in gs):     # first-seen order: same on all ranks
+        idx = [i for i, (_, gs) in enumerate(kinds) if group in gs]
+        part = torch.stack([vals[i] for i in idx])
+        dist.all_reduce(part, group=group)     # a sum over several groups: over one, then the next
+        for j, i in enumerate(idx):
+            vals[i] = part[j]
+    zero = torch.zeros((), dtype=torch.float32, device=device)
+    totals = torch.stack([sum((v for (e, _), v in zip(kinds, vals) if e == kind), zero) for kind in (0, 1)]).cpu()
+    return {"dense": totals[0], "expert": totals[1]}
 
 
-def clip_grad_norm(dense: list, expert: list, max_norm: float, ep_group, ep: int,
-                   tp_group=None, tp: int = 1) -> float:
+def _sq(grads: list, device) -> torch.Tensor:
+    if not grads:
+        return torch.zeros((), dtype=torch.float32, device=device)
+    # one multi-tensor kernel for all norms instead of two small kernels per parameter
+    return torch.stack(torch._foreach_norm(grads)).float().pow(2).sum()
+
+
+def clip_grad_norm(dense: list, expert: list, max_norm: float, ep_group, ep: int) -> float:
     """One global L2 norm over all parameters, as if the model lived in one process (see
-    grad_sq_norms for how each kind of parameter is counted). Returns the norm before clipping."""
-    total = math.sqrt(float(sum(grad_sq_norms(dense, expert, ep_group, ep, tp_group, tp).values())))
+    grad_sq_norms for how each kind of parameter is counted: a TP or FSDP shard is a DTensor whose
+    placements say where to sum). Returns the norm before clipping."""
+    total = math.sqrt(float(sum(grad_sq_norms(dense, expert, ep_group, ep).values())))
     if max_norm > 0 and total > max_norm:
         scale = max_norm / (total + 1e-6)
         grads = [p.grad for p in list(dense) + list(expert) if p.grad is not None]

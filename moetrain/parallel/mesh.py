@@ -137,6 +137,11 @@ class Parallel:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def tp_mesh(self):
+        """The "tp" axis as a 1-D DeviceMesh (tensor-parallel DTensors live on it); None at tp=1."""
+        return self.mesh["tp"] if self.dims.tp > 1 else None
+
 
 def pick_device(kind: str, local_rank: int, backend: str = "auto") -> torch.device:
     """This rank's device. With one visible GPU, that GPU: launchers that bind one GPU per task
@@ -207,7 +212,9 @@ def _ensure_rendezvous(env: LaunchEnv) -> None:
         if host and job.isdigit():
             os.environ.setdefault("MASTER_ADDR", host)
             os.environ.setdefault("MASTER_PORT", str(20000 + int(job) % 20000))
-            _master_port()
+            port = _master_port()
+            if env.rank == 0:
+                print(f"moetrain: Slurm rendezvous {os.environ['MASTER_ADDR']}:{port}", flush=True)
             return
     if env.launcher == "mpi":
         try:

@@ -20,6 +20,7 @@ import torch
 from _dist import run_dist
 from _train import TINY_3D
 from moetrain.config import ConfigError, load_config, validate_layout
+pytestmark = pytest.mark.slow     # python -m pytest -m 'not slow': the quick inner loop
 
 TINY = TINY_3D
 CONFIG = "configs/tiny_cpu.yaml"
@@ -43,13 +44,12 @@ def _step3(root, name):
 
 def _body(rank, world, root, cases):
     """For each case (name, overrides, resume-from case or None): the synced step-0 gradients as
-    this rank's pre-FSDP tensors (FSDP shards gathered over their mesh), then a 5-step run's
+    global tensors (DTensor shards gathered over their FSDP and TP meshes), then a 5-step run's
     metrics (rank 0), and how each parameter is held."""
     from torch.distributed.tensor import DTensor
 
     from moetrain.data import load_token_data
     from moetrain.parallel.mesh import init_parallel
-    from moetrain.parallel.tp import tp_shard_dim
     from moetrain.train import loop
 
     out = {}
@@ -73,13 +73,19 @@ def _body(rank, world, root, cases):
                 offset = getattr(owner, "expert_offset", None)                # GroupedExperts
                 if pname.rsplit(".", 1)[1].startswith("expert_"):              # PEER tables
                     offset = owner.row_offset
-                grads[pname] = (offset, tp_shard_dim(p), g.clone())
-                held[pname] = (p.device_mesh.mesh_dim_names[0], p.placements[0].dim, p.to_local().numel(),
-                               p.numel()) if isinstance(p, DTensor) else None
+                grads[pname] = (offset, g.clone())
+                held[pname] = _held(p) if isinstance(p, DTensor) else None
         loop.run_training(cfg, par, data, log=lambda m: None)
-        out[name] = {"grads": grads, "held": held, "tp": tp, "tp_rank": par.tp_rank, "edp": par.dims.edp,
+        out[name] = {"grads": grads, "held": held, "edp": par.dims.edp,
                      "records": _records(os.path.join(root, "runs", name)) if rank == 0 else None}
     return out
+
+
+def _held(p):
+    """(FSDP mesh axis, its shard dim, local numel x TP shards, global numel) of a DTensor."""
+    names = p.device_mesh.mesh_dim_names
+    tp = p.device_mesh.size(names.index("tp")) if "tp" in names else 1
+    return names[0], p.placements[0].dim, p.to_local().numel() * tp, p.numel()
 
 
 PEER = ["moe.layer=peer", "moe.peer.num_keys=8", "moe.peer.top_k=4", "moe.peer.key_dim=16"]
@@ -96,10 +102,8 @@ def reference(tmp_path_factory):
     return res
 
 
-def _local(full, offset, tp_dim, tp, tp_rank, like):
-    if offset is not None:
-        full = full[offset:offset + like.shape[0]]
-    return full if tp_dim is None else full.chunk(tp, tp_dim)[tp_rank]
+def _local(full, offset, like):
+    return full if offset is None else full[offset:offset + like.shape[0]]
 
 
 def _check_curve(ref, got, name, keys=("loss", "grad_norm", "aux_loss"), first=1):
@@ -116,8 +120,8 @@ def _check_case(ref, per_rank, name, ref_name="w1"):
     _check_curve(ref, per_rank[0][name]["records"], name)
     for res in per_rank:
         r = res[name]
-        for pname, (offset, tp_dim, g) in r["grads"].items():
-            want = _local(ref["w1"]["grads"][pname][2], offset, tp_dim, r["tp"], r["tp_rank"], g)
+        for pname, (offset, g) in r["grads"].items():
+            want = _local(ref["w1"]["grads"][pname][1], offset, g)
             torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-7, msg=lambda m, p=pname: f"{name} {p}: {m}")
         # FSDP really shards: dense params over dp, routed experts over edp (each rank a slice);
         # PEER expert tables stay whole, synced by the loop's all-reduce

@@ -1,4 +1,4 @@
-"""Tensor parallelism (parallel/tp.py) composed with data and expert parallelism.
+"""Tensor parallelism (DTensor: model/tp_plan.py, parallel/tp.py) composed with data and expert parallelism.
 
 1. TP layers == unsharded layers (world 2, tp=2): attention, dense FFN, embedding + head +
    vocab-parallel CE, whole models (incl. etp experts, tied embeddings): outputs and gradients.
@@ -33,14 +33,15 @@ def _env(rank, world):
     return LaunchEnv(rank, world, rank, world, "torchrun") if world > 1 else LaunchEnv(0, 1, 0, 1, "single")
 
 
-def _local(full: torch.Tensor, p: torch.Tensor, tp: int, tp_rank: int, expert_offset=None, dim=None):
-    """The slice of a world-1 tensor that this rank's parameter `p` (or tensor shaped like it,
-    sharded along `dim`) holds."""
-    from moetrain.parallel.tp import tp_shard_dim
-    if expert_offset is not None:
-        full = full[expert_offset:expert_offset + p.shape[0]]
-    d = tp_shard_dim(p) if dim is None else dim
-    return full if d is None else full.chunk(tp, d)[tp_rank]
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The global tensor of a TP-sharded DTensor (gathered over tp), a plain tensor as is."""
+    from torch.distributed.tensor import DTensor
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _experts(full: torch.Tensor, like: torch.Tensor, expert_offset=None) -> torch.Tensor:
+    """The rows of a world-1 tensor that a rank's EP shard `like` holds (all without EP)."""
+    return full if expert_offset is None else full[expert_offset:expert_offset + like.shape[0]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -48,10 +49,12 @@ def _local(full: torch.Tensor, p: torch.Tensor, tp: int, tp_rank: int, expert_of
 
 def _layers_body(rank, world):
     import torch.nn.functional as F
+    from torch.distributed.tensor import DTensor, Shard
 
+    from moetrain.model.tp_plan import apply_tp
     from moetrain.model.transformer import Transformer
     from moetrain.parallel.mesh import init_parallel
-    from moetrain.parallel.tp import apply_tp, cross_entropy_sum, tp_shard_dim
+    from moetrain.parallel.tp import cross_entropy_sum
 
     par = init_parallel(1, 2, 1, _env(rank, world), "cpu")
     close = {"rtol": 1e-5, "atol": 1e-6}
@@ -61,7 +64,7 @@ def _layers_body(rank, world):
         full = Transformer(cfg)
         full.init_weights(cfg.train.seed)
         sharded = copy.deepcopy(full)
-        apply_tp(sharded, par, etp)
+        apply_tp(sharded, par.tp_mesh, etp)
         g = torch.Generator().manual_seed(7)
         B, S, D = 2, 16, cfg.model.dim
         cos, sin = full.rope_cos, full.rope_sin
@@ -90,21 +93,28 @@ def _layers_body(rank, world):
         torch.testing.assert_close(x_tp, x_full, rtol=0, atol=0, msg="embedding")
         logits_full, _ = full(tokens[:, :-1])
         logits_tp, _ = sharded(tokens[:, :-1])
-        torch.testing.assert_close(logits_tp, logits_full.chunk(2, -1)[par.tp_rank], **close, msg="logits")
+        assert isinstance(logits_tp, DTensor) and logits_tp.placements == (Shard(2),)      # vocab shard
+        torch.testing.assert_close(logits_tp.to_local(), logits_full.chunk(2, -1)[par.tp_rank], **close, msg="logits")
         ce_full = F.cross_entropy(logits_full.float().reshape(-1, cfg.model.vocab_size),
                                   tokens[:, 1:].reshape(-1), reduction="sum")
-        ce_tp = cross_entropy_sum(logits_tp, tokens[:, 1:], par)
+        ce_tp = cross_entropy_sum(logits_tp, tokens[:, 1:])
         torch.testing.assert_close(ce_tp, ce_full, rtol=1e-6, atol=0, msg="vocab-parallel CE")
         (ce_full / tokens[:, 1:].numel()).backward()
         (ce_tp / tokens[:, 1:].numel()).backward()
         full_params = dict(full.named_parameters())
         num_sharded = 0
         for pname, p in sharded.named_parameters():
-            want = _local(full_params[pname].grad, p, par.dims.tp, par.tp_rank)
-            torch.testing.assert_close(p.grad, want, rtol=1e-4, atol=1e-7, msg=pname)
-            num_sharded += tp_shard_dim(p) is not None
-            # the global tensor is the concatenation of the shards along tp_shard_dim (checkpoints)
-            assert torch.equal(p.detach(), _local(full_params[pname].detach(), p, par.dims.tp, par.tp_rank))
+            want = full_params[pname]
+            torch.testing.assert_close(_full(p.grad), want.grad, rtol=1e-4, atol=1e-7, msg=pname)
+            # a sharded parameter is a DTensor whose placement says how: this rank holds its chunk
+            # of the world-1 tensor along the Shard dim (what checkpoints and grad norms read)
+            if isinstance(p, DTensor):
+                num_sharded += 1
+                (placement,) = p.placements
+                assert p.grad.placements == p.placements, (pname, p.grad.placements)
+                assert torch.equal(p.to_local(), want.detach().chunk(2, placement.dim)[par.tp_rank]), pname
+            else:
+                assert torch.equal(p.detach(), want.detach()), pname
         # wq wk wv wo, dense w1 w3 w2, shared w1 w3 w2, embed, head (x2 layers of attention)
         expect = 4 * 2 + 3 + 3 + 1 + (0 if cfg.model.tie_embeddings else 1) + (3 if etp else 0)
         assert num_sharded == expect, (num_sharded, expect)
@@ -128,9 +138,10 @@ def _records(run_dir):
 def _layouts_body(rank, world, log_dir, layouts):
     """For each layout: synced step-0 gradients, then a 5-step run's metrics (rank 0) and the
     tp-replicated parameters at the end (every rank)."""
+    from torch.distributed.tensor import DTensor
+
     from moetrain.data import load_token_data
     from moetrain.parallel.mesh import init_parallel
-    from moetrain.parallel.tp import tp_shard_dim
     from moetrain.train import loop
 
     out = {}
@@ -149,12 +160,12 @@ def _layouts_body(rank, world, log_dir, layouts):
             offset = getattr(owner, "expert_offset", None)       # GroupedExperts
             if pname.rsplit(".", 1)[1].startswith("expert_"):      # PEER expert tables
                 offset = owner.row_offset
-            grads[pname] = (offset, tp_shard_dim(p), p.grad.clone())
+            grads[pname] = (offset, _full(p.grad).clone())
 
         trainer = run_training_keep_trainer(cfg, par, data)
         model = trainer.model
-        replicated = {n: p.detach().clone() for n, p in model.named_parameters() if tp_shard_dim(p) is None}
-        out[name] = {"grads": grads, "replicated": replicated, "tp_rank": par.tp_rank, "tp": tp,
+        replicated = {n: p.detach().clone() for n, p in model.named_parameters() if not isinstance(p, DTensor)}
+        out[name] = {"grads": grads, "replicated": replicated, "tp_rank": par.tp_rank,
                      "records": _records(os.path.join(log_dir, name)) if rank == 0 else None}
     return out
 
@@ -198,10 +209,10 @@ def _check_layout(refs, per_rank, name, ref_name):
     by_tp_rank: dict = {}
     for rank_out in per_rank:
         res = rank_out[name]
-        for pname, (offset, dim, g) in res["grads"].items():
+        for pname, (offset, g) in res["grads"].items():
             if not compare:
                 break
-            want_g = _local(ref["grads"][pname][2], g, res["tp"], res["tp_rank"], offset, dim)
+            want_g = _experts(ref["grads"][pname][1], g, offset)
             torch.testing.assert_close(g, want_g, rtol=1e-4, atol=1e-7, msg=lambda m, n=name, p=pname: f"{n} {p}: {m}")
         by_tp_rank.setdefault(res["tp_rank"], []).append(res["replicated"])
     # parameters whole on every TP rank (norms, routers, experts without etp, PEER) received
@@ -213,6 +224,7 @@ def _check_layout(refs, per_rank, name, ref_name):
                 assert torch.equal(other[pname], p), f"{name}: {pname} diverged across tp"
 
 
+@pytest.mark.slow
 def test_world4_tp2_layouts_match_world1(reference, tmp_path):
     torch.set_num_threads(1)
     per_rank = run_dist(_layouts_body, 4, (str(tmp_path), WORLD4), timeout_s=300)
@@ -220,6 +232,7 @@ def test_world4_tp2_layouts_match_world1(reference, tmp_path):
         _check_layout(reference, per_rank, name, ref_name)
 
 
+@pytest.mark.slow
 def test_world8_tp2_layouts_match_world1(reference, tmp_path):
     torch.set_num_threads(1)
     per_rank = run_dist(_layouts_body, 8, (str(tmp_path), WORLD8), timeout_s=600)
