@@ -7,5 +7,7 @@
   lock.py         : one run per checkpoint directory (hard-link lock, heartbeat, stale takeover)
   convert.py      : whole-checkpoint read/write for the offline tools
 """
-from moetrain.checkpoint.checkpointer import KILL_ENV, Checkpointer  # noqa: F401
-from moetrain.checkpoint.store import CheckpointError  # noqa: F401
+from moetrain.checkpoint.checkpointer import Checkpointer
+from moetrain.checkpoint.store import CheckpointError, CheckpointRefused, Faults
+
+__all__ = ["Checkpointer", "CheckpointError", "CheckpointRefused", "Faults"]

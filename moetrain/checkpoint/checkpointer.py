@@ -1,23 +1,7 @@
 """Sharded checkpoints for the training loop: save, resume (also onto another layout), retention,
-async save, and the fault-injection hooks the tests use.
-
-Config keys (checkpoint.*):
-  dir         where step_NNNNNNNN/ directories and `latest` go (layout: moetrain/checkpoint/store.py)
-  every       checkpointing is ON when every > 0: save when step % every == 0 and after the last
-              step. 0 (the tiny config's default) never saves; resuming still works.
-  keep_last   complete checkpoints kept; older ones are deleted after each commit, never the
-              newest complete one
-  resume      none: start at step 0 (refused when saving is on and dir already holds checkpoints,
-              so two runs never mix); auto: the newest complete checkpoint in dir, falling back
-              past incomplete/corrupt ones with a warning line, else step 0; <path>: that step
-              directory, the newest complete checkpoint of that checkpoint dir, or the step its
-              `latest` file names. While saving, <path> must be checkpoint.dir's newest
-              complete checkpoint (or the dir holds none): another run's checkpoint or a
-              rewind would mix two runs there. Rank 0 checks every file's CRC-32 first.
-  async_save  (YAML key `checkpoint.async_save`; `async` is a Python keyword) overlap writing
-              with training: DCP stages a CPU copy, writes in a background thread on its own gloo
-              group, and rank 0 commits (manifest, rename, latest) when the write has finished,
-              noticed at a step boundary, or at the next save / end of training at the latest
+async save, and the fault-injection hooks the tests use. The checkpoint.* keys: README,
+"Checkpoints" (layout: store.py). Async saves write in a background thread on their own gloo group;
+rank 0 commits one when its write has finished, noticed at a step boundary or at the next save.
 
 What a checkpoint holds and under which keys: moetrain/checkpoint/state.py. Exact continuation: model,
 optimizer, step (which fixes the LR and the data position), tokens seen and every rank's RNG
@@ -34,15 +18,13 @@ exception on any rank and re-raise it on every rank, so a read that fails midway
 of the right size) also ends every rank alike, or falls back to an older checkpoint under auto;
 what each rank checks after reading (its RNG states, the step) is agreed on the same way.
 
-Test hooks (environment): MOETRAIN_CKPT_CRASH=<written|manifest|renamed>[@step] ends rank 0 with
-os._exit(86) at that point of a commit (moetrain/checkpoint/store.py); MOETRAIN_TEST_KILL=
-rank=R,step=N[,marker=PATH] SIGKILLs rank R at the top of step N, once if a marker is given.
+Fault injection: `faults` (store.Faults, no-ops by default) is called at the top of every step
+and at each phase of a commit; the crash-safety tests pass one that kills the process there.
 """
 from __future__ import annotations
 
 import os
 import shutil
-import signal
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -53,10 +35,9 @@ import torch.distributed as dist
 from moetrain.checkpoint import state as S
 from moetrain.checkpoint import store
 from moetrain.checkpoint.lock import CheckpointLockError, DirLock
-from moetrain.checkpoint.store import CheckpointError  # noqa: F401  (re-exported: the CLI maps it to exit 2)
+from moetrain.checkpoint.store import CheckpointError, Faults
 from moetrain.config import Config, to_dict
 
-KILL_ENV = "MOETRAIN_TEST_KILL"    # test hook: "rank=R,step=N[,marker=PATH]", see maybe_kill()
 _IGNORED_GROUPS = ("parallel", "checkpoint", "logging")
 
 
@@ -72,9 +53,10 @@ class _Pending:
 
 
 class Checkpointer:
-    def __init__(self, cfg: Config, par, log: Callable[[str], None] = print):
+    def __init__(self, cfg: Config, par, log: Callable[[str], None] = print, faults: Optional[Faults] = None):
         c = cfg.checkpoint
         self.cfg, self.par = cfg, par
+        self.faults = faults or store.NO_FAULTS
         self.root = c.dir
         self.enabled = c.every > 0
         self.async_save = bool(getattr(c, "async_save", False))
@@ -262,7 +244,7 @@ class Checkpointer:
         self._poll()
         if self.enabled and step > 0 and step % self.cfg.checkpoint.every == 0 and step != self.last_step:
             self.save(trainer)
-        maybe_kill(step, self.par.rank)
+        self.faults.at_step(step, self.par.rank)
 
     def _own_dir(self, out: dict) -> list[str]:
         """Rank 0, before anything else touches checkpoint.dir: a saving run takes its lock for the
@@ -306,6 +288,7 @@ class Checkpointer:
             self.close()                 # after the last commit (or its failure): the dir is free
 
     def save(self, trainer) -> None:
+        self.faults.before_save(trainer.state.step)
         self.wait()                      # at most one save in flight; it must be committed first
         step, par = trainer.state.step, self.par
         started = time.perf_counter()
@@ -354,7 +337,8 @@ class Checkpointer:
         try:
             if self.lock is not None:
                 self.lock.check()        # another run took checkpoint.dir over: never commit into it
-            path = store.commit(p.tmp, self.root, p.step, dict(p.fields, save_s=round(time.perf_counter() - p.started, 3)))
+            fields = dict(p.fields, save_s=round(time.perf_counter() - p.started, 3))
+            path = store.commit(p.tmp, self.root, p.step, fields, self.faults)
             removed = store.prune(self.root, self.cfg.checkpoint.keep_last, p.step)
         except Exception as exc:
             p.error = f"committing checkpoint step {p.step} in {self.root} failed: {type(exc).__name__}: {exc}"
@@ -420,20 +404,3 @@ def _config_changes(saved: dict, now: dict, only: tuple = (), skip: tuple = ()) 
             out.append(f"{key} {a.get(key, '<unset>')!r} -> {b.get(key, '<unset>')!r}")
     return out
 
-
-def maybe_kill(step: int, rank: int) -> None:
-    """Fault-injection hook for tests: MOETRAIN_TEST_KILL=rank=R,step=N[,marker=PATH] SIGKILLs rank R
-    at the top of step N; with a marker file only once (the marker is created first)."""
-    spec = os.environ.get(KILL_ENV)
-    if not spec:
-        return
-    kv = dict(item.split("=", 1) for item in spec.split(",") if "=" in item)
-    if int(kv.get("rank", -1)) != rank or int(kv.get("step", -1)) != step:
-        return
-    marker = kv.get("marker")
-    if marker:
-        if os.path.exists(marker):
-            return
-        with open(marker, "w") as f:
-            f.write(f"killed rank {rank} at step {step}\n")
-    os.kill(os.getpid(), signal.SIGKILL)

@@ -28,15 +28,26 @@ Tensors sharded along another dim are stored whole under their key and handed to
 DTensor over the device mesh, so DCP records each rank's slice and reshards on load:
   - PEER expert tables ([num_keys^2, D] single-neuron experts, row-sharded over "ep"; per-expert
     keys would be far too many),
-  - tensor-parallel shards (parameters carrying `tp_shard_dim`, see parallel/tp.py: chunks along
-    that dim over "tp"), including each expert's slice of an etp-sharded expert weight.
+  - tensor-parallel shards (DTensors on the "tp" mesh, model/tp_plan.py: Shard(d) splits dim d
+    over "tp"), including each expert's slice of an etp-sharded expert weight.
 Optimizer state shaped like its parameter follows the parameter's placement.
+
+Saving reads the optimizer state through DCP's get_optimizer_state_dict (by parameter FQN; its
+param_groups are not saved, lr etc. follow config and step); the expert split is ours (DCP knows
+no expert dim). Loading does not use set_optimizer_state_dict: dcp.load needs its targets (the
+per-expert views) before reading, so build_optim_state allocates the states the checkpoint holds
+(a parameter without saved state stays without, as in the uninterrupted run) and then only has
+to do `opt.state[p] = state`. set_optimizer_state_dict would add a zero-gradient optimizer step
+(to create state we already have) and Optimizer.load_state_dict, which takes lr, betas, eps and
+weight_decay from the param_groups passed in: a tensors-only checkpoint has none, AdamW then
+fails with KeyError 'betas'. (DeepSpeed: no checkpoints, config validation refuses them.)
 
 FSDP (parallel/fsdp.py) shards a parameter once more, over "dp" (dense) or "edp" (experts), on a
 dim that is neither its TP dim nor an expert's dim 0 and that it divides evenly: the rank's shard
 is then a plain block of the key's global tensor, handed to DCP as a DTensor with more Shard
 placements on the (edp, ep, tp) mesh: Shard(d) on "edp" for experts, on "edp" and "ep" for dense
-params (an even split over edp, then ep, is the split over the flattened dp). Keys and global
+params (an even split over edp, then ep, is the split over the flattened dp). Every such split is
+read from the parameter's DTensor placements (_AXES maps its mesh axes to ours). Keys and global
 shapes do not change, so an FSDP checkpoint loads at any layout, with or without FSDP, and back.
 """
 from __future__ import annotations
@@ -48,6 +59,7 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
 from moetrain.checkpoint.store import CheckpointError
 from moetrain.moe.experts import GroupedExperts
@@ -103,65 +115,49 @@ def _is_peer_table(name: str, modules: dict[str, nn.Module]) -> bool:
     return isinstance(modules.get(owner), PEERLayer) and leaf.startswith("expert_")
 
 
+# a DTensor's mesh axis -> the axes of the checkpoint mesh (edp, ep, tp) it spans ("dp" is
+# edp x ep flattened, edp outer: an even split over dp is the nested split over edp, then ep)
+_AXES = {"tp": ("tp",), "dp": ("edp", "ep"), "edp": ("edp",)}
+
+
 class _Placement:
     """How one model tensor maps to checkpoint keys: split by GroupedExperts along dim 0 (owner),
-    and which dims of each key's tensor are sharded over which mesh axis (splits)."""
+    and which dims of each key's tensor are sharded over which mesh axis (splits). A DTensor (TP
+    and/or FSDP shard) has the global shape and says its splits in its placements; a PEER table
+    is a plain block of rows over ep, a split its shape does not show (grow)."""
 
     def __init__(self, name: str, t: torch.Tensor, modules: dict[str, nn.Module], sizes: dict[str, int]):
         self.owner = _expert_owner(name, modules)
-        self.splits: dict[str, int] = {}
-        tp_dim = getattr(t, "tp_shard_dim", None)
-        if tp_dim is not None and sizes.get("tp", 1) > 1:
-            self.splits["tp"] = tp_dim - 1 if self.owner is not None else tp_dim
-        if _is_peer_table(name, modules) and sizes.get("ep", 1) > 1 and t.shape[0] != modules[name.rsplit(".", 1)[0]].num_experts:
-            self.splits["ep"] = 0
         self.sizes = sizes
-        # FSDP shard (a DTensor parameter): (mesh axis, dim of the key's tensor it splits)
-        self.fsdp: Optional[tuple[str, int]] = None
-        if _is_dtensor(t):
-            dim = t.placements[0].dim
-            self.fsdp = (t.device_mesh.mesh_dim_names[0], dim - 1 if self.owner is not None else dim)
-            assert self.fsdp[0] in ("dp", "edp") and "ep" not in self.splits, (name, self.fsdp, self.splits)
+        self.grow: dict[str, int] = {}
+        if _is_peer_table(name, modules) and sizes.get("ep", 1) > 1 and t.shape[0] != modules[name.rsplit(".", 1)[0]].num_experts:
+            self.grow["ep"] = 0
+        self.splits = dict(self.grow)
+        for axis, placement in zip(t.device_mesh.mesh_dim_names, t.placements) if _is_dtensor(t) else ():
+            if placement.is_shard():
+                self.splits.update(dict.fromkeys(_AXES[axis], placement.dim - (self.owner is not None)))
 
     def keys(self, base: str, local_shape: tuple) -> list[tuple[str, Optional[int]]]:
         if self.owner is None:
             return [(base, None)]
         return [(f"{base}/expert_{self.owner.expert_offset + i}", i) for i in range(local_shape[0])]
 
-    def global_shape(self, local: tuple) -> tuple:
-        """Shape of one key's global tensor from this rank's local tensor (expert dim dropped)."""
-        shape = list(local[1:] if self.owner is not None else local)
-        for axis, dim in self.splits.items():
+    def global_shape(self, shape: tuple) -> tuple:
+        """Shape of one key's global tensor from the model tensor's shape (expert dim dropped)."""
+        shape = list(shape[1:] if self.owner is not None else shape)
+        for axis, dim in self.grow.items():
             shape[dim] *= self.sizes[axis]
         return tuple(shape)
 
-    def local_shape(self, global_: tuple) -> tuple:
-        shape = list(global_)
-        for axis, dim in self.splits.items():
-            shape[dim] //= self.sizes[axis]
-        return tuple(shape)
-
-    def wrap(self, local: torch.Tensor, mesh, unsharded: Optional[tuple] = None) -> torch.Tensor:
-        """One key's local tensor as DCP should see it: a DTensor when sharded across ranks.
-        unsharded: the key's shape on this rank before FSDP (FSDP shards only)."""
-        if not self.splits and self.fsdp is None:
+    def wrap(self, local: torch.Tensor, mesh, shape: tuple) -> torch.Tensor:
+        """One key's local tensor as DCP should see it: a DTensor of the key's global `shape`
+        when sharded across ranks."""
+        if not self.splits:
             return local
         if mesh is None:
             raise CheckpointError("a sharded tensor needs the device mesh to be checkpointed")
         from torch.distributed.tensor import DTensor, Replicate, Shard
-        splits = dict(self.splits)
-        if self.fsdp is None:
-            shape = list(local.shape)
-        else:
-            axis, dim = self.fsdp
-            shape = list(unsharded)
-            # the flattened dp axis is edp x ep (edp outer): FSDP's even split over dp is the
-            # nested split over edp, then ep
-            for n in (("edp", "ep") if axis == "dp" else ("edp",)):
-                splits[n] = dim
-        for axis, dim in self.splits.items():
-            shape[dim] *= mesh.size(mesh.mesh_dim_names.index(axis))
-        placements = [Shard(splits[n]) if n in splits else Replicate() for n in mesh.mesh_dim_names]
+        placements = [Shard(self.splits[n]) if n in self.splits else Replicate() for n in mesh.mesh_dim_names]
         stride = torch.empty(shape, device="meta").stride()
         return DTensor.from_local(local, mesh, placements, run_check=False, shape=torch.Size(shape), stride=stride)
 
@@ -172,19 +168,16 @@ def _is_dtensor(t) -> bool:
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's data of a tensor: the shard of an FSDP DTensor (shares its storage)."""
+    """This rank's data of a tensor: the shard of a DTensor (shares its storage)."""
     return t.to_local() if _is_dtensor(t) else t
 
 
 def _entries(pl: "_Placement", base: str, t: torch.Tensor, mesh, suffix: str = "") -> dict[str, torch.Tensor]:
-    """Checkpoint keys -> load/save targets of one parameter-shaped tensor t (views of its data).
-    t.shape is the shape before FSDP (a DTensor's global shape over its FSDP mesh)."""
+    """Checkpoint keys -> load/save targets of one parameter-shaped tensor t (views of its data)."""
     data = _local(t.detach())
-    out = {}
-    for key, i in pl.keys(base, tuple(t.shape)):
-        unsharded = tuple(t.shape) if i is None else tuple(t.shape[1:])
-        out[key + suffix] = pl.wrap(data if i is None else data[i], mesh, unsharded)
-    return out
+    shape = pl.global_shape(tuple(t.shape))
+    keys = pl.keys(base, tuple(t.shape))
+    return {key + suffix: pl.wrap(data if i is None else data[i], mesh, shape) for key, i in keys}
 
 
 def mesh_sizes(mesh) -> dict[str, int]:
@@ -231,10 +224,6 @@ def expected_model(model: nn.Module, sizes: dict[str, int]) -> dict[str, tuple[t
     return out
 
 
-def _param_names(model: nn.Module) -> dict[int, str]:
-    return {id(p): n for n, p in model.named_parameters()}
-
-
 def _like_param(v, p: torch.Tensor) -> bool:
     return torch.is_tensor(v) and tuple(v.shape) == tuple(p.shape) and v.dim() >= 1
 
@@ -242,12 +231,12 @@ def _like_param(v, p: torch.Tensor) -> bool:
 def optim_entries(model: nn.Module, opt: torch.optim.Optimizer, mesh=None) -> dict[str, object]:
     """The optimizer's current state under global keys: state shaped like its parameter is split
     and sharded like the parameter; anything else (AdamW's scalar step) is stored whole."""
-    names = _param_names(model)
+    if not opt.state:       # none yet: get_optimizer_state_dict would create it with a fake step
+        return {}
     placements = _placements(model, mesh_sizes(mesh))
     out: dict[str, object] = {}
-    for p, st in opt.state.items():
-        name = names[id(p)]
-        pl = placements[name][1]
+    for name, st in get_optimizer_state_dict(model, opt)["state"].items():   # by parameter FQN
+        p, pl = placements[name]
         for k, v in st.items():
             if _like_param(v, p):
                 out.update(_entries(pl, f"optim/{name}", v, mesh, f"/{k}"))

@@ -363,6 +363,9 @@ class Faults:
     def at_step(self, step: int, rank: int) -> None:
         """Every rank, at the top of training step `step` (after that step's save started)."""
 
+    def before_save(self, step: int) -> None:
+        """Every rank, at the top of Checkpointer.save (before the save of `step` starts)."""
+
     def in_commit(self, phase: str, step: int) -> None:
         """Rank 0 in commit(), phases in order: written (DCP files done, no manifest), manifest
         (written, not renamed), renamed (step_ dir in place, `latest` not yet updated)."""

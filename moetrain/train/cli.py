@@ -35,7 +35,8 @@ def _out_of_memory(exc: BaseException) -> bool:
         or "can't allocate memory" in str(exc) or "out of memory" in str(exc).lower()
 
 
-def main(argv=None) -> int:
+def main(argv=None, faults=None) -> int:
+    """faults: a moetrain.checkpoint.Faults for the crash-safety tests (None: no faults)."""
     args = _parse(sys.argv[1:] if argv is None else argv)
     # imports after argparse so `--help` is instant
     from moetrain.config import ConfigError, agreement_view, check_output_dirs, load_config, validate_layout
@@ -70,7 +71,7 @@ def main(argv=None) -> int:
     except LaunchError as exc:
         return _fail(str(exc))
     try:
-        run_training(cfg, par, data, log=lambda m: print(m, flush=True))
+        run_training(cfg, par, data, log=lambda m: print(m, flush=True), faults=faults)
     except (CheckpointError, ConfigError) as exc:   # raised on every rank alike (rank 0 decides and
         return _fail(str(exc))                    # broadcasts; device-dependent config checks)
     except TrainingDiverged as exc:  # raised on every rank alike (a global norm)

@@ -1,9 +1,8 @@
-"""`python -m moetrain.train` for the preemption tests, plus two things the tests need:
+"""`python -m moetrain.train` for the preemption tests, plus one thing they need:
 
-- Preempted -> its exit code (128 + signal number). Once the CLI maps Preempted itself, main()
-  returns that code and the except below is never taken; until then the CLI lets it through.
-- PREEMPT_TEST_SIGNALS_IN_SAVE=N: the first Checkpointer.save first sends this process N SIGTERMs,
-  i.e. further signals arrive while the preemption checkpoint is being written.
+- PREEMPT_TEST_SIGNALS_IN_SAVE=N: the first Checkpointer.save first sends this process N SIGTERMs
+  (through the checkpointer's `faults` hook, moetrain.checkpoint.Faults.before_save), i.e. further
+  signals arrive while the preemption checkpoint is being written.
 
 Usage: python tests/checkpoint/_preempt_main.py --config FILE [overrides ...] (train.device=cpu
 is the caller's duty, as for the CLI).
@@ -17,33 +16,24 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from moetrain.checkpoint import Faults  # noqa: E402
 
-def _signal_in_save(n: int) -> None:
-    from moetrain.checkpoint import Checkpointer
-    original = Checkpointer.save
-    fired = []
 
-    def save(self, trainer):
-        if not fired:
-            fired.append(True)
-            for _ in range(n):
+class SignalsInSave(Faults):
+    def __init__(self, n: int):
+        self.n, self.fired = n, False
+
+    def before_save(self, step: int) -> None:
+        if not self.fired:
+            self.fired = True
+            for _ in range(self.n):
                 os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, trainer)
-
-    Checkpointer.save = save
 
 
 def main() -> int:
     from moetrain.train.cli import main as cli_main
-    from moetrain.train.preempt import Preempted
     n = int(os.environ.get("PREEMPT_TEST_SIGNALS_IN_SAVE", "0"))
-    if n:
-        _signal_in_save(n)
-    try:
-        return cli_main(sys.argv[1:])
-    except Preempted as exc:          # the CLI's finally (shutdown) has run
-        sys.stdout.flush()
-        return exc.exit_code
+    return cli_main(sys.argv[1:], faults=SignalsInSave(n) if n else None)
 
 
 if __name__ == "__main__":

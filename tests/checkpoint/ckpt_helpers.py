@@ -18,6 +18,7 @@ from moetrain.parallel.mesh import LaunchEnv, init_parallel
 from moetrain.train.loop import build_trainer, run_training
 
 REPO = Path(__file__).resolve().parents[2]
+FAULTY_MAIN = str(Path(__file__).resolve().parent / "_faulty_main.py")   # the CLI with a fault hook
 
 TINY = ["model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.max_seq_len=32", "model.ffn_hidden=64",
         "moe.num_experts=8", "moe.top_k=2", "moe.capacity_factor=null", "moe.aux_loss_coef=0.01",
@@ -109,8 +110,10 @@ def cli_env(**extra: str) -> dict:
     return env
 
 
-def start_cli(args: list[str], env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "moetrain.train", "--config", "configs/tiny_cpu.yaml", *args],
+def start_cli(args: list[str], env: dict | None = None, fault: tuple = ()) -> subprocess.Popen:
+    """The CLI; with fault=("--kill"|"--crash", SPEC) the CLI with that fault (_faulty_main.py)."""
+    entry = [FAULTY_MAIN, *fault] if fault else ["-m", "moetrain.train"]
+    return subprocess.Popen([sys.executable, *entry, "--config", "configs/tiny_cpu.yaml", *args],
                             cwd=REPO, env=env or cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
 

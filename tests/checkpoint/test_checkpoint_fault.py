@@ -7,22 +7,22 @@ import subprocess
 import sys
 
 import ckpt_helpers as H
-from moetrain.checkpoint import KILL_ENV
+import pytest
 from moetrain.checkpoint import store
+pytestmark = pytest.mark.slow     # python -m pytest -m 'not slow': the quick inner loop
 
 
 def test_killed_rank_restarts_and_finishes_identically(w2_straight, tmp_path):
     ref, _ = w2_straight
     marker = tmp_path / "killed_once"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "--max-restarts", "1", "--monitor-interval", "0.5", "-m", "moetrain.train",
-           "--config", "configs/tiny_cpu.yaml",
+           "--max-restarts", "1", "--monitor-interval", "0.5",
+           H.FAULTY_MAIN, "--kill", f"rank=1,step=12,marker={marker}", "--config", "configs/tiny_cpu.yaml",
            *H.overrides(tmp_path / "runs", tmp_path / "ckpt", H.W2_EXTRA + ["checkpoint.resume=auto"])]
     # Without TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 the restarted workers share the agent's TCPStore
     # with the dead ones and gloo may read a dead peer's address (pytorch/pytorch#135712): about
     # half of the restarts then fail in init_process_group with "Connection refused".
-    env = H.cli_env(**{KILL_ENV: f"rank=1,step=12,marker={marker}", "MOETRAIN_DIST_TIMEOUT": "30",
-                       "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
+    env = H.cli_env(MOETRAIN_DIST_TIMEOUT="30", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
     proc = subprocess.Popen(cmd, cwd=H.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     (code, out, _), = H.run_many([proc], timeout_s=240)

@@ -29,6 +29,7 @@ from moetrain.checkpoint import CheckpointError
 from moetrain.checkpoint import state as S
 from moetrain.checkpoint import store
 from moetrain.checkpoint.convert import load_all
+pytestmark = pytest.mark.slow     # python -m pytest -m 'not slow': the quick inner loop
 
 TOOLS = H.REPO / "tools"
 _RESERVED = ("format", "format_version", "step", "created", "files", "crc32", "save_s")

@@ -12,6 +12,7 @@ import torch
 import ckpt_helpers as H
 from moetrain.checkpoint import store
 from moetrain.model.transformer import Transformer
+pytestmark = pytest.mark.slow     # python -m pytest -m 'not slow': the quick inner loop
 
 
 def _tool():

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import shutil
 
+import pytest
 import torch
 
 import ckpt_helpers as H
@@ -31,6 +32,7 @@ def test_resume_is_bitwise_exact_world1(tmp_path):
     assert _tail(resumed, 11) == _tail(ref, 11)
 
 
+@pytest.mark.slow
 def test_resume_is_bitwise_exact_world2_ep2(w2_straight, tmp_path):
     """Also: the resumed run saves asynchronously, and its step-20 checkpoint equals the one the
     uninterrupted (synchronous) run wrote, tensor for tensor, RNG states included. And before
@@ -54,6 +56,7 @@ def test_resume_is_bitwise_exact_world2_ep2(w2_straight, tmp_path):
     assert differ == []
 
 
+@pytest.mark.slow
 def test_resume_onto_other_layouts(w4_run, tmp_path):
     """Saved at dp=4 ep=4; resumed at dp=2 ep=2 and at world 1 the loss curve continues."""
     ref, ckpt = w4_run
@@ -66,6 +69,7 @@ def test_resume_onto_other_layouts(w4_run, tmp_path):
         torch.testing.assert_close(torch.tensor(_tail(got, 6)), torch.tensor(_tail(ref, 6)), rtol=2e-5, atol=0)
 
 
+@pytest.mark.slow
 def test_peer_tables_reshard(tmp_path):
     """PEER expert tables are row-sharded over ep and saved as DTensors: ep=2 -> world 1."""
     peer = ["moe.layer=peer", "moe.peer.num_keys=4", "moe.peer.heads=2", "moe.peer.top_k=2", "moe.peer.key_dim=8",
@@ -85,6 +89,7 @@ def load_all(info) -> dict:
     return flat
 
 
+@pytest.mark.slow
 def test_tensor_parallel_shards_reshard(tmp_path):
     """Saved at tp=2 with expert TP (etp: each expert's hidden dim split too); resumed at world 1
     the loss curve continues: TP shards are stored as whole tensors via DTensor."""

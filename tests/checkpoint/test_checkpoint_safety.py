@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import ckpt_helpers as H
+from _faulty_main import CRASH_EXIT_CODE
 from moetrain.checkpoint import Checkpointer, CheckpointError
 from moetrain.checkpoint import store
 from moetrain.data import load_token_data
@@ -44,6 +45,7 @@ def _resume_in_process(ckpt_dir, resume="auto", extra=()):
     return trainer, lines
 
 
+@pytest.mark.slow
 def test_bad_checkpoints_exit_2_with_one_line(good, tmp_path):
     ckpt, _ = good
     step4 = ckpt / "step_00000004"
@@ -81,6 +83,7 @@ def test_bad_checkpoints_exit_2_with_one_line(good, tmp_path):
     assert "model.dim 32 -> 64" in results["wrong shape"][2]
 
 
+@pytest.mark.slow
 def test_crash_during_save_keeps_previous_checkpoint(tmp_path):
     """The process dies inside the save of step 4 — after the shards, after the manifest, after the
     rename: step 2 stays loadable and resume=auto picks the newest COMPLETE checkpoint. Then the
@@ -88,9 +91,9 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path):
     phases = ("written", "manifest", "renamed")
     args = {ph: H.overrides(tmp_path / ph / "runs", tmp_path / ph / "ckpt",
                             ["train.steps=6", "checkpoint.every=2", "checkpoint.resume=auto"]) for ph in phases}
-    procs = [H.start_cli(args[ph], H.cli_env(**{store.CRASH_ENV: f"{ph}@4"})) for ph in phases]
+    procs = [H.start_cli(args[ph], fault=("--crash", f"{ph}@4")) for ph in phases]
     for ph, (code, _, err) in zip(phases, H.run_many(procs)):
-        assert code == store.CRASH_EXIT_CODE, f"{ph}: {err[-3000:]}"
+        assert code == CRASH_EXIT_CODE, f"{ph}: {err[-3000:]}"
         ckpt = tmp_path / ph / "ckpt"
         want = 4 if ph == "renamed" else 2
         assert [c.step for c in store.find_complete(str(ckpt))[0]] == ([4, 2] if ph == "renamed" else [2]), ph

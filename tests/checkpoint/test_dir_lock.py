@@ -66,6 +66,7 @@ def _one_line(exc) -> str:
     return msg
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stale_present", [False, True], ids=["free", "stale"])
 def test_two_processes_at_once_exactly_one_wins(tmp_path, stale_present):
     """Started together, on a free directory or one holding a stale lock both take over: one wins,

@@ -8,10 +8,11 @@ import signal
 import time
 
 import ckpt_helpers as H
+import pytest
 from _dist import run_dist
 from moetrain.checkpoint import store
 from moetrain.checkpoint.lock import LOCK_NAME, DirLock
-from moetrain.checkpoint import KILL_ENV
+pytestmark = pytest.mark.slow     # python -m pytest -m 'not slow': the quick inner loop
 
 RUN = ["train.steps=8", "checkpoint.every=2", "checkpoint.resume=auto"]
 
@@ -56,8 +57,7 @@ def test_a_second_run_on_a_busy_checkpoint_dir_is_refused(tmp_path):
 
 def test_a_killed_owner_is_taken_over_with_a_warning(tmp_path):
     ckpt = tmp_path / "ckpt"
-    env = H.cli_env(**{KILL_ENV: "rank=0,step=4"})
-    (code, _, err), = H.run_many([H.start_cli(H.overrides(tmp_path / "a", ckpt, RUN), env)])
+    (code, _, err), = H.run_many([H.start_cli(H.overrides(tmp_path / "a", ckpt, RUN), fault=("--kill", "rank=0,step=4"))])
     assert code == -signal.SIGKILL, err[-3000:]
     dead = json.loads((ckpt / LOCK_NAME).read_text())["pid"]
     (code, out, err), = H.run_many([H.start_cli(H.overrides(tmp_path / "a", ckpt, RUN))])

@@ -68,6 +68,7 @@ def resume_and_compare(tmp: Path, ref: dict, stopped_at: int) -> None:
     assert checkpoints(tmp) == [STEPS, stopped_at]
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_rank_stops_all_saves_and_resumes_exactly(w2_straight, tmp_path):
     """`kill -TERM` of rank 1 alone (here: rank 1 signals itself at the top of step 7): both ranks
     agree, finish step 8, save step_00000008, exit 143; the resumed run equals the straight one."""
@@ -86,6 +87,7 @@ def test_sigterm_to_one_rank_stops_all_saves_and_resumes_exactly(w2_straight, tm
     resume_and_compare(tmp_path, ref, 8)
 
 
+@pytest.mark.slow
 def test_sigterm_from_outside_to_every_rank_twice(w2_straight, tmp_path):
     """Slurm-like: every rank gets SIGTERM at an arbitrary point of a step (maybe inside a gloo
     collective), twice in a row (a launcher forwarding what the process group already got). The

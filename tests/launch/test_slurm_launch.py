@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from _launch import REPO, assert_trained, finish, launch_env, mpi_skip_reason, start, tail, tiny_overrides
+pytestmark = pytest.mark.slow     # python -m pytest -m 'not slow': the quick inner loop
 
 UP = REPO / "tools/ci/slurm_up.sh"
 DOWN = REPO / "tools/ci/slurm_down.sh"
@@ -68,7 +69,7 @@ def test_sbatch_two_tasks_then_resume(slurm_env, tmp_path):
             *tiny_overrides(tmp_path), "checkpoint.every=3"]
     code, output = sbatch_wait(args, slurm_env, tmp_path / "sbatch1.log")
     assert code == 0, output
-    assert "rendezvous localhost:" in output and "2 tasks" in output, output
+    assert "Slurm rendezvous localhost:" in output and "2 tasks" in output, output
     assert_trained(tmp_path / "runs" / "run", world=2)
     code, output = sbatch_wait(args + ["train.steps=5"], slurm_env, tmp_path / "sbatch2.log")
     assert code == 0, output
