@@ -1,15 +1,15 @@
 """Run-directory writers (metrics.jsonl + TensorBoard) and per-step MoE statistics.
 
 Every rank accumulates its own MoE statistics over the micro-steps of a step (`StepStats`); at a
-logged step all ranks join ONE all_gather of a flat float tensor (`gather_stats`), and rank 0
-turns it into the documented keys (`summarize`). Keys are documented in README.md ("Metrics").
+logged step all ranks join ONE all_gather of their `StepRecord`s (`StepRecord.gather`), and rank 0
+turns the gathered record into the documented keys (`summarize`; README.md "Metrics").
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 import torch
 import torch.distributed as dist
 
@@ -17,27 +17,46 @@ A2A_PHASES = ("counts", "dispatch", "combine", "dispatch_bwd", "combine_bwd")
 
 
 @dataclass
+class StepRecord:
+    """One optimizer step's statistics by name. Every field is a float64 tensor whose first dim
+    is the rank: [1, ...] on the training device for one rank (StepStats.record), [W, ...] on the
+    host once gathered (StepRecord.gather). L MoE layers, E router outputs, P = len(A2A_PHASES)."""
+    step_ms: torch.Tensor       # [W] wall time of the step
+    a2a_bytes: torch.Tensor     # [W] moved by the dispatch/combine all-to-alls and their backward
+    micro_steps: torch.Tensor   # [W]
+    a2a_ms: torch.Tensor        # [W, P] all-to-all time per phase
+    routed: torch.Tensor        # [W, L, E] copies this rank's tokens routed to each expert
+    kept: torch.Tensor          # [W, L, E] ... of them kept (within capacity)
+    entropy: torch.Tensor       # [W, L] router entropy, summed over micro-steps
+    recv: torch.Tensor          # [W, L] rows this rank's experts processed
+
+    def gather(self, group, world: int) -> StepRecord:
+        """All ranks call this together: the fields travel packed in ONE all_gather on their
+        device (as NCCL requires) and come back split by name, on the host (world 1: no collective)."""
+        parts = [getattr(self, f.name) for f in fields(self)]
+        flat = torch.cat([p.flatten() for p in parts])
+        out = [flat]
+        if world > 1:
+            out = [torch.empty_like(flat) for _ in range(world)]
+            dist.all_gather(out, flat, group=group)
+        rows = torch.stack(out).cpu().split([p.numel() for p in parts], dim=1)
+        return StepRecord(*(r.reshape(world, *p.shape[1:]) for r, p in zip(rows, parts)))
+
+
 class StepStats:
     """Sums over the micro-steps of one optimizer step, on one rank. The routing sums stay on
     the training device (no host sync per micro-step); the all-to-all timers are kept and
     resolved once, when the step is logged."""
-    num_layers: int
-    num_experts: int
-    device: torch.device = torch.device("cpu")
-    routed_LE: torch.Tensor = None
-    kept_LE: torch.Tensor = None
-    entropy_L: torch.Tensor = None
-    recv_L: torch.Tensor = None
-    timers: list = field(default_factory=list)
-    micro_steps: int = 0
 
-    def __post_init__(self):
+    def __init__(self, num_layers: int, num_experts: int, device: torch.device = torch.device("cpu")):
+        self.device = device
         # float64: exact integer counts far beyond fp32's 2**24
-        self.routed_LE = torch.zeros(self.num_layers, max(1, self.num_experts), dtype=torch.float64,
-                                     device=self.device)
+        self.routed_LE = torch.zeros(num_layers, num_experts, dtype=torch.float64, device=device)
         self.kept_LE = torch.zeros_like(self.routed_LE)
-        self.entropy_L = torch.zeros(self.num_layers, dtype=torch.float64, device=self.device)
+        self.entropy_L = torch.zeros(num_layers, dtype=torch.float64, device=device)
         self.recv_L = torch.zeros_like(self.entropy_L)
+        self.timers: list = []
+        self.micro_steps = 0
 
     def add(self, auxes) -> None:
         """Call after backward (timers hold backward all-to-all records by then)."""
@@ -61,63 +80,43 @@ class StepStats:
                     nbytes += b
         return ms, nbytes
 
-    def flat(self, step_ms: float) -> torch.Tensor:
-        """One float64 row on the training device: [step_ms, a2a bytes, micro steps, a2a ms per
-        phase..., routed, kept, entropy, recv]."""
+    def record(self, step_ms: float) -> StepRecord:
+        """This rank's record on the training device; the host-side numbers (step time, resolved
+        timers) go over in one small copy."""
         a2a_ms, a2a_bytes = self.a2a_totals()
-        head = [step_ms, a2a_bytes, float(self.micro_steps)] + [a2a_ms.get(p, 0.0) for p in A2A_PHASES]
-        return torch.cat([torch.tensor(head, dtype=torch.float64, device=self.device), self.routed_LE.flatten(),
-                          self.kept_LE.flatten(), self.entropy_L, self.recv_L])
+        host = [step_ms, a2a_bytes, float(self.micro_steps)] + [a2a_ms.get(p, 0.0) for p in A2A_PHASES]
+        h = torch.tensor([host], dtype=torch.float64, device=self.device)
+        return StepRecord(h[:, 0], h[:, 1], h[:, 2], h[:, 3:], self.routed_LE[None], self.kept_LE[None],
+                          self.entropy_L[None], self.recv_L[None])
 
 
-def gather_stats(stats: StepStats, step_ms: float, group, world: int) -> torch.Tensor:
-    """All ranks call this together; returns [world, F] on the host on every rank (world 1: no
-    collective). The gathered tensor lives on the stats' device, as NCCL requires."""
-    flat = stats.flat(step_ms)
-    if world == 1:
-        return flat[None].cpu()
-    out = [torch.empty_like(flat) for _ in range(world)]
-    dist.all_gather(out, flat, group=group)
-    return torch.stack(out).cpu()
-
-
-def summarize(rows: torch.Tensor, num_layers: int, num_experts: int, tp: int = 1) -> dict:
-    """[world, F] gathered stats -> the documented metric keys (JSON-serializable)."""
-    W = rows.shape[0]
-    head = 3 + len(A2A_PHASES)
-    L, E = num_layers, max(1, num_experts)
-    step_ms = rows[:, 0]
-    a2a_bytes = rows[:, 1]
-    micro = rows[:, 2].clamp_min(1)
-    phase_ms = {p: rows[:, 3 + i] for i, p in enumerate(A2A_PHASES)}
-    o = head
-    routed = rows[:, o:o + L * E].view(W, L, E); o += L * E
-    kept = rows[:, o:o + L * E].view(W, L, E); o += L * E
-    entropy = rows[:, o:o + L].view(W, L); o += L
-    recv = rows[:, o:o + L].view(W, L)
-
+def summarize(rec: StepRecord, tp: int = 1) -> dict:
+    """Gathered stats -> the documented metric keys (JSON-serializable)."""
+    _, L, E = rec.routed.shape
+    phase_ms = dict(zip(A2A_PHASES, rec.a2a_ms.unbind(1)))
     a2a_rank = sum(phase_ms.values())
     out: dict = {
         "a2a_ms": float(a2a_rank.mean()),
-        "a2a_frac": float((a2a_rank / step_ms.clamp_min(1e-9)).mean()),
+        "a2a_frac": float((a2a_rank / rec.step_ms.clamp_min(1e-9)).mean()),
         "ranks.a2a_ms": _r(a2a_rank),
         "ranks.a2a_dispatch_ms": _r(phase_ms["dispatch"] + phase_ms["counts"]),
         "ranks.a2a_combine_ms": _r(phase_ms["combine"]),
         "ranks.a2a_bwd_ms": _r(phase_ms["dispatch_bwd"] + phase_ms["combine_bwd"]),
-        "ranks.a2a_mb": _r(a2a_bytes / 2 ** 20),
-        "ranks.step_ms": _r(step_ms),
+        "ranks.a2a_mb": _r(rec.a2a_bytes / 2 ** 20),
+        "ranks.step_ms": _r(rec.step_ms),
     }
-    if L == 0 or num_experts == 0:
+    if L == 0 or E == 0:
         out["drop_frac"] = 0.0
         return out
-    routed_LE = routed.sum(0) / tp     # TP ranks route the same tokens: count them once
-    kept_LE = kept.sum(0) / tp
-    recv_WL = recv / tp
+    routed_LE = rec.routed.sum(0) / tp     # TP ranks route the same tokens: count them once
+    kept_LE = rec.kept.sum(0) / tp
+    recv_WL = rec.recv / tp
     total_routed = float(routed_LE.sum())
     out["drop_frac"] = 1.0 - float(kept_LE.sum()) / total_routed if total_routed > 0 else 0.0
     recv_W = recv_WL.sum(1)
     out["ranks.recv_tokens"] = _r(recv_W)
     out["rank_imbalance"] = _imbalance(recv_W)
+    micro = rec.micro_steps.clamp_min(1)
     for layer in range(L):
         r, k = routed_LE[layer], kept_LE[layer]
         pre = f"moe.layer{layer}"
@@ -126,11 +125,10 @@ def summarize(rows: torch.Tensor, num_layers: int, num_experts: int, tp: int = 1
         out[f"{pre}.drop_frac"] = 1.0 - float(k.sum()) / max(1.0, float(r.sum()))
         out[f"{pre}.expert_imbalance"] = _imbalance(r)
         out[f"{pre}.load_cv"] = float(r.std(unbiased=False) / r.mean().clamp_min(1e-9))
-        out[f"{pre}.entropy"] = float((entropy[:, layer] / micro).mean())
+        out[f"{pre}.entropy"] = float((rec.entropy[:, layer] / micro).mean())
         out[f"{pre}.recv_tokens"] = _r(recv_WL[:, layer])
     out["expert_imbalance"] = max(out[f"moe.layer{i}.expert_imbalance"] for i in range(L))
     return out
-
 
 def _r(t: torch.Tensor) -> list:
     return [round(float(v), 4) for v in t]

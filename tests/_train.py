@@ -14,17 +14,5 @@ TINY_3D = ["model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.max_seq
 
 def run_training_keep_trainer(cfg, par, data):
     """moetrain.train.loop.run_training, returning the Trainer it built (to inspect the model)."""
-    from moetrain.train import loop
-    built = []
-    original = loop.build_trainer
-
-    def capture(*a, **kw):
-        built.append(original(*a, **kw))
-        return built[-1]
-
-    loop.build_trainer = capture
-    try:
-        loop.run_training(cfg, par, data, log=lambda m: None)
-    finally:
-        loop.build_trainer = original
-    return built[0]
+    from moetrain.train.loop import run_training
+    return run_training(cfg, par, data, log=lambda m: None).trainer

@@ -10,7 +10,7 @@ marked @pytest.mark.gpu:
           config's device: found by reading tools/) must pass "train.device=cpu";
   flag    a command list running a tools/ script whose --device defaults to anything but cpu
           must pass "--device", "cpu";
-  inproc  a unit that calls build_trainer / run_training must hand it an explicit device:
+  inproc  a unit that calls build_trainer / build_run / run_training must hand it an explicit device:
           init_parallel(..., "cpu") (or a Parallel(..., torch.device("cpu"|"meta")));
   and every init_parallel call passes the device "cpu" (5th positional or device_kind=).
 
@@ -34,7 +34,7 @@ REPO = TESTS.parent
 
 CLI_PIN = "train.device=cpu"
 LAUNCH_MODULES = {"moetrain.train", "moetrain-train"}
-INPROC_CALLS = {"build_trainer", "run_training"}
+INPROC_CALLS = {"build_trainer", "build_run", "run_training"}
 EXPLICIT_DEVICES = {"cpu", "meta"}
 
 

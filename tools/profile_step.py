@@ -14,8 +14,8 @@ Regions (record_function labels):
   moe/router, moe/dispatch, moe/experts, moe/combine   MoELayer.forward (moetrain/moe/layer.py)
   moe/a2a/<phase>                                      every all-to-all (moetrain/parallel/comm.py):
       counts, dispatch (launch), dispatch_wait, combine, dispatch_bwd, combine_bwd
-  train/forward, train/grad_sync, train/clip           added here around the trainer's forward,
-                                                       gradient all-reduce and norm clipping
+  train/forward, train/grad_sync, train/clip           the trainer's forward, gradient all-reduce
+                                                       and norm clipping (moetrain/train/loop.py)
   ProfilerStep#k                                       one optimizer step (torch.profiler)
 
 Output under --out (default bench_out/profile):
@@ -42,7 +42,6 @@ import os
 import shutil
 import sys
 import time
-from contextlib import contextmanager
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
@@ -52,7 +51,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from tools._local_ranks import exit_now, run_local_ranks  # noqa: E402
-from torch.profiler import ProfilerActivity, profile, record_function, schedule  # noqa: E402
+from torch.profiler import ProfilerActivity, profile, schedule  # noqa: E402
 
 COLUMNS = ("step", "compute", "comm", "comm_pct", "a2a_fwd", "a2a_bwd", "grad_sync", "router", "dispatch",
            "experts", "combine")
@@ -71,27 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: train.num_threads rule)")
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. parallel.ep=4 moe.num_experts=16")
     return ap
-
-
-# ----------------------------------------------------------------------------- labels
-
-def _labelled(fn, name: str):
-    def wrapper(*a, **kw):
-        with record_function(name):
-            return fn(*a, **kw)
-    wrapper.__wrapped__ = fn
-    return wrapper
-
-
-@contextmanager
-def label_trainer_regions(trainer):
-    """Label the trainer's forward, in this process only (the gradient sync and clipping carry
-    their own "train/grad_sync" and "train/clip" labels)."""
-    trainer.forward_loss = _labelled(trainer.forward_loss, "train/forward")
-    try:
-        yield
-    finally:
-        del trainer.forward_loss
 
 
 # ----------------------------------------------------------------------------- summary (pure)
@@ -196,50 +174,61 @@ def rank_main(args, rank: int, world: int) -> None:
     try:
         trainer = build_trainer(cfg, par, data)
         os.makedirs(args.out, exist_ok=True)
-        cuda = par.device.type == "cuda"
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-        tb_dir = os.path.join(args.out, "tb")
-        trace = os.path.join(args.out, f"trace_rank{rank}.json")
-        result = {}
-
-        def on_ready(prof):
-            # a trace can be saved once: save the Chrome trace, then copy it under the name the
-            # TensorBoard profiler plugin looks for (what tensorboard_trace_handler would write)
-            prof.export_chrome_trace(trace)
-            os.makedirs(tb_dir, exist_ok=True)
-            shutil.copyfile(trace, os.path.join(tb_dir, f"rank{rank}.{time.time_ns()}.pt.trace.json"))
-            result.update(summarize_events(prof.events(), args.steps))
-            if cuda:
-                with open(trace) as f:
-                    result.update(device_summary(json.load(f).get("traceEvents", []), args.steps))
-
-        total = args.warmup + args.steps
         if rank == 0:
             print(f"# profile_step: world {par.world} (dp {par.dims.dp}, tp {par.dims.tp}, ep {par.dims.ep}) on "
                   f"{par.device}; {args.warmup} warmup + {args.steps} profiled steps; config {args.config} "
                   f"{' '.join(args.overrides)}", flush=True)
-        with label_trainer_regions(trainer), profile(
-                activities=activities, schedule=schedule(wait=0, warmup=args.warmup, active=args.steps, repeat=1),
-                on_trace_ready=on_ready, record_shapes=args.record_shapes, with_stack=args.with_stack) as prof:
-            for step in range(total):
-                trainer.train_step(step)
-                if cuda:
-                    torch.cuda.synchronize(par.device)
-                prof.step()
-        per_rank = _gather(result, world)
+        per_rank = _gather(profile_steps(trainer, args, rank), world)
         if rank == 0:
-            print("# ms per step (host time; comm = all-to-all fwd+bwd + gradient sync, incl. waiting for peers)")
-            print(format_summary(per_rank), flush=True)
-            with open(os.path.join(args.out, "summary.json"), "w") as f:
-                json.dump({"world": par.world, "dp": par.dims.dp, "tp": par.dims.tp, "ep": par.dims.ep,
-                           "device": par.device.type, "steps": args.steps, "config": args.config,
-                           "overrides": args.overrides, "ms_per_step": per_rank}, f, indent=1)
-            png = os.path.join(args.out, "summary.png")
-            plot_summary(per_rank, png, f"world {par.world} (dp {par.dims.dp}, ep {par.dims.ep}) on {par.device.type}")
-            print(f"# traces: {args.out}/trace_rank*.json  tensorboard: {tb_dir}  summary: {args.out}/summary.json"
-                  f" {png}", flush=True)
+            write_summary(per_rank, par, args)
     finally:
         shutdown()
+
+
+def profile_steps(trainer, args, rank: int) -> dict:
+    """--warmup then --steps optimizer steps of the trainer under torch.profiler: writes this
+    rank's traces and returns its summary (summarize_events, plus device_summary on CUDA)."""
+    device = trainer.par.device
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    tb_dir = os.path.join(args.out, "tb")
+    trace = os.path.join(args.out, f"trace_rank{rank}.json")
+    result = {}
+
+    def on_ready(prof):
+        # a trace can be saved once: save the Chrome trace, then copy it under the name the
+        # TensorBoard profiler plugin looks for (what tensorboard_trace_handler would write)
+        prof.export_chrome_trace(trace)
+        os.makedirs(tb_dir, exist_ok=True)
+        shutil.copyfile(trace, os.path.join(tb_dir, f"rank{rank}.{time.time_ns()}.pt.trace.json"))
+        result.update(summarize_events(prof.events(), args.steps))
+        if cuda:
+            with open(trace) as f:
+                result.update(device_summary(json.load(f).get("traceEvents", []), args.steps))
+
+    with profile(
+            activities=activities, schedule=schedule(wait=0, warmup=args.warmup, active=args.steps, repeat=1),
+            on_trace_ready=on_ready, record_shapes=args.record_shapes, with_stack=args.with_stack) as prof:
+        for step in range(args.warmup + args.steps):
+            trainer.train_step(step)
+            if cuda:
+                torch.cuda.synchronize(device)
+            prof.step()
+    return result
+
+
+def write_summary(per_rank: list[dict], par, args) -> None:
+    """Rank 0: print the per-rank table, write summary.json and summary.png."""
+    print("# ms per step (host time; comm = all-to-all fwd+bwd + gradient sync, incl. waiting for peers)")
+    print(format_summary(per_rank), flush=True)
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump({"world": par.world, "dp": par.dims.dp, "tp": par.dims.tp, "ep": par.dims.ep,
+                   "device": par.device.type, "steps": args.steps, "config": args.config,
+                   "overrides": args.overrides, "ms_per_step": per_rank}, f, indent=1)
+    png = os.path.join(args.out, "summary.png")
+    plot_summary(per_rank, png, f"world {par.world} (dp {par.dims.dp}, ep {par.dims.ep}) on {par.device.type}")
+    print(f"# traces: {args.out}/trace_rank*.json  tensorboard: {os.path.join(args.out, 'tb')}  summary: "
+          f"{args.out}/summary.json {png}", flush=True)
 
 
 def _gather(result: dict, world: int) -> list[dict]:

@@ -9,35 +9,39 @@ contiguous rank slices and then contiguous micro batches. Under tensor paralleli
 computes the same CE_sum (vocab-parallel cross-entropy) and differentiates one copy of it.
 The sums are our all-reduce (parallel/grads.py), FSDP's reduce-scatter under parallel.fsdp
 (parallel/fsdp.py), or DeepSpeed's averaging undone by scaling the loss (train/ds_engine.py).
+
+Entry points: run_training (the CLI) = build_run -> Run.steps -> Run.finish, closed on every way
+out; build_trainer -> Trainer.train_step for tools that want the step without a run around it.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import time
-from dataclasses import dataclass
-from typing import Any, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
 from torch.profiler import record_function
 
 from moetrain.checkpoint import Checkpointer
-from moetrain.config import Config, micro_batch, to_yaml
+from moetrain.config import Config, micro_batch
 from moetrain.data import TokenData, eval_batches, sample_batch
-from moetrain.metrics import GpuStats, RunWriter, StepStats, gather_stats, summarize
-from moetrain.model.transformer import Transformer, count_params
-from moetrain.moe.experts import choose_impl
+from moetrain.metrics import GpuStats, RunWriter, StepStats, summarize
+from moetrain.model.tp_plan import apply_tp
+from moetrain.model.transformer import Transformer
 from moetrain.parallel.apply import apply_ep, apply_routing_groups, split_params
 from moetrain.parallel.fsdp import apply_fsdp, fsdp_dtypes
 from moetrain.parallel.grads import GradientSync, clip_grad_norm
 from moetrain.parallel.mesh import Parallel
-from moetrain.parallel.tp import apply_tp, cross_entropy_sum
+from moetrain.parallel.tp import cross_entropy_sum
 from moetrain.precision import uses_bf16_autocast
 from moetrain.train.lr import lr_at
 from moetrain.train.optim import build_optimizer, set_lr
+from moetrain.train.outputs import first_line, open_run_dir, progress_bar
+from moetrain.train.outputs import truncate_metrics as _truncate_metrics  # noqa: F401 (tests)
 from moetrain.train.preempt import Preempted, PreemptionWatch, configured_signals, signal_name  # noqa: F401
 
 
@@ -65,7 +69,7 @@ class Trainer:
     engine: Any = None
     # native engine: the gradient all-reduce over dp/edp (None when DeepSpeed reduces)
     grad_sync: Optional[GradientSync] = None
-    # run_training's preemption watch (train/preempt.py): its per-step agreement rides on the step
+    # the Run's preemption watch (train/preempt.py): its per-step agreement rides on the step
     preempt: Optional[PreemptionWatch] = None
 
     @property
@@ -100,7 +104,7 @@ class Trainer:
         with self.autocast():
             logits, auxes = (self.model if self.engine is None else self.engine.forward)(inp)
         # under TP the logits are this rank's vocab shard and the sum is the same on every TP rank
-        ce_sum = cross_entropy_sum(logits, tgt, self.par)
+        ce_sum = cross_entropy_sum(logits, tgt)
         return ce_sum, auxes
 
     def compute_gradients(self, step: int, stats: Optional[StepStats] = None) -> torch.Tensor:
@@ -118,7 +122,8 @@ class Trainer:
         for lo in range(0, rows.shape[0], self.micro):
             if lo + self.micro >= rows.shape[0] and self.grad_sync is not None:
                 self.grad_sync.arm()     # the last micro-step: reduce gradients as they become final
-            ce_sum, auxes = self.forward_loss(rows[lo:lo + self.micro])
+            with record_function("train/forward"):
+                ce_sum, auxes = self.forward_loss(rows[lo:lo + self.micro])
             loss = ce_sum / global_tokens
             if auxes:
                 aux = torch.stack([a.aux_loss for a in auxes]).sum()
@@ -155,7 +160,7 @@ class Trainer:
             # the one host sync of an optimizer step: the norm decides whether the step is taken
             with record_function("train/clip"):
                 norm = clip_grad_norm(self.dense_params, self.expert_params, t.grad_clip, self.par.ep_group,
-                                      self.par.dims.ep, self.par.tp_group, self.par.dims.tp)
+                                      self.par.dims.ep)
             if not math.isfinite(norm):      # the same global value on every rank: all stop alike
                 raise TrainingDiverged(
                     f"step {step + 1}: the gradient norm is {norm} (the loss became non-finite); the weights "
@@ -173,7 +178,7 @@ class Trainer:
 
     @property
     def bias_gates(self) -> list:
-        return [layer.router for layer in self.model.moe_layers() if layer.router.kind == "aux_free"]
+        return [layer.router for layer in self.model.moe_layers() if layer.router.spec.bias_state]
 
     def update_router_biases(self, load_LE: torch.Tensor) -> None:
         """Aux-loss-free balancing (DeepSeek-V3), as an optimizer-step hook: every rank applies
@@ -227,7 +232,7 @@ def build_trainer(cfg: Config, par: Parallel, data: TokenData) -> Trainer:
     apply_ep(model, par)
     apply_routing_groups(model, par)
     model.init_weights(cfg.train.seed)
-    apply_tp(model, par, cfg.parallel.etp)     # after init: TP shards are slices of the full weights
+    apply_tp(model, par.tp_mesh, cfg.parallel.etp)     # after init: TP shards are slices of the full weights
     model.to(par.device)
     if cfg.parallel.fsdp:                      # parallel/fsdp.py; before the optimizer sees the params
         p = cfg.parallel
@@ -245,193 +250,172 @@ def build_trainer(cfg: Config, par: Parallel, data: TokenData) -> Trainer:
     return Trainer(cfg, par, data, model, opt, dense, expert, TrainState(), grad_sync=grad_sync)
 
 
-def _open_run_dir(cfg: Config, start_step: int) -> str:
-    """Create the run directory. A fresh run (step 0) moves an older metrics.jsonl aside instead
-    of appending to it; a resumed run keeps the records up to its checkpoint's step and drops the
-    later ones, which the crashed attempt logged and this run logs again."""
-    run_dir = os.path.join(cfg.logging.dir, cfg.logging.run_name)
-    os.makedirs(run_dir, exist_ok=True)
-    metrics = os.path.join(run_dir, "metrics.jsonl")
-    if os.path.exists(metrics) and start_step == 0:
-        n = 1
-        while os.path.exists(os.path.join(run_dir, f"metrics.{n}.jsonl")):
-            n += 1
-        os.replace(metrics, os.path.join(run_dir, f"metrics.{n}.jsonl"))
-    elif os.path.exists(metrics):
-        _truncate_metrics(metrics, start_step)
-    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
-        f.write(to_yaml(cfg))
-    return run_dir
+@dataclass
+class Run:
+    """One training run, for the CLI, tools and tests: run = build_run(...); run.steps();
+    run.finish(); run.close() on every way out (`with build_run(...) as run:` closes it)."""
+    trainer: Optional[Trainer]          # None only while build_run builds it
+    ckpt: Checkpointer
+    watch: PreemptionWatch              # exit signals (train/preempt.py)
+    log: Callable[[str], None] = print
+    writer: Optional[RunWriter] = None  # rank 0: metrics.jsonl and tb/
+    gpu: Optional[GpuStats] = None
+    progress: Any = None                # rank 0's tqdm bar (train.progress)
+    last: dict = field(default_factory=dict)    # the last logged record (rank 0; {} elsewhere)
+    window_s: float = 0.0               # step time and tokens since the last logged step
+    window_tokens: int = 0
 
+    def __enter__(self) -> Run:
+        return self
 
-def _truncate_metrics(path: str, last_step: int) -> None:
-    keep = []
-    with open(path, errors="replace") as f:       # bytes a crash garbled must not stop the resume
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:      # a line cut by the crash
-                continue
-            step = rec.get("step", 0) if isinstance(rec, dict) else None     # [1], "text": not ours
-            if isinstance(step, int) and step <= last_step:
-                keep.append(line if line.endswith("\n") else line + "\n")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(keep)
-    os.replace(tmp, path)
+    def __exit__(self, *exc) -> None:
+        self.close()
 
+    def steps(self) -> dict:
+        """The steps from trainer.state.step to train.steps. Returns the last logged record (rank
+        0) or {}. Raises Preempted (every rank alike, after saving) when an exit signal stopped it."""
+        trainer, watch = self.trainer, self.watch
+        for step in range(trainer.state.step, trainer.cfg.train.steps):
+            if watch.agreed:          # every rank agreed during the previous step (train_step)
+                break
+            self.step(step)
+        if watch.agreed and trainer.state.step < trainer.cfg.train.steps:
+            self._stop_preempted()
+        if watch.agreed and trainer.par.is_main:   # during the last step: the run is complete, exit normally
+            self.log(f"moetrain: {signal_name(watch.agreed)} during the last step: finishing normally")
+        return self.last
 
-def run_training(cfg: Config, par: Parallel, data: TokenData, log=print) -> dict:
-    """Train cfg.train.steps steps. Returns the last logged record (rank 0) or {}.
-    Raises Preempted (every rank alike) when an exit signal stopped it (train/preempt.py)."""
-    # exit signals are recorded from here on (a signal during start-up stops after the first step)
-    watch = PreemptionWatch(configured_signals(cfg), par)
-    watch.install()
-    ckpt = Checkpointer(cfg, par, log)
-    try:
-        return _run_training(cfg, par, data, log, watch, ckpt)
-    finally:
-        ckpt.close()              # checkpoint.dir's lock (rank 0) is released on every way out
-        watch.restore()
+    def finish(self) -> None:
+        """After the last step: the final save when checkpointing is on; waits for an async write."""
+        self.ckpt.finish(self.trainer)
+        self._close_outputs()
 
+    def close(self) -> None:
+        """Every way out: the outputs closed, checkpoint.dir's lock (rank 0) released, the signal
+        handlers restored."""
+        self._close_outputs()
+        self.ckpt.close()
+        self.watch.restore()
 
-def _run_training(cfg: Config, par: Parallel, data: TokenData, log, watch: PreemptionWatch,
-                  ckpt: Checkpointer) -> dict:
-    t, lg = cfg.train, cfg.logging
-    trainer = build_trainer(cfg, par, data)
-    trainer.preempt = watch if watch.enabled else None
-    ckpt.resume(trainer)          # checkpoint.resume: sets trainer.state.step, model, optimizer, RNG
-    total_params, active_params = count_params(trainer.model, cfg)
-    writer = RunWriter(_open_run_dir(cfg, trainer.state.step), lg.tensorboard) if par.is_main else None
-    gpu = GpuStats(par.device)
-    if par.is_main:
-        log(f"moetrain: world {par.world} (dp {par.dims.dp}, tp {par.dims.tp}, ep {par.dims.ep}) on "
-            f"{par.device}; {total_params / 1e6:.2f}M params, {active_params / 1e6:.2f}M active; data {data.source}"
-            f"{_expert_impl_note(cfg, par)}{_numerics_note(cfg, par)}")
-        if gpu.reason:
-            log(f"moetrain: {gpu.reason}")
-    num_layers = len(trainer.model.moe_layers())
-    progress = _progress(par.is_main and t.progress, t.steps, trainer.state.step)
-    last: dict = {}
-    window_s, window_tokens = 0.0, 0
-    for step in range(trainer.state.step, t.steps):
-        if watch.agreed:          # every rank agreed during the previous step (train_step)
-            break
-        ckpt.on_step(trainer)     # saves when step % checkpoint.every == 0 (previous step fully logged)
-        watch.maybe_test_signal(step, par.rank)
+    def _close_outputs(self) -> None:
+        for out in (self.progress, self.writer):
+            if out is not None:
+                out.close()
+        self.progress = self.writer = None
+
+    def step(self, step: int) -> None:
+        """Optimizer step `step` (0-based) with its checkpoint, evaluations and logging."""
+        trainer, par = self.trainer, self.trainer.par
+        t, lg = trainer.cfg.train, trainer.cfg.logging
+        self.ckpt.on_step(trainer)    # saves when step % checkpoint.every == 0 (previous step fully logged)
+        self.watch.maybe_test_signal(step, par.rank)
         logged = (step + 1) % lg.every == 0 or step + 1 == t.steps or step == 0
-        stats = StepStats(num_layers, cfg.num_router_outputs, par.device) if logged else None
+        num_layers = len(trainer.model.moe_layers())
+        stats = StepStats(num_layers, trainer.cfg.num_router_outputs, par.device) if logged else None
         init_val = None
         if step == 0 and t.eval_every > 0:
             # every metrics.jsonl record is a training step's (DESIGN): the loss before training
             # rides on step 1's record as init_val_loss, and on TensorBoard's val_loss at step 0
             init_val = trainer.evaluate()
-            if writer is not None:
-                writer.write_tensorboard({"step": 0, "val_loss": init_val})
-                log(f"step 0 val_loss {init_val:.4f}")
+            if self.writer is not None:
+                self.writer.write_tensorboard({"step": 0, "val_loss": init_val})
+                self.log(f"step 0 val_loss {init_val:.4f}")
         step_start = time.perf_counter()
         sums = trainer.train_step(step, stats)
         if logged and par.device.type == "cuda":
             torch.cuda.synchronize(par.device)
         step_ms = (time.perf_counter() - step_start) * 1e3
-        window_s += step_ms / 1e3
-        window_tokens += t.global_batch_size * t.seq_len
+        self.window_s += step_ms / 1e3
+        self.window_tokens += t.global_batch_size * t.seq_len
         evaluate = (t.eval_every > 0 and (step + 1) % t.eval_every == 0) or step + 1 == t.steps
         val_loss = trainer.evaluate() if evaluate else None
-        if progress is not None:
-            progress.update(1)
-        if not logged:
-            continue
+        if self.progress is not None:
+            self.progress.update(1)
+        if logged:
+            self._log_step(step, sums, stats, step_ms, val_loss, init_val)
+            self.window_s, self.window_tokens = 0.0, 0
+
+    def _log_step(self, step: int, sums: torch.Tensor, stats: StepStats, step_ms: float, val_loss, init_val) -> None:
+        """Every rank joins the dp reduction and the one all_gather of the step's statistics; rank
+        0 writes the record and prints its line."""
+        trainer, par, t = self.trainer, self.trainer.par, self.trainer.cfg.train
         reduced = trainer.reduce_dp(sums[:3]).cpu()
-        rows = gather_stats(stats, step_ms, par.world_group, par.world)
-        if writer is not None:
-            rec = {"step": step + 1, "loss": float(reduced[0]) / (t.global_batch_size * t.seq_len),
-                   "lr": trainer.opt.param_groups[0]["lr"],
-                   "tokens_per_s": window_tokens / max(1e-9, window_s),
-                   "aux_loss": float(reduced[1]) / max(1, trainer.micro_batches_global),
-                   "z_loss": float(reduced[2]) / max(1, trainer.micro_batches_global),
-                   "grad_norm": float(sums[3]), "tokens": trainer.state.tokens_seen, "step_ms": step_ms}
-            if val_loss is not None:
-                rec["val_loss"] = val_loss
-            if init_val is not None:
-                rec["init_val_loss"] = init_val
-            rec.update(summarize(rows, num_layers, cfg.num_router_outputs, par.dims.tp))
-            rec.update(gpu.read())
-            writer.write(rec)
-            last = rec
-            msg = (f"step {step + 1} loss {rec['loss']:.4f} lr {rec['lr']:.2e} tok/s {rec['tokens_per_s']:.0f} "
-                   f"drop {rec['drop_frac']:.3f} a2a {rec['a2a_ms']:.1f}ms")
-            if val_loss is not None:
-                msg += f" val_loss {val_loss:.4f}"
-            (progress.write if progress is not None else log)(msg)
-            if progress is not None:
-                progress.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
-        window_s, window_tokens = 0.0, 0
-    if watch.agreed and trainer.state.step < t.steps:
-        _stop_preempted(trainer, ckpt, watch, progress, writer, log)
-    if watch.agreed and par.is_main:   # during the last step: the run is complete, exit normally
-        log(f"moetrain: {signal_name(watch.agreed)} during the last step: finishing normally")
-    ckpt.finish(trainer)          # final save when checkpointing is on; waits for an async write
-    if progress is not None:
-        progress.close()
-    if writer is not None:
-        writer.close()
-    return last
+        rows = stats.record(step_ms).gather(par.world_group, par.world)
+        if self.writer is None:
+            return
+        micro = max(1, trainer.micro_batches_global)
+        rec = {"step": step + 1, "loss": float(reduced[0]) / (t.global_batch_size * t.seq_len),
+               "lr": trainer.opt.param_groups[0]["lr"], "tokens_per_s": self.window_tokens / max(1e-9, self.window_s),
+               "aux_loss": float(reduced[1]) / micro, "z_loss": float(reduced[2]) / micro, "grad_norm": float(sums[3]),
+               "tokens": trainer.state.tokens_seen, "step_ms": step_ms}
+        if val_loss is not None:
+            rec["val_loss"] = val_loss
+        if init_val is not None:
+            rec["init_val_loss"] = init_val
+        rec.update(summarize(rows, par.dims.tp))
+        rec.update(self.gpu.read())
+        self.writer.write(rec)
+        self.last = rec
+        msg = (f"step {step + 1} loss {rec['loss']:.4f} lr {rec['lr']:.2e} tok/s {rec['tokens_per_s']:.0f} "
+               f"drop {rec['drop_frac']:.3f} a2a {rec['a2a_ms']:.1f}ms")
+        if val_loss is not None:
+            msg += f" val_loss {val_loss:.4f}"
+        (self.progress.write if self.progress is not None else self.log)(msg)
+        if self.progress is not None:
+            self.progress.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+
+    def _stop_preempted(self) -> None:
+        """Every rank: save (when checkpointing is on) and wait for the commit, rank 0 logs one
+        line, then raise Preempted everywhere. The step in progress has finished and been logged."""
+        from moetrain.checkpoint.store import step_dirname
+        trainer, ckpt, watch = self.trainer, self.ckpt, self.watch
+        step, name = trainer.state.step, signal_name(watch.agreed)
+        self._close_outputs()
+        if ckpt.enabled:
+            ckpt.finish(trainer)      # saves unless this step's checkpoint exists; waits for the commit
+            path = os.path.join(ckpt.root, step_dirname(step))
+            msg = (f"preempted by {name} at step {step}: checkpoint {step_dirname(step)} saved in {ckpt.root}; "
+                   "resume with checkpoint.resume=auto")
+        else:
+            ckpt.wait()
+            path = None
+            msg = (f"preempted by {name} at step {step}: checkpointing is off (checkpoint.every=0), nothing was "
+                   "saved; set checkpoint.every to make a preemption resumable")
+        if trainer.par.is_main:
+            self.log(f"moetrain: {msg}")
+        watch.sync()                  # nobody exits (srun -K would kill the rest) before rank 0 logged
+        raise Preempted(msg, watch.agreed, step, path)
 
 
-def _stop_preempted(trainer: Trainer, ckpt: Checkpointer, watch: PreemptionWatch, progress, writer, log) -> None:
-    """Every rank: save (when checkpointing is on) and wait for the commit, rank 0 logs one line,
-    then raise Preempted everywhere. The step in progress has finished and been logged."""
-    from moetrain.checkpoint.store import step_dirname
-    step, name = trainer.state.step, signal_name(watch.agreed)
-    if progress is not None:
-        progress.close()
-    if writer is not None:
-        writer.close()
-    if ckpt.enabled:
-        ckpt.finish(trainer)      # saves unless this step's checkpoint exists; waits for the commit
-        path = os.path.join(ckpt.root, step_dirname(step))
-        msg = (f"preempted by {name} at step {step}: checkpoint {step_dirname(step)} saved in {ckpt.root}; "
-               "resume with checkpoint.resume=auto")
-    else:
-        ckpt.wait()
-        path = None
-        msg = (f"preempted by {name} at step {step}: checkpointing is off (checkpoint.every=0), nothing was "
-               "saved; set checkpoint.every to make a preemption resumable")
-    if trainer.par.is_main:
-        log(f"moetrain: {msg}")
-    watch.sync()                  # nobody exits (srun -K would kill the rest) before rank 0 logged
-    raise Preempted(msg, watch.agreed, step, path)
+def run_training(cfg: Config, par: Parallel, data: TokenData, log=print, faults=None) -> Run:
+    """Train cfg.train.steps steps. Returns the Run (run.trainer; run.last: the last logged record
+    on rank 0, {} elsewhere). Raises Preempted (every rank alike) when an exit signal stopped it."""
+    with build_run(cfg, par, data, log, faults) as run:
+        run.steps()
+        run.finish()
+    return run
 
 
-def _expert_impl_note(cfg: Config, par: Parallel) -> str:
-    """'; experts: <impl> (<why>)' for the run's first line ('' without routed FFN experts)."""
-    if cfg.moe.num_experts == 0 or cfg.moe.layer != "moe":
-        return ""
-    hidden = cfg.expert_hidden // (par.dims.tp if cfg.parallel.etp else 1)
-    dtype = torch.bfloat16 if uses_bf16_autocast(cfg.train.precision, par.device) else torch.float32
-    impl, why = choose_impl(cfg.moe.grouped_mm, par.device, dtype, cfg.model.dim, hidden)
-    return f"; experts: {impl} ({why})"
-
-
-def _numerics_note(cfg: Config, par: Parallel) -> str:
-    parts = []
-    if uses_bf16_autocast(cfg.train.precision, par.device):
-        parts.append("bf16 autocast")
-    elif par.device.type == "cuda":
-        parts.append("fp32")
-    if par.world > 1:
-        parts.append(f"backend {dist.get_backend(par.world_group)}")
-    if cfg.train.deterministic:
-        parts.append("deterministic")
-    return "; " + ", ".join(parts) if parts else ""
-
-
-def _progress(enabled: bool, total: int, initial: int):
-    if not enabled:
-        return None
+def build_run(cfg: Config, par: Parallel, data: TokenData, log=print, faults=None) -> Run:
+    """Everything before the first step: the preemption watch, the checkpointer, the trainer
+    (resumed per checkpoint.resume), the run directory (rank 0) and the first log lines."""
+    # exit signals are recorded from here on (a signal during start-up stops after the first step)
+    watch = PreemptionWatch(configured_signals(cfg), par)
+    watch.install()
+    ckpt = Checkpointer(cfg, par, log, faults)     # faults: checkpoint.Faults test hooks (None: none)
+    run = Run(None, ckpt, watch, log)
     try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, mininterval=2.0)
+        run.trainer = trainer = build_trainer(cfg, par, data)
+        trainer.preempt = watch if watch.enabled else None
+        ckpt.resume(trainer)      # checkpoint.resume: sets trainer.state.step, model, optimizer, RNG
+        run.writer = RunWriter(open_run_dir(cfg, trainer.state.step), cfg.logging.tensorboard) if par.is_main else None
+        run.gpu = GpuStats(par.device)
+        if par.is_main:
+            log(first_line(cfg, par, trainer.model, data.source))
+            if run.gpu.reason:
+                log(f"moetrain: {run.gpu.reason}")
+        run.progress = progress_bar(par.is_main and cfg.train.progress, cfg.train.steps, trainer.state.step)
+    except BaseException:
+        run.close()
+        raise
+    return run

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from _launch import REPO, assert_trained, finish, launch_env, mpi_skip_reason, start, tail, tiny_overrides
+pytestmark = pytest.mark.slow     # python -m pytest -m 'not slow': the quick inner loop
 
 
 @pytest.mark.skipif(mpi_skip_reason() is not None, reason=str(mpi_skip_reason()))

@@ -17,6 +17,7 @@ from _launch import REPO, finish, free_port, launch_env, tail, tiny_overrides
 from moetrain.config import PER_RANK_KEYS, agreement_view, load_config
 from moetrain.parallel.mesh import LaunchEnv, LaunchError, init_parallel
 from moetrain.parallel.rendezvous import code_fingerprint, describe_disagreement
+pytestmark = pytest.mark.slow     # python -m pytest -m 'not slow': the quick inner loop
 
 QUICK_S = 60          # well under the 600 s collective timeout, with room for a loaded 2-core box
 

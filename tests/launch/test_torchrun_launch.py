@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import uuid
 
+import pytest
 from _launch import REPO, assert_trained, finish, free_port, launch_env, start, tail, tiny_overrides
+pytestmark = pytest.mark.slow     # python -m pytest -m 'not slow': the quick inner loop
 
 
 def test_two_node_torchrun_on_localhost(tmp_path):

@@ -11,6 +11,7 @@ from moetrain.config import load_config, validate_layout
 from moetrain.data import load_token_data
 from moetrain.parallel.mesh import LaunchEnv, init_parallel
 from moetrain.train.loop import build_trainer, run_training
+pytestmark = pytest.mark.slow     # python -m pytest -m 'not slow': the quick inner loop
 
 TINY = ["model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.max_seq_len=32", "model.ffn_hidden=64",
         "moe.num_experts=8", "moe.top_k=2", "moe.capacity_factor=null", "moe.aux_loss_coef=0.01",

@@ -83,6 +83,7 @@ W2_PEER = [("zero2_ep2_peer", DS + PEER + ["parallel.ep=2", "train.zero_stage=2"
            ("native_ep2_peer", PEER + ["parallel.ep=2"])]
 
 
+@pytest.mark.slow
 @needs_ds
 def test_world2_deepspeed_matches_native(native_w1, tmp_path):
     torch.set_num_threads(1)

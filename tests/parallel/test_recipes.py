@@ -83,33 +83,19 @@ def _train_all(rank, world, log_dir, names):
     par = None
     data = None
     out = {}
-    built = []
-    original = loop.build_trainer
-
-    def capture(*a, **kw):
-        trainer = original(*a, **kw)
-        built.append(trainer)
-        return trainer
-
-    loop.build_trainer = capture
-    try:
-        for name in names:
-            cfg = _config(name, log_dir, ep=world)
-            dp, tp, ep = validate_layout(cfg, world)
-            if par is None:
-                par = init_parallel(dp, tp, ep, env, "cpu")
-                data = load_token_data(cfg.data.source, cfg.data.path, cfg.model.vocab_size)
-            assert (par.dims.dp, par.dims.ep) == (dp, ep)
-            built.clear()
-            loop.run_training(cfg, par, data, log=lambda m: None)
-            model = built[0].model
-            res = {"bias": [layer.router.expert_bias.clone() for layer in model.moe_layers()
-                            if layer.router.kind == "aux_free"]}
-            if rank == 0:
-                res["records"] = [r for r in _records(os.path.join(log_dir, name)) if "loss" in r]
-            out[name] = res
-    finally:
-        loop.build_trainer = original
+    for name in names:
+        cfg = _config(name, log_dir, ep=world)
+        dp, tp, ep = validate_layout(cfg, world)
+        if par is None:
+            par = init_parallel(dp, tp, ep, env, "cpu")
+            data = load_token_data(cfg.data.source, cfg.data.path, cfg.model.vocab_size)
+        assert (par.dims.dp, par.dims.ep) == (dp, ep)
+        model = loop.run_training(cfg, par, data, log=lambda m: None).trainer.model
+        res = {"bias": [layer.router.expert_bias.clone() for layer in model.moe_layers()
+                        if layer.router.spec.bias_state]}
+        if rank == 0:
+            res["records"] = [r for r in _records(os.path.join(log_dir, name)) if "loss" in r]
+        out[name] = res
     return out
 
 

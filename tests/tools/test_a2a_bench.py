@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+pytestmark = pytest.mark.slow     # python -m pytest -m 'not slow': the quick inner loop
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "tools" / "a2a_bench.py"

@@ -19,6 +19,7 @@ import time
 
 import pytest
 import torch
+pytestmark = pytest.mark.slow     # python -m pytest -m 'not slow': the quick inner loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOOLS = os.path.join(REPO, "tools")

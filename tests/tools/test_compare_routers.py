@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+import pytest
+pytestmark = pytest.mark.slow     # python -m pytest -m 'not slow': the quick inner loop
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["model.dim=16", "model.n_layers=1", "model.n_heads=2", "model.ffn_hidden=32", "model.max_seq_len=16",

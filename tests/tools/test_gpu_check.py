@@ -21,6 +21,7 @@ def gc():
     return gpu_check
 
 
+@pytest.mark.slow
 def test_dry_run_passes_every_step(tmp_path):
     out = tmp_path / "gc"
     proc = subprocess.run(["bash", "tools/gpu_check.sh", "--dry-run", "--out", str(out)], cwd=REPO,

@@ -69,6 +69,7 @@ def test_device_summary_from_trace(profile_step):
     assert profile_step.device_summary(ev[3:], steps=2) == {}
 
 
+@pytest.mark.slow
 def test_two_rank_profile(tmp_path):
     out = tmp_path / "prof"
     r = subprocess.run([sys.executable, str(TOOLS / "profile_step.py"), "--world", "2", "--warmup", "1", "--steps", "2",

@@ -23,6 +23,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+pytestmark = pytest.mark.slow     # python -m pytest -m 'not slow': the quick inner loop
 
 REPO = Path(__file__).resolve().parents[2]
 MAKE = REPO / "tools" / "make_wheelhouse.sh"
