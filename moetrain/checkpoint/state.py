@@ -63,7 +63,7 @@ from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
 from moetrain.checkpoint.store import CheckpointError
 from moetrain.moe.experts import GroupedExperts
-from moetrain.moe.peer import PEERLayer
+from moetrain.parallel.apply import is_peer_table
 
 _MODEL_RE = re.compile(r"^model/(?P<name>[^/]+)(?:/expert_(?P<g>\d+))?$")
 _OPTIM_RE = re.compile(r"^optim/(?P<name>[^/]+?)(?:/expert_(?P<g>\d+))?/(?P<k>[^/]+)$")
@@ -107,14 +107,6 @@ def _expert_owner(name: str, modules: dict[str, nn.Module]) -> Optional[GroupedE
     return owner if isinstance(owner, GroupedExperts) else None
 
 
-def _is_peer_table(name: str, modules: dict[str, nn.Module]) -> bool:
-    """PEER expert tables: row-sharded over ep (same rule as parallel.apply.is_expert_param)."""
-    if "." not in name:
-        return False
-    owner, leaf = name.rsplit(".", 1)
-    return isinstance(modules.get(owner), PEERLayer) and leaf.startswith("expert_")
-
-
 # a DTensor's mesh axis -> the axes of the checkpoint mesh (edp, ep, tp) it spans ("dp" is
 # edp x ep flattened, edp outer: an even split over dp is the nested split over edp, then ep)
 _AXES = {"tp": ("tp",), "dp": ("edp", "ep"), "edp": ("edp",)}
@@ -130,7 +122,7 @@ class _Placement:
         self.owner = _expert_owner(name, modules)
         self.sizes = sizes
         self.grow: dict[str, int] = {}
-        if _is_peer_table(name, modules) and sizes.get("ep", 1) > 1 and t.shape[0] != modules[name.rsplit(".", 1)[0]].num_experts:
+        if is_peer_table(name, modules) and sizes.get("ep", 1) > 1 and t.shape[0] != modules[name.rsplit(".", 1)[0]].num_experts:
             self.grow["ep"] = 0
         self.splits = dict(self.grow)
         for axis, placement in zip(t.device_mesh.mesh_dim_names, t.placements) if _is_dtensor(t) else ():

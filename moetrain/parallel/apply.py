@@ -41,11 +41,15 @@ def apply_routing_groups(model: nn.Module, par: Parallel) -> None:
             mod.count_sum = GroupSum(par.dp_group, par.dims.dp)
 
 
+def is_peer_table(name: str, module_of: dict[str, nn.Module]) -> bool:
+    """PEER expert tables (a PEERLayer's expert_* params): row-sharded over ep."""
+    owner, _, leaf = name.rpartition(".")
+    return isinstance(module_of.get(owner), PEERLayer) and leaf.startswith("expert_")
+
+
 def is_expert_param(name: str, module_of: dict[str, nn.Module]) -> bool:
     """Params sharded over EP (synced over edp): grouped experts and PEER expert tables."""
-    owner, leaf = name.rsplit(".", 1)
-    mod = module_of.get(owner)
-    return isinstance(mod, GroupedExperts) or (isinstance(mod, PEERLayer) and leaf.startswith("expert_"))
+    return isinstance(module_of.get(name.rpartition(".")[0]), GroupedExperts) or is_peer_table(name, module_of)
 
 
 def split_params(model: nn.Module) -> tuple[list, list]:
