@@ -41,7 +41,6 @@ from moetrain.precision import uses_bf16_autocast
 from moetrain.train.lr import lr_at
 from moetrain.train.optim import build_optimizer, set_lr
 from moetrain.train.outputs import first_line, open_run_dir, progress_bar
-from moetrain.train.outputs import truncate_metrics as _truncate_metrics  # noqa: F401 (tests)
 from moetrain.train.preempt import Preempted, PreemptionWatch, configured_signals, signal_name  # noqa: F401
 
 
@@ -308,7 +307,6 @@ class Run:
         trainer, par = self.trainer, self.trainer.par
         t, lg = trainer.cfg.train, trainer.cfg.logging
         self.ckpt.on_step(trainer)    # saves when step % checkpoint.every == 0 (previous step fully logged)
-        self.watch.maybe_test_signal(step, par.rank)
         logged = (step + 1) % lg.every == 0 or step + 1 == t.steps or step == 0
         num_layers = len(trainer.model.moe_layers())
         stats = StepStats(num_layers, trainer.cfg.num_router_outputs, par.device) if logged else None

@@ -44,16 +44,12 @@ TORCH_ELASTIC_SHUTDOWN_TIMEOUT), so one step plus one save must fit in that grac
 previous handlers are restored when run_training returns or raises: after the checkpoint has
 been committed a further signal has its default effect again.
 
-Test hook (environment): MOETRAIN_TEST_SIGNAL=rank=R,step=N[,sig=TERM] makes rank R send itself
-that signal (a real os.kill) at the top of loop step N (N steps completed), before the step's
-agreement starts: the run then finishes step N+1 and stops with a checkpoint at step N+1.
+Tests send real signals through the checkpointer's fault hook (tests/checkpoint/_preempt_main.py).
 """
 from __future__ import annotations
 
-import os
 import signal
 import threading
-import time
 from typing import TYPE_CHECKING, Iterable, Optional
 
 if TYPE_CHECKING:
@@ -61,7 +57,6 @@ if TYPE_CHECKING:
 
 # torch is imported where it is used, so moetrain.config can import parse_signals (validation of
 # train.exit_signals) without pulling torch in
-TEST_ENV = "MOETRAIN_TEST_SIGNAL"
 DEFAULT_SIGNALS = ("SIGTERM", "SIGUSR1")
 _UNCATCHABLE = {signal.SIGKILL, signal.SIGSTOP}
 
@@ -190,18 +185,3 @@ class PreemptionWatch:
             t = torch.zeros(1, dtype=torch.int32, device=self.par.device)
             dist.all_reduce(t, group=self.par.world_group)
             t.cpu()
-
-    # ------------------------------------------------------------------ test hook
-
-    def maybe_test_signal(self, step: int, rank: int, environ=os.environ) -> None:
-        spec = environ.get(TEST_ENV)
-        if not spec:
-            return
-        kv = dict(item.split("=", 1) for item in spec.split(",") if "=" in item)
-        if int(kv.get("rank", -1)) != rank or int(kv.get("step", -1)) != step:
-            return
-        sig = parse_signals(kv.get("sig", "TERM"))[0]
-        os.kill(os.getpid(), sig)
-        deadline = time.monotonic() + 5.0         # the handler runs at the next bytecode boundary
-        while self.installed and sig in self.signals and not self.received and time.monotonic() < deadline:
-            time.sleep(0.001)

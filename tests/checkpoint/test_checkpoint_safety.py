@@ -224,7 +224,7 @@ def test_resume_accepts_the_latest_pointer_file(good, tmp_path):
 def test_metrics_trim_on_resume_skips_garbled_lines(tmp_path):
     """A crash can leave a cut line, a non-object or invalid UTF-8: resume drops them, keeps steps
     up to the checkpoint, and never raises."""
-    from moetrain.train.loop import _truncate_metrics
+    from moetrain.train.outputs import truncate_metrics as _truncate_metrics
     path = tmp_path / "metrics.jsonl"
     path.write_bytes(b'{"step": 1, "loss": 5.0}\n[1]\n\xff\xfe{"step"\n{"step": 2, "loss": 4.0}\n'
                      b'"text"\n{"step": 3, "loss": 3.0}\n{"step": 2.5}\n{"step": 4, "lo')

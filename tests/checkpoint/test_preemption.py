@@ -21,7 +21,8 @@ import ckpt_helpers as H
 from _dist import free_port
 from moetrain.checkpoint import store
 from moetrain.config import ConfigError
-from moetrain.train.preempt import DEFAULT_SIGNALS, TEST_ENV, configured_signals, parse_signals
+from _preempt_main import TEST_ENV
+from moetrain.train.preempt import DEFAULT_SIGNALS, configured_signals, parse_signals
 
 WRAPPER = Path(__file__).with_name("_preempt_main.py")
 STEPS = 20
