@@ -17,6 +17,8 @@ from typing import Any, List, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from moetrain.errors import first_line
+
 
 class ConfigError(ValueError):
     """One line naming the key, the value and what is allowed."""
@@ -208,7 +210,7 @@ class Config:
 
 def _one_line(exc: OmegaConfBaseException) -> str:
     """OmegaConf messages span lines (full_key/object_type footers); keep the essential one."""
-    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    msg = first_line(exc)
     key = getattr(exc, "full_key", None)
     null = re.match(r"Incompatible value 'None' for field of type '(\w+)'", msg)
     if key and null:
@@ -229,8 +231,7 @@ def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[st
             try:
                 loaded = OmegaConf.load(path)
             except Exception as exc:  # yaml.YAMLError and friends
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise ConfigError(f"config file {path!r} is not valid YAML: {first}") from None
+                raise ConfigError(f"config file {path!r} is not valid YAML: {first_line(exc)}") from None
             if loaded is None:
                 loaded = OmegaConf.create({})
             if not isinstance(loaded, type(OmegaConf.create({}))):

@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from moetrain.errors import first_line
+
 if TYPE_CHECKING:  # imported lazily in _gather so tools/prepare_data.py starts without torch
     import torch
 
@@ -245,7 +247,7 @@ def _read_meta(directory: Path) -> dict:
     try:
         meta = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: cannot parse ({str(e).splitlines()[0]})") from None
+        raise DataError(f"{path}: cannot parse ({first_line(e)})") from None
     if not isinstance(meta, dict):
         raise DataError(f"{path}: expected a JSON object")
     if meta.get("format_version") != FORMAT_VERSION:

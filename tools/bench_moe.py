@@ -132,6 +132,7 @@ import torch.distributed as dist  # noqa: E402
 
 from moetrain.cpu_runtime import configure_cpu_process  # noqa: E402
 from moetrain.config import MoEConfig  # noqa: E402
+from moetrain.errors import first_line  # noqa: E402
 from moetrain.moe.experts import SwiGLU  # noqa: E402
 from moetrain.moe.layer import MoELayer  # noqa: E402
 from moetrain.parallel.apply import apply_ep  # noqa: E402
@@ -559,8 +560,7 @@ def grouped_skip_reason(ctx: Ctx) -> Optional[str]:
         (y.float().sum() + AUX_COEF * aux.aux_loss).backward()
         rt.sync()
     except RuntimeError as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        return f"torch._grouped_mm refused dim {args.dim}, hidden {args.hidden} on {rt.device.type}: {first}"
+        return f"torch._grouped_mm refused dim {args.dim}, hidden {args.hidden} on {rt.device.type}: {first_line(exc)}"
     finally:
         layer = x = y = aux = None     # noqa: F841  (free before the real cases)
         rt.free()
@@ -575,7 +575,7 @@ def deepspeed_available(device_type: str) -> tuple[bool, str]:
             from deepspeed.accelerator import get_accelerator
             accel = get_accelerator().device_name()
     except Exception as exc:  # ImportError, or an accelerator/setup error at import time
-        return False, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        return False, f"{type(exc).__name__}: {first_line(exc)}"
     if accel != device_type:
         return False, (f"deepspeed was imported earlier in this process with the {accel!r} accelerator, "
                        f"not {device_type!r} (DS_ACCELERATOR is read at import)")

@@ -62,6 +62,7 @@ import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
 from moetrain.checkpoint.store import CheckpointError
+from moetrain.errors import first_line
 from moetrain.moe.experts import GroupedExperts
 from moetrain.parallel.apply import is_peer_table
 
@@ -404,8 +405,8 @@ def prepare_rng(rank: int, flat: dict, device: torch.device):
         try:
             check()
         except (ValueError, TypeError, OverflowError, RuntimeError) as exc:
-            why = (str(exc).strip().splitlines() or [""])[0][:200]
-            raise ValueError(f"RNG entry {rng_key(rank, part)} is not a valid state ({type(exc).__name__}: {why})") from None
+            raise ValueError(f"RNG entry {rng_key(rank, part)} is not a valid state "
+                             f"({type(exc).__name__}: {first_line(exc)[:200]})") from None
     cuda = t.get("cuda") if device.type == "cuda" else None
     if cuda is not None and cuda.numel() != torch.cuda.get_rng_state(device).numel():
         raise ValueError(f"RNG entry {rng_key(rank, 'cuda')} has {cuda.numel()} bytes, this GPU's state "
