@@ -7,6 +7,7 @@ then the ranks check at the rendezvous that they all arrived and agree on config
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from moetrain.errors import first_line
@@ -23,9 +24,19 @@ def _parse(argv):
     return ap.parse_args(argv)
 
 
-def _fail(msg: str) -> int:
-    print(f"moetrain: error: {msg}", file=sys.stderr, flush=True)
-    return EXIT_BAD_INPUT
+def _error(msg: str, code: int = EXIT_BAD_INPUT) -> int:
+    """One `moetrain: error:` line on stderr in ONE write: the ranks of a job share the stream, and
+    print's separate write of the newline let two ranks' lines run together."""
+    line = f"moetrain: error: {msg}\n"
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):    # a stream without a descriptor (embedding)
+        sys.stderr.write(line)
+    else:
+        sys.stderr.flush()
+        os.write(fd, line.encode())
+    return code
+
 
 
 def _out_of_memory(exc: BaseException) -> bool:
@@ -53,7 +64,7 @@ def main(argv=None, faults=None) -> int:
             raise DataError(f"data split shorter than train.seq_len+1={cfg.train.seq_len + 1} tokens "
                             f"(train {len(data.train)}, val {len(data.val)})")
     except (ConfigError, LaunchError, DataError) as exc:
-        return _fail(str(exc))
+        return _error(str(exc))
 
     from moetrain.checkpoint import CheckpointError
     from moetrain.cpu_runtime import configure_cpu_process
@@ -69,22 +80,20 @@ def main(argv=None, faults=None) -> int:
         par = init_parallel(dp, tp, ep, env, cfg.train.device, backend=cfg.parallel.backend,
                             agree=agreement_view(cfg))
     except LaunchError as exc:
-        return _fail(str(exc))
+        return _error(str(exc))
     try:
         run_training(cfg, par, data, log=lambda m: print(m, flush=True), faults=faults)
     except (CheckpointError, ConfigError) as exc:   # raised on every rank alike (rank 0 decides and
-        return _fail(str(exc))                    # broadcasts; device-dependent config checks)
+        return _error(str(exc))                    # broadcasts; device-dependent config checks)
     except TrainingDiverged as exc:  # raised on every rank alike (a global norm)
-        print(f"moetrain: error: {exc}", file=sys.stderr, flush=True)
-        return EXIT_DIVERGED
+        return _error(str(exc), EXIT_DIVERGED)
     except Preempted as exc:         # every rank alike, after the checkpoint (if any) committed
         return exc.exit_code         # 128 + signal number: 143 SIGTERM, 138 SIGUSR1
     except (MemoryError, RuntimeError) as exc:
         if not _out_of_memory(exc):
             raise
-        print(f"moetrain: error: out of memory ({first_line(exc)[:300]}): reduce the model (e.g. model.max_seq_len, "
-              "model.dim), train.micro_batch_size, or use more ranks", file=sys.stderr, flush=True)
-        return EXIT_OOM
+        return _error(f"out of memory ({first_line(exc)[:300]}): reduce the model (e.g. model.max_seq_len, "
+                      "model.dim), train.micro_batch_size, or use more ranks", EXIT_OOM)
     finally:
         shutdown()
     return 0
