@@ -13,6 +13,9 @@ setup(
         "deepspeed": ["deepspeed>=0.19.8,<0.20"],     # train.engine=deepspeed is tested with 0.19.8
         "mpi": ["mpi4py>=3.1"],
         "gpu": ["nvidia-ml-py>=12"],
+        # tokenizers/real data formats (tools/prepare_data.py), Hugging Face export/import
+        # (tools/export_hf.py, tools/import_hf.py); the training path never imports them
+        "hf": ["transformers>=5.0,<6", "tokenizers>=0.21", "pyarrow>=15"],
     },
     entry_points={"console_scripts": ["moetrain-train=moetrain.train.cli:main"]},
 )

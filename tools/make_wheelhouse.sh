@@ -10,9 +10,10 @@ PY=${PYTHON:-python3}
 die() { echo "make_wheelhouse: $*" >&2; exit 1; }
 
 # What setup_env.sh installs besides torch: setup.py's install_requires and extras (dev, deepspeed,
-# mpi, gpu) with setup_env.sh's pins. Keep in sync (tests/tools/test_wheelhouse.py checks).
+# mpi, gpu, hf) with setup_env.sh's pins. Keep in sync (tests/tools/test_wheelhouse.py checks).
 REQS=("omegaconf>=2.3" "tensorboard>=2.14" "tqdm>=4.60" "numpy>=1.24" "pytest>=7" "pytest-timeout>=2.1"
-      "matplotlib>=3.7" "safetensors>=0.4" "deepspeed==0.19.8" "mpi4py>=4" "mpich>=4" "nvidia-ml-py>=12")
+      "matplotlib>=3.7" "safetensors>=0.4" "transformers>=5.0,<6" "tokenizers>=0.21" "pyarrow>=15"
+      "deepspeed==0.19.8" "mpi4py>=4" "mpich>=4" "nvidia-ml-py>=12")
 # The offline `pip install -e .` builds moetrain in pip's isolated build env, which then also
 # installs from the wheelhouse: ship the setuptools build backend.
 EXTRA=(setuptools wheel)

@@ -29,7 +29,7 @@ pip_install() { $PY -m pip install -q ${OFFLINE[@]+"${OFFLINE[@]}"} "$@"; }
 if [ "${MOETRAIN_TORCH:-}" != "skip" ]; then
   pip_install -r requirements/cpu.txt
 fi
-pip_install -e ".[dev]"
+pip_install -e ".[dev,hf]"
 # GPU stats in metrics.jsonl (nvidia-ml-py) where this torch sees a GPU
 if $PY -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   pip_install "nvidia-ml-py>=12"

@@ -78,7 +78,7 @@ def test_requirements_match_setup_py_and_setup_env():
     reqs = shlex.split(re.search(r"^REQS=\((.*?)\)", MAKE.read_text(), re.S | re.M).group(1))
     assert {name(r) for r in wanted} - {"torch"} <= {name(r) for r in reqs}
     pinned = re.findall(r'"([^"]+)"', " ".join(re.findall(r"^\s*pip_install (.*)$", SETUP_ENV.read_text(), re.M)))
-    assert set(pinned) - {".[dev]"} <= set(reqs), pinned
+    assert set(pinned) - {".[dev,hf]"} <= set(reqs), pinned
 
 
 @pytest.fixture
@@ -105,7 +105,7 @@ def test_setup_env_pip_command_lines(fake_python, tmp_path):
     assert p.returncode == 0, p.stderr
     assert log.read_text().splitlines() == [
         "-m pip install -q -r requirements/cpu.txt",
-        "-m pip install -q -e .[dev]",
+        "-m pip install -q -e .[dev,hf]",
         "-m pip install -q mpi4py>=4 mpich>=4",
         "-m pip install -q deepspeed==0.19.8",
     ]
@@ -118,7 +118,7 @@ def test_setup_env_pip_command_lines(fake_python, tmp_path):
     assert p.returncode == 0, p.stderr
     off = f"-m pip install -q --no-index --find-links {tmp_path / 'wh'}"
     assert log.read_text().splitlines() == [
-        f"{off} -e .[dev]", f"{off} mpi4py>=4 mpich>=4", f"{off} deepspeed==0.19.8"]
+        f"{off} -e .[dev,hf]", f"{off} mpi4py>=4 mpich>=4", f"{off} deepspeed==0.19.8"]
 
 
 def test_setup_env_offline_refusals(fake_python, tmp_path):
