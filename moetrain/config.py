@@ -363,7 +363,7 @@ def validate(cfg: Config) -> None:
 def _validate_model(m: ModelConfig) -> None:
     for key in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "ffn_hidden"):
         need(getattr(m, key) >= 1, f"model.{key}", getattr(m, key), "must be >= 1")
-    need(m.vocab_size <= 65536, "model.vocab_size", m.vocab_size, "must be <= 65536 (uint16 token files)")
+    need(m.vocab_size <= 2 ** 32, "model.vocab_size", m.vocab_size, "must be <= 2**32 (uint32 token files)")
     need(m.dim % m.n_heads == 0, "model.dim", m.dim, f"must be divisible by model.n_heads={m.n_heads}")
     need((m.dim // m.n_heads) % 2 == 0, "model.n_heads", m.n_heads, "dim/n_heads must be even (RoPE)")
     need(m.init_std > 0, "model.init_std", m.init_std, "must be > 0")

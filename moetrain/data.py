@@ -1,9 +1,14 @@
 """Token data for moetrain: the embedded stdlib corpus and memmapped token directories.
 
-A *token directory* holds ``train.bin`` and ``val.bin`` (raw little-endian token ids, uint8
-when vocab <= 256 else uint16) and ``meta.json`` (format_version, dtype, vocab_size,
-num_train_tokens, num_val_tokens, source, plus free-form extras). ``tools/prepare_data.py``
-writes one, ``data.source: memmap`` reads one, and the embedded corpus is cached as one.
+A *token directory* holds ``train.bin`` and ``val.bin`` (raw little-endian token ids: uint8
+when vocab <= 256, uint16 when <= 65536, uint32 when <= 2**32) and ``meta.json``
+(format_version, dtype, vocab_size, num_train_tokens, num_val_tokens, source, plus free-form
+extras such as "tokenizer": "bytes", or {"kind": "hf", "file": "tokenizer.json", ...} with that
+file inside the directory; see moetrain/tokenizer.py). The dtype is a function of vocab_size
+alone, so directories written before uint32 existed read unchanged (format_version stays 1).
+``tools/prepare_data.py`` writes one, ``data.source: memmap`` reads one, and the embedded corpus
+is cached as one. This module never imports the optional readers (moetrain.data_formats,
+moetrain.tokenizer, pyarrow, tokenizers): the training path stays free of them.
 
 The embedded corpus is every ``.py`` file of the running Python's standard library, byte
 tokenized. Each file's bytes are followed by a single 0 byte (NUL): Python source may not
@@ -38,6 +43,7 @@ FORMAT_VERSION = 1
 DOC_SEPARATOR = b"\x00"
 _EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
 _SCAN_CHUNK = 1 << 26  # tokens per chunk when scanning for out-of-vocab ids
+MAX_VOCAB = 1 << 32  # uint32 token ids
 
 
 class DataError(ValueError):
@@ -46,7 +52,7 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class TokenData:
-    train: np.ndarray  # 1-D memmap, uint8 (vocab <= 256) or uint16 (vocab <= 65536)
+    train: np.ndarray  # 1-D memmap, uint8 (vocab <= 256), uint16 (<= 65536) or uint32 (<= 2**32)
     val: np.ndarray  # 1-D memmap, same dtype
     vocab_size: int
     source: str  # human description, e.g. "stdlib:/usr/lib/python3.11 (1790 files)"
@@ -58,9 +64,13 @@ def byte_tokenize(text_bytes: bytes) -> np.ndarray:
 
 
 def _dtype_for_vocab(vocab_size: int) -> np.dtype:
-    if not 1 <= vocab_size <= 65536:
-        raise DataError(f"vocab_size {vocab_size} is outside 1..65536 (uint8/uint16 token files)")
-    return np.dtype(np.uint8 if vocab_size <= 256 else np.uint16)
+    """The token file dtype for a vocabulary: uint8 <= 256 ids, uint16 <= 65536, uint32 <= 2**32."""
+    if not 1 <= vocab_size <= MAX_VOCAB:
+        raise DataError(f"vocab_size {vocab_size} is outside 1..{MAX_VOCAB} (uint8/uint16/uint32 token files)")
+    if vocab_size <= 256:
+        return np.dtype(np.uint8)
+    return np.dtype(np.uint16 if vocab_size <= 65536 else np.uint32)
+
 
 
 def _max_token(tokens: np.ndarray) -> int:
@@ -82,8 +92,13 @@ def _write_bin(path: Path, tokens: np.ndarray) -> None:
 
 
 def _stage_token_dir(parent: Path, name: str, train: np.ndarray, val: np.ndarray,
-                     vocab_size: int, meta_extra: dict | None) -> Path:
+                     vocab_size: int, meta_extra: dict | None,
+                     extra_files: dict[str, bytes] | None = None) -> Path:
     """Write a complete token dir under a private temp name in ``parent``; return its path."""
+    reserved = {"train.bin", "val.bin", "meta.json"}
+    for fname in extra_files or {}:
+        if fname in reserved or Path(fname).name != fname or fname.startswith("."):
+            raise DataError(f"{name}: extra file name {fname!r} is not a plain, unreserved file name")
     dtype = _dtype_for_vocab(vocab_size)
     arrays = {}
     for split, tokens in (("train", train), ("val", val)):
@@ -104,6 +119,8 @@ def _stage_token_dir(parent: Path, name: str, train: np.ndarray, val: np.ndarray
         os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide a shared cache from other users
         for split, tokens in arrays.items():
             _write_bin(tmp / f"{split}.bin", tokens)
+        for fname, content in (extra_files or {}).items():
+            _write_bin(tmp / fname, np.frombuffer(content, dtype=np.uint8))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -112,8 +129,11 @@ def _stage_token_dir(parent: Path, name: str, train: np.ndarray, val: np.ndarray
 
 
 def write_token_dir(out_dir, train_tokens: np.ndarray, val_tokens: np.ndarray, vocab_size: int,
-                    meta_extra: dict | None = None) -> None:
+                    meta_extra: dict | None = None, extra_files: dict[str, bytes] | None = None) -> None:
     """Write a token directory atomically: staged beside ``out_dir``, then renamed into place.
+
+    ``extra_files`` ({plain file name: content}) are written inside it, e.g. the tokenizer file
+    that meta.json's "tokenizer" entry names, so the directory is self-contained.
 
     An existing token directory at ``out_dir`` is replaced (old one moved aside first, then
     deleted), so readers see either the old or the new complete directory, never a mix. A
@@ -124,7 +144,8 @@ def write_token_dir(out_dir, train_tokens: np.ndarray, val_tokens: np.ndarray, v
         raise DataError(f"{out}: exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not (out / "meta.json").is_file():
         raise DataError(f"{out}: exists and is not a token directory (no meta.json); refusing to replace it")
-    tmp = _stage_token_dir(out.parent, out.name, train_tokens, val_tokens, vocab_size, meta_extra)
+    tmp = _stage_token_dir(out.parent, out.name, train_tokens, val_tokens, vocab_size, meta_extra,
+                           extra_files)
     old = None
     if out.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
@@ -271,7 +292,8 @@ def _load_token_dir(directory: Path, vocab_size: int) -> tuple[np.ndarray, np.nd
         raise DataError(f"{meta_path}: dtype {meta.get('dtype')!r} does not match vocab_size "
                         f"{data_vocab} (expected {expected.name!r})")
     if data_vocab > vocab_size:
-        raise DataError(f"{meta_path}: data has vocab {data_vocab} but model.vocab_size is {vocab_size}")
+        raise DataError(f"{meta_path}: data has vocab {data_vocab} but model.vocab_size is {vocab_size}; "
+                        f"set model.vocab_size={data_vocab} (or larger)")
     dtype = expected.newbyteorder("<")
     splits = [_open_split(directory, s, meta, dtype) for s in ("train", "val")]
     for split, tokens in zip(("train", "val"), splits):

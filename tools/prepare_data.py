@@ -1,14 +1,42 @@
 #!/usr/bin/env python3
-"""Turn text files into a moetrain token directory (train.bin, val.bin, meta.json).
+"""Turn a corpus into a moetrain token directory (train.bin, val.bin, meta.json).
 
-Read by ``data.source: memmap`` with ``data.path: DIR``. Tokenization is byte-level (one
-token per byte, ids 0..255), the default and, for now, only tokenizer. Each file's bytes are
-followed by one 0 byte as an end-of-document marker, as in the embedded stdlib corpus.
+Read by ``data.source: memmap`` with ``data.path: DIR``. Inputs (``--format``, default chosen by
+extension; formats and their layouts in moetrain/data_formats.py):
 
-Split: with several files, a file goes to val when
-``zlib.crc32(relative_posix_path) % 10000 < round(val_frac * 10000)``, so the split depends
-only on file names and is stable as files are added. With a single file, or when the by-file
-split would leave either side empty, the last ``val_frac`` of the concatenated bytes is val.
+  text      text files and directories (default; directories walked recursively, ``--glob``);
+  jsonl     JSON Lines, one document per line, text in ``--field`` (default "text");
+  parquet   Parquet, one document per row of the string column ``--field`` (needs pyarrow);
+  nanogpt   flat binaries of uint16/uint32 token ids (``--dtype``, required), nanoGPT's
+            train.bin/val.bin;
+  megatron  Megatron-LM indexed datasets, PREFIX.idx + PREFIX.bin.
+
+Tokenizer (text, jsonl, parquet). Default byte level: one token per byte, ids 0..255, end of
+document = byte 0 (as in the embedded stdlib corpus). ``--tokenizer PATH/tokenizer.json``: any
+Hugging Face ``tokenizers`` file (nothing is downloaded); it is copied into the output directory
+and meta.json records {"kind": "hf", "file": "tokenizer.json", "sha256", "eod_id", ...}. End of
+document: the token ``--eod-token TEXT``, else the first of <|endoftext|>, </s>, <eos>,
+<|end_of_text|> the tokenizer has, else the tool refuses (one line asking for --eod-token).
+``--vocab`` defaults to 256 for bytes and to the tokenizer's vocabulary (max id + 1); token ids
+are stored as uint8 / uint16 / uint32 as the vocabulary needs (<= 256 / 65536 / 2**32).
+Text files go through the tokenizer as UTF-8 (invalid bytes replaced, one warning).
+
+Already-tokenized input (nanogpt, megatron) keeps its ids. ``--vocab`` is required unless
+``--tokenizer`` names the tokenizer the ids came from (then it is copied and recorded as above;
+without one meta.json says "tokenizer": "none"). Every id must be < vocab, checked per file
+(an id over it usually means the wrong ``--dtype``). End of document: nanoGPT files have no
+boundaries (nanoGPT's prepare scripts already wrote one end-of-text token per document), so
+nothing is inserted. Megatron documents are followed by ``--eod-id N`` (default: the
+tokenizer's end-of-document id if ``--tokenizer``, else none: documents are concatenated as
+stored), unless the document already ends with it (Megatron's ``--append-eod``).
+
+Split. Each document has a key: a file's path relative to its input argument; a JSON line's
+"FILE#LINE_INDEX"; a Parquet row's "FILE#ROW"; a Megatron document's "PREFIX#DOC". With several
+documents, a document goes to val when ``zlib.crc32(key) % 10000 < round(val_frac * 10000)``,
+so the split depends only on names and is stable as data is added. With a single document, or
+when that split would leave either side empty, the last ``val_frac`` of the tokens is val.
+nanoGPT input that is exactly a train.bin and a val.bin (e.g. one directory holding both) keeps
+that split.
 
 Hostile inputs. Only regular files are read. Inside a directory, anything else (FIFO, socket,
 character or block device, a symlink to one such as /dev/zero, a dangling symlink) is skipped
@@ -21,70 +49,74 @@ the scan and the read cannot hang the tool. Reads are bounded: a file larger tha
 (default 4096 MiB), are refused with one line naming the file and the flag to raise (exit 2)
 rather than skipped, since a silently partial dataset is worse than a refusal. Sizes are
 checked from stat before anything is read, and again while reading (a file may grow, and some
-regular files, e.g. under /proc, report size 0). The tool holds about 4x the input in memory.
+regular files, e.g. under /proc, report size 0). The tool holds about 4x the input in memory
+(more with a tokenizer).
+
+Every problem with the inputs (a bad file: invalid JSON line, missing field, empty Parquet,
+truncated or bad-magic Megatron index, a .bin truncated or of the wrong dtype, ids over the
+vocabulary) is one line ``prepare_data: error: FILE: what is wrong``, exit 2, before anything
+is written. The tool does not import torch.
 """
 
 from __future__ import annotations
 
 import argparse
-import fnmatch
-import os
-import stat
 import sys
 import zlib
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
 
-from moetrain.data import DOC_SEPARATOR, DataError, byte_tokenize, write_token_dir  # noqa: E402
+from moetrain.data import DOC_SEPARATOR, MAX_VOCAB, DataError, write_token_dir  # noqa: E402
+from moetrain.data_formats import (FORMATS, MIB, TOKEN_FORMATS, InputError,  # noqa: E402
+                                   check_token_range, collect_files, detect_format, megatron_files,
+                                   parse_jsonl, parse_megatron, parse_nanogpt, parse_parquet, read_files)
 
-
-MIB = 1 << 20
 DEFAULT_MAX_FILE_MB = 1024
 DEFAULT_MAX_TOTAL_MB = 4096
-
-
-class InputError(Exception):
-    """A user-facing problem with the inputs; reported as one line, exit code 2."""
+DEFAULT_GLOB = {"text": "*", "jsonl": "*.jsonl", "parquet": "*.parquet", "nanogpt": "*.bin"}
 
 
 def _warn(msg: str) -> None:
     print(f"prepare_data: warning: {msg}", file=sys.stderr, flush=True)
 
 
-def _kind(mode: int) -> str:
-    """What a non-regular file is, in words."""
-    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISDIR, "a directory")):
-        if test(mode):
-            return name
-    return "not a regular file"
-
-
-def _size(n: int) -> str:
-    return (f"{n} byte" + "s" * (n != 1)) if n < MIB else f"{n / MIB:.1f} MiB"
-
-
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description="Byte-level tokenize text files into a moetrain token directory "
-                    "(train.bin/val.bin/meta.json) for data.source=memmap. Byte-level "
-                    "tokenization (vocab 256) is the default and only tokenizer for now.")
+        description="Tokenize a corpus (text files, JSON Lines, Parquet) or convert an already "
+                    "tokenized one (nanoGPT, Megatron-LM) into a moetrain token directory "
+                    "(train.bin/val.bin/meta.json) for data.source=memmap.")
     p.add_argument("inputs", nargs="+", metavar="FILE_OR_DIR",
-                   help="text files, or directories walked recursively in sorted order "
-                        "(hidden files and directories skipped)")
+                   help="files, or directories walked recursively in sorted order "
+                        "(hidden files and directories skipped); Megatron: PREFIX, PREFIX.idx or PREFIX.bin")
     p.add_argument("--out", required=True, help="output token directory (replaced atomically)")
+    p.add_argument("--format", choices=FORMATS, default=None,
+                   help="input format (default: by extension: .jsonl, .parquet, .idx or .bin beside "
+                        "a .idx = megatron, other .bin = nanogpt, anything else and directories = text)")
+    p.add_argument("--field", default="text", help="jsonl/parquet: the text field or column (default 'text')")
+    p.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help="a Hugging Face tokenizers file (tokenizer.json); default: byte level")
+    p.add_argument("--eod-token", default=None, metavar="TEXT",
+                   help="the tokenizer's end-of-document token (default: the first of <|endoftext|>, "
+                        "</s>, <eos>, <|end_of_text|> it has)")
+    p.add_argument("--eod-id", type=int, default=None, metavar="N",
+                   help="megatron: token id appended after each document (default: the tokenizer's "
+                        "end of document with --tokenizer, else none)")
+    p.add_argument("--dtype", choices=("uint16", "uint32"), default=None,
+                   help="nanogpt: the token id type of the .bin files (required; nanoGPT writes uint16)")
     p.add_argument("--val-frac", type=float, default=0.02,
-                   help="fraction of files (or of bytes, for one file) held out for val "
+                   help="fraction of documents (or of tokens, for one document) held out for val "
                         "(default 0.02)")
-    p.add_argument("--vocab", type=int, default=256,
-                   help="vocab_size recorded in meta.json, 1..65536; must cover every byte "
-                        "present (default 256)")
-    p.add_argument("--glob", default="*",
+    p.add_argument("--vocab", type=int, default=None,
+                   help=f"vocab_size recorded in meta.json, 1..{MAX_VOCAB}; every id must be below it "
+                        "(default: 256 for bytes, the tokenizer's size with --tokenizer; required for "
+                        "pre-tokenized input without --tokenizer)")
+    p.add_argument("--glob", default=None,
                    help="only files whose name matches this pattern inside directories, "
-                        "e.g. '*.txt' (default '*')")
+                        "e.g. '*.txt' (default '*', or '*.jsonl', '*.parquet', '*.bin' for those formats)")
     p.add_argument("--max-file-mb", type=float, default=DEFAULT_MAX_FILE_MB,
                    help="refuse (exit 2) any input file larger than this many MiB "
                         f"(default {DEFAULT_MAX_FILE_MB})")
@@ -97,154 +129,171 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"--{flag.replace('_', '-')} must be a positive number, got {getattr(args, flag)}")
     if not 0.0 < args.val_frac < 1.0:
         p.error(f"--val-frac must be in (0, 1), got {args.val_frac}")
-    if not 1 <= args.vocab <= 65536:
-        p.error(f"--vocab must be in 1..65536, got {args.vocab}")
+    if args.vocab is not None and not 1 <= args.vocab <= MAX_VOCAB:
+        p.error(f"--vocab must be in 1..{MAX_VOCAB}, got {args.vocab}")
+    if args.eod_id is not None and args.eod_id < 0:
+        p.error(f"--eod-id must be >= 0, got {args.eod_id}")
     return args
 
 
-def _stat(path: Path, named: bool) -> os.stat_result | None:
-    """stat() following symlinks; None (after a warning) for a dangling symlink in a directory."""
-    try:
-        return os.stat(path)
-    except FileNotFoundError:
-        if not named and os.path.islink(path):
-            _warn(f"skipping {path}: dangling symlink")
-            return None
-        raise InputError(f"{path}: no such file or directory") from None
-    except OSError as e:
-        raise InputError(f"{path}: cannot stat ({e.strerror})") from None
-
-
-def collect_files(inputs: list[str], pattern: str) -> list[tuple[str, Path, int]]:
-    """(split key, path, size) per regular input file; the key is the path relative to its input
-    argument. Nothing is opened here: FIFOs, sockets and devices are recognised by stat alone."""
-    found = []
-    for arg in inputs:
-        root = Path(arg)
-        st = _stat(root, named=True)
-        if stat.S_ISREG(st.st_mode):
-            found.append((root.name, root, st.st_size))
-        elif stat.S_ISDIR(st.st_mode):
-            for dirpath, dirnames, filenames in os.walk(root):
-                keep = []
-                for d in sorted(dirnames):
-                    if d.startswith("."):
-                        continue
-                    if os.path.islink(os.path.join(dirpath, d)):
-                        _warn(f"skipping {Path(dirpath) / d}: symlinked directory (not followed)")
-                        continue
-                    keep.append(d)
-                dirnames[:] = keep
-                for name in sorted(filenames):
-                    if name.startswith(".") or not fnmatch.fnmatch(name, pattern):
-                        continue
-                    path = Path(dirpath) / name
-                    st = _stat(path, named=False)
-                    if st is None:
-                        continue
-                    if not stat.S_ISREG(st.st_mode):
-                        link = " (symlink target)" if os.path.islink(path) else ""
-                        _warn(f"skipping {path}: {_kind(st.st_mode)}{link}, not a regular file")
-                        continue
-                    found.append((path.relative_to(root).as_posix(), path, st.st_size))
-        else:
-            raise InputError(f"{arg}: {_kind(st.st_mode)}, not a regular file or directory")
-    if not found:
-        raise InputError(f"no input files found in {' '.join(inputs)} (glob {pattern!r})")
-    return found
-
-
-def check_sizes(files: list[tuple[str, Path, int]], max_file: int, max_total: int) -> None:
-    """Refuse before reading anything: one line naming the first file over a limit."""
-    total = 0
-    for _, path, size in files:
-        if size > max_file:
-            raise InputError(f"{path}: {_size(size)}, over the --max-file-mb limit ({_size(max_file)}); "
-                             "raise the limit or leave the file out")
-        total += size
-        if total > max_total:
-            raise InputError(f"inputs exceed the --max-total-mb limit ({_size(max_total)}) at {path} "
-                             f"({_size(total)} so far); raise the limit or pass fewer files")
-
-
-def _read_regular(path: Path, limit: int) -> bytes:
-    """At most limit+1 bytes of a regular file. O_NONBLOCK: should the file have been replaced by
-    a FIFO since the scan, open() returns at once and fstat refuses it (no hang); O_NOCTTY: a
-    terminal never becomes our controlling one."""
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError as e:
-        raise InputError(f"{path}: cannot read ({e.strerror})") from None
-    with os.fdopen(fd, "rb") as f:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise InputError(f"{path}: {_kind(mode)}, not a regular file (it changed while scanning)")
-        try:
-            return f.read(limit + 1)
-        except OSError as e:
-            raise InputError(f"{path}: cannot read ({e.strerror})") from None
-
-
-def read_documents(files: list[tuple[str, Path, int]], max_file: int = DEFAULT_MAX_FILE_MB * MIB,
-                   max_total: int = DEFAULT_MAX_TOTAL_MB * MIB) -> list[tuple[str, bytes]]:
-    check_sizes(files, max_file, max_total)
-    docs = []
-    total = 0
-    for key, path, _ in files:
-        data = _read_regular(path, max_file)
-        if len(data) > max_file:           # grew since stat, or a size-0 /proc-like file
-            raise InputError(f"{path}: over the --max-file-mb limit ({_size(max_file)}) when read; "
-                             "raise the limit or leave the file out")
-        total += len(data)
-        if total > max_total:
-            raise InputError(f"inputs exceed the --max-total-mb limit ({_size(max_total)}) at {path} "
-                             f"when read ({_size(total)} so far); raise the limit or pass fewer files")
-        if data:
-            docs.append((key, data + DOC_SEPARATOR))
-    if not docs:
-        raise InputError("all input files are empty; nothing to tokenize")
-    return docs
-
-
-def split_documents(docs: list[tuple[str, bytes]], val_frac: float) -> tuple[bytes, bytes, str]:
-    """(train bytes, val bytes, split method): by file when both sides are non-empty."""
+def split_documents(docs: list[tuple[str, np.ndarray]], val_frac: float,
+                    unit: str = "file") -> tuple[np.ndarray, np.ndarray, str]:
+    """(train tokens, val tokens, split method) from (key, 1-D token array) documents: by key
+    when both sides are non-empty ("by_<unit>"), else the tail of the concatenation
+    ("tail_tokens"; see the module docstring)."""
     if len(docs) > 1:
         threshold = round(val_frac * 10000)
         is_val = [zlib.crc32(key.encode("utf-8")) % 10000 < threshold for key, _ in docs]
         if 0 < sum(is_val) < len(docs):
-            train = b"".join(d for (_, d), v in zip(docs, is_val) if not v)
-            val = b"".join(d for (_, d), v in zip(docs, is_val) if v)
-            return train, val, "by_file"
-    stream = b"".join(d for _, d in docs)
+            train = np.concatenate([d for (_, d), v in zip(docs, is_val) if not v])
+            val = np.concatenate([d for (_, d), v in zip(docs, is_val) if v])
+            return train, val, f"by_{unit}"
+    stream = np.concatenate([d for _, d in docs])
     if len(stream) < 2:
-        raise InputError("input has fewer than 2 bytes; cannot make train and val splits")
+        raise InputError("input has fewer than 2 tokens; cannot make train and val splits")
     num_val = min(len(stream) - 1, max(1, round(len(stream) * val_frac)))
-    return stream[:-num_val], stream[-num_val:], "tail_bytes"
+    return stream[:-num_val], stream[-num_val:], "tail_tokens"
+
+
+def _load_tokenizer(args, need_eod: bool):
+    from moetrain.tokenizer import HFCodec
+
+    codec = HFCodec.from_file(args.tokenizer, args.eod_token)
+    if need_eod and codec.eod_id is None:
+        raise InputError(f"{args.tokenizer}: no end-of-document token found (none of <|endoftext|>, </s>, "
+                         "<eos>, <|end_of_text|>); name one with --eod-token TEXT")
+    return codec
+
+
+def _text_documents(args, fmt, files, contents, codec):
+    """(key, token array) per non-empty document of a text/jsonl/parquet input."""
+    records: list[tuple[str, "str | bytes"]] = []
+    for (key, path, _), data in zip(files, contents):
+        if fmt == "text":
+            records.append((key, data))
+        elif fmt == "jsonl":
+            records += [(f"{key}#{i}", t) for i, t in enumerate(parse_jsonl(path, data, args.field, _warn))]
+        else:
+            records += [(f"{key}#{i}", t) for i, t in enumerate(parse_parquet(path, data, args.field, _warn))]
+    records = [(k, r) for k, r in records if r]   # empty files and empty texts are no documents
+    if not records:
+        raise InputError("all input files are empty; nothing to tokenize")
+    if codec is None:   # bytes: a text file's bytes as they are, then the 0 byte
+        return [(k, np.frombuffer((r if isinstance(r, bytes) else r.encode("utf-8")) + DOC_SEPARATOR,
+                                  dtype=np.uint8)) for k, r in records]
+    texts, bad = [], []
+    for k, r in records:
+        if isinstance(r, bytes):
+            try:
+                r = r.decode("utf-8")
+            except UnicodeDecodeError:
+                bad.append(k)
+                r = r.decode("utf-8", errors="replace")
+        texts.append(r)
+    if bad:
+        _warn(f"{len(bad)} file(s) are not valid UTF-8 (first: {bad[0]}); invalid bytes replaced by U+FFFD")
+    ids = codec.encode_batch(texts)
+    dtype = np.uint32 if codec.vocab_size > 65536 else np.uint16 if codec.vocab_size > 256 else np.uint8
+    return [(k, np.array([*t, codec.eod_id], dtype=dtype)) for (k, _), t in zip(records, ids)]
+
+
+def _token_documents(args, fmt, files, contents, vocab, eod_id):
+    """nanogpt: (key, tokens) per file, and whether the files are a train.bin/val.bin pair;
+    megatron: (key, tokens) per document, eod_id appended unless already there."""
+    docs = []
+    if fmt == "nanogpt":
+        for (key, path, _), data in zip(files, contents):
+            tokens = parse_nanogpt(path, data, args.dtype)
+            check_token_range(path, tokens, vocab, f"wrong --dtype {args.dtype} for this file, or --vocab too small")
+            docs.append((key, tokens))
+        return docs, sorted(k for k, _ in docs) == ["train.bin", "val.bin"]
+    eod = None if eod_id is None else np.array([eod_id])
+    for i in range(0, len(files), 2):
+        (key, idx_path, _), (_, bin_path, _) = files[i], files[i + 1]
+        stem = key[: -len(".idx")]
+        for d, tokens in enumerate(parse_megatron(idx_path, contents[i], bin_path, contents[i + 1])):
+            check_token_range(bin_path, tokens, vocab, "--vocab too small for this dataset's ids")
+            if not tokens.size:
+                continue
+            if eod is not None and tokens[-1] != eod_id:
+                tokens = np.concatenate([tokens.astype(np.int64), eod])
+            docs.append((f"{stem}#{d}", tokens))
+    if not docs:
+        raise InputError("the Megatron datasets hold no tokens")
+    return docs, False
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
+    from moetrain.tokenizer import TokenizerError
+
     try:
-        docs = read_documents(collect_files(args.inputs, args.glob),
-                              int(args.max_file_mb * MIB), int(args.max_total_mb * MIB))
-        train_bytes, val_bytes, method = split_documents(docs, args.val_frac)
-        train, val = byte_tokenize(train_bytes), byte_tokenize(val_bytes)
-        top = max(int(train.max()), int(val.max()))
-        if top >= args.vocab:
-            raise InputError(f"input contains byte {top} but --vocab is {args.vocab}")
-        write_token_dir(args.out, train, val, args.vocab, {
-            "source": f"prepare_data: {len(docs)} files from {' '.join(args.inputs)}",
-            "tokenizer": "bytes", "split": method, "val_frac": args.val_frac,
-            "num_files": len(docs)})
-    except (InputError, DataError) as e:
+        fmt = args.format or detect_format(args.inputs)
+        pretokenized = fmt in TOKEN_FORMATS
+        if args.dtype is not None and fmt != "nanogpt":
+            raise InputError(f"--dtype is for nanogpt input, not {fmt}")
+        if fmt == "nanogpt" and args.dtype is None:
+            raise InputError("--dtype uint16|uint32 is required for nanogpt input (nothing in the file says "
+                             "which; nanoGPT writes uint16)")
+        if args.eod_id is not None and fmt != "megatron":
+            raise InputError(f"--eod-id is for megatron input; {fmt} input "
+                             + ("has no document boundaries" if fmt == "nanogpt" else "uses --eod-token"))
+        codec = _load_tokenizer(args, need_eod=not pretokenized) if args.tokenizer else None
+        if args.eod_token is not None and codec is None:
+            raise InputError("--eod-token needs --tokenizer")
+        if args.vocab is not None:
+            vocab = args.vocab
+        elif codec is not None:
+            vocab = codec.vocab_size
+        elif pretokenized:
+            raise InputError(f"--vocab is required for {fmt} input without --tokenizer (ids are checked against it)")
+        else:
+            vocab = 256
+        if codec is not None and vocab < codec.vocab_size:
+            raise InputError(f"--vocab {vocab} is smaller than the tokenizer's vocabulary ({codec.vocab_size} ids)")
+        eod_id = args.eod_id if args.eod_id is not None else (codec.eod_id if codec else
+                                                              (None if pretokenized else 0))
+        if eod_id is not None and eod_id >= vocab:
+            raise InputError(f"end-of-document id {eod_id} is not below the vocabulary size {vocab}")
+
+        if fmt == "megatron":
+            files = megatron_files(args.inputs, _warn)
+        else:
+            files = collect_files(args.inputs, args.glob or DEFAULT_GLOB.get(fmt, "*"), _warn)
+        contents = read_files(files, int(args.max_file_mb * MIB), int(args.max_total_mb * MIB))
+        pair = False
+        if pretokenized:
+            docs, pair = _token_documents(args, fmt, files, contents, vocab, eod_id)
+        else:
+            docs = _text_documents(args, fmt, files, contents, codec)
+        if pair:
+            split = dict(docs)
+            train, val, method = split["train.bin"], split["val.bin"], "train_val_files"
+        else:
+            train, val, method = split_documents(docs, args.val_frac,
+                                                 "file" if fmt in ("text", "nanogpt") else "document")
+        top = max(int(train.max()) if train.size else 0, int(val.max()) if val.size else 0)
+        if top >= vocab:
+            what = "byte" if codec is None and not pretokenized else "token id"
+            raise InputError(f"input contains {what} {top} but --vocab is {vocab}")
+        tokenizer_meta = codec.meta() if codec else ("none" if pretokenized else "bytes")
+        num_files = len(files) // 2 if fmt == "megatron" else len(files)
+        meta = {"source": f"prepare_data: {fmt}, {num_files} files from {' '.join(args.inputs)}",
+                "format": fmt, "tokenizer": tokenizer_meta, "eod_id": eod_id, "split": method,
+                "val_frac": args.val_frac, "num_files": len(docs) if fmt == "text" else num_files,
+                "num_documents": len(docs)}
+        if fmt in ("jsonl", "parquet"):
+            meta["field"] = args.field
+        write_token_dir(args.out, train, val, vocab, meta,
+                        extra_files={tokenizer_meta["file"]: codec.content} if codec else None)
+    except (InputError, DataError, TokenizerError) as e:
         print(f"prepare_data: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
         print(f"prepare_data: error: {e.filename or args.out}: {e.strerror}", file=sys.stderr)
         return 2
-    print(f"wrote {args.out}: {train.size} train / {val.size} val tokens, vocab {args.vocab}, "
-          f"{len(docs)} files, split {method}")
+    print(f"wrote {args.out}: {train.size} train / {val.size} val tokens, vocab {vocab}, "
+          f"{fmt}, {len(docs)} documents, split {method}")
     return 0
 
 
