@@ -160,3 +160,13 @@ def load_codec(token_dir) -> Union[ByteCodec, HFCodec]:
             raise TokenizerError(f"{meta_path}: tokenizer eod_id must be an integer or null, got {eod_id!r}")
         return HFCodec(content, str(path), eod_id=eod_id, eod_token=spec.get("eod_token"))
     raise TokenizerError(f"{meta_path}: unknown tokenizer {spec!r}")
+
+
+def codec_for_data(source: str, path: Optional[str]) -> Union[ByteCodec, HFCodec]:
+    """The codec of a training run's data (its config's data.source / data.path): the embedded
+    corpus is byte level; a token directory says in its meta.json (load_codec)."""
+    if source == "stdlib":
+        return ByteCodec()
+    if not path:
+        raise TokenizerError(f"data.source={source!r} without data.path: no token directory to read a tokenizer from")
+    return load_codec(path)
