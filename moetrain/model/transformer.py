@@ -6,7 +6,13 @@ and model/tp_plan.apply_tp reshape it after construction. Weights are created un
 global expert id]), so the values do not depend on the layout, the device, or which rank holds
 the expert.
 
-Shape legend: B batch, S sequence, D dim, V vocab, Hh heads, Dh head dim.
+Inference: `forward(tokens, cache=...)` takes an optional key/value cache (moetrain.generate.KVCache)
+for incremental decoding; training never passes one and runs exactly the code it ran before. The
+cache holds, per layer, the RoPE-rotated keys and the values of the `cache.pos` tokens already
+seen; a forward with a cache places its S tokens at positions pos..pos+S-1, attends over all
+pos+S cached keys, and advances `cache.pos` by S.
+
+Shape legend: B batch, S sequence, L cached + new positions, D dim, V vocab, Hh heads, Dh head dim.
 """
 from __future__ import annotations
 
@@ -58,12 +64,34 @@ class Attention(nn.Module):
         self.wv = nn.Linear(dim, dim, bias=False)
         self.wo = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, x_BSD, cos, sin):
+    def forward(self, x_BSD, cos, sin, cache=None):
+        """`cache`: None (training, a whole sequence from position 0) or one layer's view of a
+        KVCache (`.pos` tokens held, `.append(k, v)` -> all keys and values). The cache is a
+        keyword argument: tp_plan's PrepareModuleInput sees the same three positional inputs."""
         B, S, _ = x_BSD.shape
         q, k, v = (lin(x_BSD).view(B, S, -1, self.head_dim).transpose(1, 2) for lin in (self.wq, self.wk, self.wv))
-        q, k = apply_rope(q, cos[:S], sin[:S]), apply_rope(k, cos[:S], sin[:S])
-        y_BHSD = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if cache is None:
+            q, k = apply_rope(q, cos[:S], sin[:S]), apply_rope(k, cos[:S], sin[:S])
+            y_BHSD = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y_BHSD = self._attend_cached(q, k, v, cos, sin, cache)
         return self.wo(y_BHSD.transpose(1, 2).reshape(B, S, -1))
+
+    @staticmethod
+    def _attend_cached(q_BHSD, k_BHSD, v_BHSD, cos, sin, cache) -> torch.Tensor:
+        """Queries at positions pos..pos+S-1 against the L = pos+S cached keys: query i sees keys
+        0..pos+i (the causal mask's bottom-right corner)."""
+        S, start = q_BHSD.shape[2], cache.pos
+        c, s = cos[start:start + S], sin[start:start + S]
+        k_BHLD, v_BHLD = cache.append(apply_rope(k_BHSD, c, s), v_BHSD)
+        q_BHSD = apply_rope(q_BHSD, c, s)
+        L = k_BHLD.shape[2]
+        if L == S:            # prefill from position 0: the training mask
+            return F.scaled_dot_product_attention(q_BHSD, k_BHLD, v_BHLD, is_causal=True)
+        if S == 1:            # one new token sees every cached key
+            return F.scaled_dot_product_attention(q_BHSD, k_BHLD, v_BHLD)
+        mask_SL = torch.ones(S, L, dtype=torch.bool, device=q_BHSD.device).tril(L - S)
+        return F.scaled_dot_product_attention(q_BHSD, k_BHLD, v_BHLD, attn_mask=mask_SL)
 
 
 class Block(nn.Module):
@@ -83,8 +111,9 @@ class Block(nn.Module):
         else:
             self.ffn = SwiGLU(m.dim, m.ffn_hidden)
 
-    def forward(self, x, cos, sin, prev_logits=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(self, x, cos, sin, prev_logits=None, cache=None):
+        x = x + (self.attn(self.attn_norm(x), cos, sin) if cache is None
+                 else self.attn(self.attn_norm(x), cos, sin, cache=cache))
         h = self.ffn_norm(x)
         if self.is_peer:
             return x + self.ffn(h), None
@@ -109,18 +138,28 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, tokens_BS: torch.Tensor) -> tuple[torch.Tensor, list[MoEAux]]:
+    def forward(self, tokens_BS: torch.Tensor, cache=None) -> tuple[torch.Tensor, list[MoEAux]]:
+        """(logits_BSV, one MoEAux per MoE layer). `cache` (inference only, see the module
+        docstring): the tokens continue the cached ones; it is advanced by S."""
+        if cache is not None and cache.pos + tokens_BS.shape[1] > self.rope_cos.shape[0]:
+            raise ValueError(f"position {cache.pos + tokens_BS.shape[1] - 1} is beyond model.max_seq_len="
+                             f"{self.rope_cos.shape[0]}")
         x = self.embed(tokens_BS)
         # the residual stream is at least fp32, also when FSDP all-gathers bf16 weights
         # (parallel.fsdp_param_dtype): autocast rounds what each matmul reads, never the stream
         x = x.to(torch.promote_types(x.dtype, torch.float32))
         auxes: list[MoEAux] = []
         prev_logits = None
-        for layer in self.layers:
-            x, aux = layer(x, self.rope_cos, self.rope_sin, prev_logits)
+        for i, layer in enumerate(self.layers):
+            if cache is None:
+                x, aux = layer(x, self.rope_cos, self.rope_sin, prev_logits)
+            else:
+                x, aux = layer(x, self.rope_cos, self.rope_sin, prev_logits, cache=cache.layers[i])
             if aux is not None:
                 auxes.append(aux)
                 prev_logits = aux.logits
+        if cache is not None:
+            cache.advance(tokens_BS.shape[1])
         return self.head(self.norm(x)), auxes
 
     def moe_layers(self) -> list[MoELayer]:
