@@ -127,7 +127,11 @@ def build_model(cfg: Config, state: Optional[dict] = None, seed: Optional[int] =
     if state is None:
         model.init_weights(cfg.train.seed if seed is None else seed)
     else:
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as exc:     # size mismatches: the state is of another shape of model
+            lines = [ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln]
+            raise GrowthError(f"state dict does not fit the model: {(lines or [str(exc)])[0][:300]}") from None
         if missing or unexpected:
             what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
             raise GrowthError(f"state dict does not fit the model ({what}; {len(missing)} missing, "

@@ -6,7 +6,6 @@ fall back to the full prefix, a checkpoint trained at ep=2 generates in one proc
 input is one line with exit code 2 (1 for a damaged checkpoint)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import random
@@ -28,6 +27,7 @@ from moetrain.generate import (GenerateError, KVCache, filter_logits, generate, 
                                sample_next)
 from moetrain.parallel.mesh import LaunchEnv, init_parallel
 from moetrain.train.loop import run_training
+from _tools import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_YAML = str(REPO / "configs/tiny_cpu.yaml")
@@ -55,10 +55,7 @@ def _model(extra: list[str], seed: int = 7):
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("generate_tool", REPO / "tools" / "generate.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("generate")
 
 
 # ----------------------------------------------------------------------------- the cache

@@ -4,16 +4,15 @@ checkpoint resumes at ep=2, depth up-scaling renumbers layers and trains on, ens
 members' mean, and refusals are one line with exit code 2."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _tools import load_tool
 from _dist import run_dist
 
 from moetrain import growth
@@ -31,13 +30,7 @@ TINY = ["model.dim=32", "model.n_layers=4", "model.n_heads=2", "model.max_seq_le
         "train.progress=false", "train.num_threads=1", "logging.every=1", "logging.tensorboard=false"]
 
 
-def _tool(name: str):
-    if str(TOOLS) not in sys.path:
-        sys.path.insert(0, str(TOOLS))
-    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+_tool = load_tool
 
 
 def _records(log_dir, run_name):

@@ -62,10 +62,8 @@ def import_hf(args) -> str:
         state = {k: v.float() for k, v in state.items()}
     try:
         growth.build_model(cfg, state)      # the state fits the model
-    except RuntimeError as exc:             # a --set that changes a shape (load_state_dict's size mismatch)
-        lines = [ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln]
-        raise mapping.HFMapError(f"the --set overrides change the model's shape: {(lines or [str(exc)])[0][:300]}") \
-            from None
+    except growth.GrowthError as exc:       # a --set that changes a shape
+        raise mapping.HFMapError(f"the --set overrides change the model's shape ({exc})") from None
     notes = list(plan.notes)
     if cfg.moe.num_experts > 0:
         cf = cfg.moe.capacity_factor

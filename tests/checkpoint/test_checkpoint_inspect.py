@@ -1,7 +1,6 @@
 """tools/ckpt_inspect.py: listing, --verify, --consolidate and --from-consolidated round trips."""
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import shutil
@@ -12,14 +11,13 @@ import torch
 import ckpt_helpers as H
 from moetrain.checkpoint import store
 from moetrain.model.transformer import Transformer
+from _tools import load_tool
+
 pytestmark = pytest.mark.slow     # python -m pytest -m 'not slow': the quick inner loop
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("ckpt_inspect", H.REPO / "tools" / "ckpt_inspect.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("ckpt_inspect")
 
 
 def test_list_and_verify(w4_run, tmp_path, capsys):

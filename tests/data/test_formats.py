@@ -10,7 +10,6 @@ here with the `tokenizers` trainer prepares data that a tiny model then trains o
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import math
 import struct
@@ -22,11 +21,10 @@ import pytest
 
 from moetrain.data import DataError, load_token_data, write_token_dir
 from moetrain.tokenizer import ByteCodec, HFCodec, TokenizerError, load_codec
+from _tools import load_tool
 
 REPO = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("prepare_data_tool", REPO / "tools" / "prepare_data.py")
-prepare_data = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(prepare_data)
+prepare_data = load_tool("prepare_data")
 
 MAGIC = b"MMIDIDX\x00\x00"
 CODES = {np.uint8: 1, np.int8: 2, np.int16: 3, np.int32: 4, np.int64: 5, np.uint16: 8}

@@ -1,16 +1,15 @@
 """Shared pieces of the Hugging Face export/import tests (tools/export_hf.py, tools/import_hf.py)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from _tools import load_tool
 from moetrain import growth
 from moetrain.checkpoint.convert import read_checkpoint, write_sharded
 from moetrain.config import load_config, validate_layout
@@ -30,13 +29,7 @@ TRAIN = ["train.global_batch_size=8", "train.micro_batch_size=4", "train.warmup_
 TOL = 1e-4
 
 
-def tool(name: str):
-    if str(TOOLS) not in sys.path:
-        sys.path.insert(0, str(TOOLS))
-    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+tool = load_tool
 
 
 def tokens(seed: int = 0, batch: int = 2, length: int = 48) -> torch.Tensor:

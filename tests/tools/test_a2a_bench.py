@@ -2,7 +2,6 @@
 writes the table, the JSON lines and the PNG, with every call's data checked by the tool."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -10,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from _tools import load_tool
+
 pytestmark = pytest.mark.slow     # python -m pytest -m 'not slow': the quick inner loop
 
 REPO = Path(__file__).resolve().parents[2]
@@ -18,10 +19,7 @@ SCRIPT = REPO / "tools" / "a2a_bench.py"
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("a2a_bench", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("a2a_bench")
 
 
 def test_byte_sizes(bench):

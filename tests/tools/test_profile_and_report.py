@@ -2,7 +2,6 @@
 2-rank profile (labels present in the Chrome trace, summary per rank) and a report from a real run."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -10,6 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from _tools import load_tool
 
 REPO = Path(__file__).resolve().parents[2]
 TOOLS = REPO / "tools"
@@ -18,11 +18,7 @@ TINY = ["model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.max_seq_le
         "train.device=cpu"]
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+_load = load_tool
 
 
 @pytest.fixture(scope="module")
