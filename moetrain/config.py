@@ -30,12 +30,22 @@ class ModelConfig:
     dim: int = 128
     n_layers: int = 4
     n_heads: int = 4
+    n_kv_heads: Optional[int] = None   # grouped-query attention: K/V heads, each shared by n_heads/n_kv_heads
+                                       # query heads; null = n_heads (multi-head attention)
     max_seq_len: int = 256
     ffn_hidden: int = 384          # hidden size of a dense SwiGLU FFN
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     init_std: float = 0.02
     tie_embeddings: bool = False
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
 
 
 # router names, what each needs and supports, and its checks: moetrain/moe/router.py ROUTERS
@@ -70,7 +80,8 @@ class MoEConfig:
     router: str = "topk"
     capacity_factor: Optional[float] = 1.25   # null = dropless
     min_capacity: int = 4
-    every: int = 1                 # layer i has an MoE FFN when (i + 1) % every == 0
+    every: int = 1                 # layer i has an MoE FFN when i >= first_dense_layers and (i + 1) % every == 0
+    first_dense_layers: int = 0    # DeepSeekMoE first_k_dense: layers 0..N-1 keep a dense FFN (model.ffn_hidden)
     shared_experts: int = 0
     expert_hidden: Optional[int] = None       # null = model.ffn_hidden // top_k (same active params)
     aux_loss_coef: float = 0.01
@@ -206,6 +217,21 @@ class Config:
     num_ffn_experts = property(lambda self: self.moe.num_ffn_experts)
     num_router_outputs = property(lambda self: self.moe.num_router_outputs)
     routed_top_k = property(lambda self: self.moe.routed_top_k)
+
+
+def is_moe_layer(cfg: Config, i: int) -> bool:
+    """THE rule for which layers have an MoE FFN (or a PEER layer): an MoE model
+    (moe.num_experts > 0), past the first moe.first_dense_layers layers, every moe.every-th
+    layer counted from the first ((i + 1) % every == 0, so every=2 makes layers 1, 3, 5, ...
+    MoE). The other layers have a dense SwiGLU of width model.ffn_hidden. Everything that asks
+    "is layer i MoE" (the model, growth, HF mapping, the planner) calls this."""
+    e = cfg.moe
+    return e.num_experts > 0 and i >= e.first_dense_layers and (i + 1) % e.every == 0
+
+
+def has_dense_layers(cfg: Config) -> bool:
+    """Some layer has a dense SwiGLU FFN (model.ffn_hidden is used)."""
+    return not all(is_moe_layer(cfg, i) for i in range(cfg.model.n_layers))
 
 
 def _one_line(exc: OmegaConfBaseException) -> str:
@@ -366,6 +392,8 @@ def _validate_model(m: ModelConfig) -> None:
     need(m.vocab_size <= 2 ** 32, "model.vocab_size", m.vocab_size, "must be <= 2**32 (uint32 token files)")
     need(m.dim % m.n_heads == 0, "model.dim", m.dim, f"must be divisible by model.n_heads={m.n_heads}")
     need((m.dim // m.n_heads) % 2 == 0, "model.n_heads", m.n_heads, "dim/n_heads must be even (RoPE)")
+    need(m.n_kv_heads is None or (m.n_kv_heads >= 1 and m.n_heads % m.n_kv_heads == 0), "model.n_kv_heads",
+         m.n_kv_heads, f"must divide model.n_heads={m.n_heads} (or null = n_heads)")
     need(m.init_std > 0, "model.init_std", m.init_std, "must be > 0")
     need(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "must be > 0")
     need(m.rope_theta > 1, "model.rope_theta", m.rope_theta, "must be > 1 (RoPE base)")
@@ -390,6 +418,10 @@ def _validate_moe(cfg: Config) -> None:
          "must be > 0, or null for dropless")
     need(e.every >= 1, "moe.every", e.every, "must be >= 1")
     need(e.every <= m.n_layers, "moe.every", e.every, f"must be <= model.n_layers={m.n_layers}")
+    need(e.first_dense_layers >= 0, "moe.first_dense_layers", e.first_dense_layers, "must be >= 0")
+    need(any(is_moe_layer(cfg, i) for i in range(m.n_layers)), "moe.first_dense_layers", e.first_dense_layers,
+         f"leaves no MoE layer among model.n_layers={m.n_layers} with moe.every={e.every} "
+         "(use moe.num_experts=0 for a dense model)")
     for key in ("min_capacity", "shared_experts", "aux_loss_coef", "z_loss_coef", "router_jitter", "aux_free_gamma"):
         need(getattr(e, key) >= 0, f"moe.{key}", getattr(e, key), "must be >= 0")
     need(e.expert_hidden is None or e.expert_hidden >= 1, "moe.expert_hidden", e.expert_hidden, "must be >= 1 or null")
@@ -413,8 +445,10 @@ def _validate_tp(cfg: Config) -> None:
     need(p.tp >= 1, "parallel.tp", p.tp, "must be >= 1")
     if p.tp > 1:
         need(m.n_heads % p.tp == 0, "parallel.tp", p.tp, f"must divide model.n_heads={m.n_heads}")
+        need(m.kv_heads % p.tp == 0, "parallel.tp", p.tp,
+             f"must divide model.n_kv_heads={m.kv_heads} (each TP rank holds whole K/V heads)")
         need(m.vocab_size % p.tp == 0, "parallel.tp", p.tp, f"must divide model.vocab_size={m.vocab_size}")
-        if e.num_experts == 0 or e.every > 1:      # the model has dense SwiGLU layers
+        if has_dense_layers(cfg):                  # the model has dense SwiGLU layers
             need(m.ffn_hidden % p.tp == 0, "parallel.tp", p.tp, f"must divide model.ffn_hidden={m.ffn_hidden}")
         if e.num_experts > 0 and e.layer == "moe" and e.shared_experts > 0:
             shared = cfg.base_expert_hidden * e.shared_experts

@@ -1,7 +1,8 @@
 """Autoregressive sampling from a Transformer: a key/value cache, logit filtering, the loop.
 
 KV cache layout. `KVCache(n_layers, max_len)` holds, for each layer, two tensors
-k, v [B, Hh, max_len, Dh] (allocated at the first append, in the dtype and on the device of the
+k, v [B, K, max_len, Dh] with K = model.n_kv_heads (grouped-query attention stores each shared
+K/V head once; the query heads read them through SDPA's enable_gqa) (allocated at the first append, in the dtype and on the device of the
 keys), of which positions [0, pos) are filled: keys AFTER RoPE (each at its own position, so they
 never need rotating again) and values. `Transformer.forward(tokens_BS, cache)` puts its S tokens at
 positions pos..pos+S-1, appends their keys and values to every layer and advances pos by S; a
@@ -62,18 +63,19 @@ class _LayerKV:
     def pos(self) -> int:
         return self._owner.pos
 
-    def append(self, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store S new keys/values at pos..pos+S-1; return keys and values of positions [0, pos+S)."""
-        B, H, S, Dh = k_BHSD.shape
+    def append(self, k_BKSD: torch.Tensor, v_BKSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store S new keys/values (K = n_kv_heads heads) at pos..pos+S-1; return keys and values
+        of positions [0, pos+S)."""
+        B, K, S, Dh = k_BKSD.shape
         start, end = self.pos, self.pos + S
         if end > self._owner.max_len:
             raise GenerateError(f"position {end - 1} is beyond model.max_seq_len={self._owner.max_len}")
         if self.k is None:
-            shape = (B, H, self._owner.max_len, Dh)
-            self.k = k_BHSD.new_empty(shape)
-            self.v = v_BHSD.new_empty(shape)
-        self.k[:, :, start:end] = k_BHSD
-        self.v[:, :, start:end] = v_BHSD
+            shape = (B, K, self._owner.max_len, Dh)
+            self.k = k_BKSD.new_empty(shape)
+            self.v = v_BKSD.new_empty(shape)
+        self.k[:, :, start:end] = k_BKSD
+        self.v[:, :, start:end] = v_BKSD
         return self.k[:, :, :end], self.v[:, :, :end]
 
 

@@ -73,6 +73,7 @@ import torch
 import torch.nn.functional as F
 
 from moetrain.config import Config, load_config, to_dict
+from moetrain.config import is_moe_layer as config_is_moe_layer
 from moetrain.model.transformer import Transformer
 from moetrain.moe.router import ROUTERS
 
@@ -115,9 +116,7 @@ def config_from_dict(d: Optional[dict], overrides: Iterable[str] = ()) -> Config
         os.remove(path)
 
 
-def is_moe_layer(cfg: Config, i: int) -> bool:
-    e = cfg.moe
-    return e.num_experts > 0 and (i + 1) % e.every == 0
+is_moe_layer = config_is_moe_layer      # the one rule (moetrain.config.is_moe_layer), under its old name here
 
 
 def build_model(cfg: Config, state: Optional[dict] = None, seed: Optional[int] = None) -> Transformer:
@@ -214,7 +213,7 @@ def _check_upcycle_target(dense_cfg: Config, moe_cfg: Config, noise: float, rout
         raise GrowthError(f"router init {router!r} is not one of auto, grouped, zero")
     if noise < 0 or not math.isfinite(noise):
         raise GrowthError(f"noise={noise!r} must be a finite number >= 0")
-    for key in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_hidden", "tie_embeddings"):
+    for key in ("vocab_size", "dim", "n_layers", "n_heads", "kv_heads", "ffn_hidden", "tie_embeddings"):
         a, b = getattr(dense_cfg.model, key), getattr(m, key)
         if a != b:
             raise GrowthError(f"model.{key}={b!r} in the target config but {a!r} in the dense checkpoint: "
@@ -354,9 +353,12 @@ def check_depth_moe_pattern(src_cfg: Config, dst_cfg: Config, sources: list[int]
     for i, s in enumerate(sources):
         if is_moe_layer(dst_cfg, i) != is_moe_layer(src_cfg, s):
             kind = "an MoE" if is_moe_layer(src_cfg, s) else "a dense"
-            raise GrowthError(f"new layer {i} would be a copy of layer {s}, {kind} layer, but moe.every="
-                              f"{dst_cfg.moe.every} makes layer {i} {'MoE' if is_moe_layer(dst_cfg, i) else 'dense'}: "
-                              f"choose --drop so that n - 2*drop is a multiple of moe.every")
+            first = dst_cfg.moe.first_dense_layers
+            rule = f"moe.every={dst_cfg.moe.every}" + (f" and moe.first_dense_layers={first}" if first else "")
+            raise GrowthError(f"new layer {i} would be a copy of layer {s}, {kind} layer, but {rule} "
+                              f"make{'' if first else 's'} layer {i} {'MoE' if is_moe_layer(dst_cfg, i) else 'dense'}: "
+                              f"choose --drop so that n - 2*drop is a multiple of moe.every"
+                              + (" (the copied layers must not start among the first dense ones)" if first else ""))
 
 
 def depth_upscale_state_dict(sd: dict, sources: list[int]) -> dict:

@@ -211,6 +211,40 @@ def test_renormalize_after_drop_for_normalized_top_k(router):
     assert cfg.moe.renormalize_after_drop and not load_config(TINY).moe.renormalize_after_drop   # default off
 
 
+@pytest.mark.parametrize("overrides, needle", [
+    (["model.n_kv_heads=3"], "model.n_kv_heads=3 is not allowed: must divide model.n_heads=4"),
+    (["model.n_kv_heads=0"], "model.n_kv_heads=0 is not allowed: must divide model.n_heads=4"),
+    (["model.n_kv_heads=8"], "model.n_kv_heads=8 is not allowed: must divide model.n_heads=4"),
+    (["model.n_kv_heads=1", "parallel.tp=2"], "parallel.tp=2 is not allowed: must divide model.n_kv_heads=1"),
+    (["moe.first_dense_layers=-1"], "moe.first_dense_layers=-1 is not allowed: must be >= 0"),
+    (["moe.first_dense_layers=4"], "moe.first_dense_layers=4 is not allowed: leaves no MoE layer"),
+    (["model.n_layers=5", "moe.first_dense_layers=4", "moe.every=2"],          # layer 4 is not an every-2nd one
+     "moe.first_dense_layers=4 is not allowed: leaves no MoE layer"),
+])
+def test_gqa_and_first_dense_layers_bad_values_are_one_line(overrides, needle):
+    assert needle in config_error(TINY, ["train.device=cpu"] + overrides)
+
+
+def test_gqa_and_first_dense_layers_defaults_and_rule():
+    from moetrain.config import has_dense_layers, is_moe_layer
+    cfg = load_config(TINY, ["train.device=cpu"])
+    assert cfg.model.n_kv_heads is None and cfg.model.kv_heads == cfg.model.n_heads == 4
+    assert cfg.moe.first_dense_layers == 0 and not has_dense_layers(cfg)
+    cfg = load_config(TINY, ["train.device=cpu", "model.n_kv_heads=2", "moe.first_dense_layers=1", "moe.every=2",
+                             "model.n_layers=6", "parallel.tp=2"])
+    assert cfg.model.kv_heads == 2 and cfg.model.head_dim == 32
+    # layer i is MoE iff i >= first_dense_layers and (i + 1) % every == 0
+    assert [is_moe_layer(cfg, i) for i in range(6)] == [False, True, False, True, False, True]
+    cfg = load_config(TINY, ["train.device=cpu", "moe.first_dense_layers=2"])
+    assert [is_moe_layer(cfg, i) for i in range(4)] == [False, False, True, True] and has_dense_layers(cfg)
+    # tp must divide model.ffn_hidden once a first dense layer exists
+    assert "model.ffn_hidden=63" in config_error(TINY, ["train.device=cpu", "moe.first_dense_layers=1",
+                                                        "model.ffn_hidden=63", "moe.expert_hidden=16",
+                                                        "parallel.tp=2"])
+    dense = load_config(TINY, ["train.device=cpu", "moe.num_experts=0", "moe.first_dense_layers=9"])
+    assert not any(is_moe_layer(dense, i) for i in range(4))      # a dense model ignores the moe keys
+
+
 # --------------------------------------------------------------------------- validate_layout
 
 def layout_error(cfg, world) -> str:

@@ -1,6 +1,7 @@
 """Text generation (moetrain/generate.py, tools/generate.py): the KV cache reproduces the full
 forward to 1e-5 in fp32 (dense, top-k MoE, shared experts, MoE++ with aux-free routing, GShard,
-noisy top-k with jitter, PEER without query batch norm), the logit filters on hand-made logits,
+noisy top-k with jitter, PEER without query batch norm, grouped-query and multi-query attention
+with a dense first layer), the logit filters on hand-made logits,
 seeded and greedy sampling, non-per-token models (expert choice, PEER query batch norm, capacity)
 fall back to the full prefix, a checkpoint trained at ep=2 generates in one process, and bad
 input is one line with exit code 2 (1 for a damaged checkpoint)."""
@@ -44,6 +45,10 @@ KINDS = {
     # random at training time, deterministic per token in eval mode
     "gshard": ["moe.num_experts=4", "moe.top_k=2", "moe.router=gshard"],
     "noisy_topk_jitter": ["moe.num_experts=4", "moe.top_k=2", "moe.router=noisy_topk", "moe.router_jitter=0.1"],
+    # grouped-query attention (the cache holds the 2 K/V heads), a dense first layer, multi-query
+    "gqa_first_dense": ["model.n_heads=4", "model.n_kv_heads=2", "moe.num_experts=4", "moe.top_k=2",
+                        "moe.first_dense_layers=1"],
+    "mqa_dense": ["model.n_heads=4", "model.n_kv_heads=1", "moe.num_experts=0"],
     "peer": ["moe.num_experts=4", "moe.layer=peer", "moe.peer.num_keys=6", "moe.peer.heads=2", "moe.peer.top_k=3",
              "moe.peer.key_dim=8", "moe.peer.query_bn=false"],
 }
@@ -80,6 +85,18 @@ def test_cache_matches_full_forward(kind):
     diff = (inc - full).abs().max().item()
     assert diff <= 1e-5, diff
     assert full.std() > 0.5          # the logits are not trivially flat
+
+
+def test_gqa_cache_holds_the_kv_heads_once():
+    """The cache stores n_kv_heads heads per layer (not n_heads): [B, K, max_len, Dh]."""
+    model = _model(KINDS["gqa_first_dense"])
+    L = model.cfg.model.max_seq_len
+    cache = KVCache(len(model.layers), L)
+    with torch.no_grad():
+        model(torch.zeros(3, 4, dtype=torch.long), cache)
+    for layer in cache.layers:
+        assert tuple(layer.k.shape) == tuple(layer.v.shape) == (3, 2, L, 8)
+    assert [b.is_moe for b in model.layers] == [False, True, True]
 
 
 def test_cache_refuses_positions_past_max_seq_len():

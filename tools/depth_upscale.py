@@ -46,7 +46,7 @@ def upscale(args) -> str:
         raise growth.GrowthError(f"{layer_override[-1]} contradicts --drop {args.drop}: the up-scaled model has "
                                  f"2*({n}-{args.drop}) = {want} layers")
     dst_cfg = growth.config_from_dict(full["manifest"]["config"], [f"model.n_layers={want}"] + args.overrides)
-    for key in ("vocab_size", "dim", "n_heads", "ffn_hidden", "tie_embeddings"):
+    for key in ("vocab_size", "dim", "n_heads", "kv_heads", "ffn_hidden", "tie_embeddings"):
         if getattr(src_cfg.model, key) != getattr(dst_cfg.model, key):
             raise growth.GrowthError(f"model.{key} may not change when up-scaling depth "
                                      f"({getattr(src_cfg.model, key)!r} in the checkpoint)")

@@ -7,7 +7,7 @@ HFDIR: config.json + safetensors (one file or shards with model.safetensors.inde
 LlamaForCausalLM (dense: train it as is, or upcycle it with tools/upcycle.py),
 MixtralForCausalLM, Qwen2MoeForCausalLM (shared expert gate zero, as export_hf writes it) or
 Glm4MoeForCausalLM (router aux_free). The tensor algebra (RoPE row permutation, grouped-query
-K/V heads repeated, the shared expert's factor): moetrain/hf/mapping.py. The first forward pass
+attention kept as model.n_kv_heads, the shared expert's factor): moetrain/hf/mapping.py. The first forward pass
 of the imported model equals the HF model's (dropless: moe.capacity_factor=null).
 
 Writes CKPT_DIR/step_00000000/ (model only: the optimizer and RNG streams start fresh) plus

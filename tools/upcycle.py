@@ -35,7 +35,7 @@ sys.path[:0] = [os.path.dirname(_TOOLS), _TOOLS]
 from moetrain import growth  # noqa: E402
 from moetrain.checkpoint import store  # noqa: E402
 from moetrain.checkpoint.convert import read_checkpoint, run_tool, write_sharded  # noqa: E402
-from moetrain.config import ConfigError, load_config, replace_keys, to_yaml  # noqa: E402
+from moetrain.config import ConfigError, has_dense_layers, load_config, replace_keys, to_yaml  # noqa: E402
 
 PROG = "upcycle"
 
@@ -66,7 +66,7 @@ def upcycle(args) -> str:
     check_out_dir(args.out)
     info, full = read_checkpoint(args.dense)
     dense_cfg = growth.config_from_dict(full["manifest"].get("config"))
-    if dense_cfg.moe.num_experts > 0 and dense_cfg.moe.every == 1:
+    if dense_cfg.moe.num_experts > 0 and not has_dense_layers(dense_cfg):
         raise growth.GrowthError(f"{info.path} is not a dense checkpoint (moe.num_experts="
                                  f"{dense_cfg.moe.num_experts}, every layer already MoE)")
     if args.config:

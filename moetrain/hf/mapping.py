@@ -19,9 +19,11 @@ Which architecture reproduces our forward (eval mode, dropless)
         that underflows to 0 contributes 0 either way);
         noisy_topk at eval (no noise: softmax over the k largest clean logits = p_i / sum_k p_j;
         its noise weights are dropped), any k (k = 1 gives weight 1, as Mixtral does)
-  MoE with raw top-k gates (switch; topk with k = 1 or norm_topk_prob off), moe.every > 1, or
-  shared experts                            Qwen2MoeForCausalLM: norm_topk_prob = whether our gates
+  MoE with raw top-k gates (switch; topk with k = 1 or norm_topk_prob off), dense layers
+  (moe.every > 1 or moe.first_dense_layers > 0), or shared experts
+                                            Qwen2MoeForCausalLM: norm_topk_prob = whether our gates
       are renormalized; decoder_sparse_step = moe.every (its rule (i+1) % step == 0 is ours);
+      mlp_only_layers = [0, .., moe.first_dense_layers - 1] (its rule "not in mlp_only_layers");
       intermediate_size = model.ffn_hidden (dense layers), moe_intermediate_size = expert
       hidden; q/k/v biases written as zeros. Its shared expert is scaled by
       sigmoid(shared_expert_gate x): the gate weight is written as zeros, sigmoid(0) = 0.5
@@ -33,7 +35,8 @@ Which architecture reproduces our forward (eval mode, dropless)
       routed_scaling_factor 1, norm_topk_prob, e_score_correction_bias = our expert_bias,
       partial_rotary_factor 1, no qk-norm, no attention bias; its shared experts are ungated:
       n_shared_experts = granularity * shared_experts (one of zeros when we have none);
-      dense layers only as the first k (first_k_dense_replace).
+      dense layers only as the first k (first_k_dense_replace = moe.first_dense_layers, with
+      moe.every = 1).
   Refused: PEER, MoE++ zero-computation experts, gated residual routing, expert choice.
 
 A model trained with a capacity factor is exported dropless (what inference engines run): the
@@ -48,9 +51,9 @@ j = our row 2j and HF row j + Dh/2 = our row 2j + 1 of wq and wk (`HALF_FROM_INT
 the rotated q and k are permuted alike and q.k is unchanged. wv, wo are not touched. Import
 applies the inverse permutation.
 
-Grouped-query attention (import): our attention has one K/V head per query head; HF head h
-reads K/V head h // (heads / kv_heads) (repeat_kv), so repeating each K/V head's rows that many
-times is exact.
+Grouped-query attention: model.n_kv_heads <-> num_key_value_heads, both ways, as is: HF's query
+head h reads K/V head h // (heads / kv_heads) (repeat_kv), and so does ours (SDPA enable_gqa); the
+K/V projections keep their n_kv_heads * head_dim rows (RoPE-permuted per head like wq for wk).
 """
 from __future__ import annotations
 
@@ -59,7 +62,8 @@ from typing import Optional
 
 import torch
 
-from moetrain.config import Config
+from moetrain.config import Config, has_dense_layers
+from moetrain.config import is_moe_layer as config_is_moe_layer
 
 
 class HFMapError(ValueError):
@@ -121,8 +125,7 @@ class ExportPlan:
     notes: tuple = field(default_factory=tuple)
 
 
-def is_moe_layer(cfg: Config, i: int) -> bool:
-    return cfg.moe.num_experts > 0 and (i + 1) % cfg.moe.every == 0
+is_moe_layer = config_is_moe_layer      # the one rule (moetrain.config.is_moe_layer)
 
 
 def plan_export(cfg: Config) -> ExportPlan:
@@ -155,17 +158,17 @@ def plan_export(cfg: Config) -> ExportPlan:
     if e.router == "noisy_topk":
         notes.append("router noisy_topk: exported as its eval routing (no noise); its noise weights are dropped")
     if spec.bias_state:
-        if e.every != 1 and any(is_moe_layer(cfg, i) and not is_moe_layer(cfg, i + 1)
-                                for i in range(cfg.model.n_layers - 1)):
-            raise HFMapError(f"moe.router={e.router} maps to Glm4Moe, whose dense layers can only be the first k; "
-                             f"moe.every={e.every} alternates dense and MoE layers")
+        if any(is_moe_layer(cfg, i) and not is_moe_layer(cfg, i + 1) for i in range(cfg.model.n_layers - 1)):
+            raise HFMapError(f"moe.router={e.router} maps to Glm4Moe, whose dense layers can only be the first k "
+                             f"(moe.first_dense_layers); moe.every={e.every} alternates dense and MoE layers")
         if e.num_ffn_experts < 2:
             raise HFMapError(f"moe.router={e.router} with {e.num_ffn_experts} expert: Glm4Moe's router needs >= 2")
         return ExportPlan(ARCHS["glm4_moe"], True, tuple(notes))
     normalized = spec.gates_sum_to_one(e)
-    if normalized and e.every == 1 and e.shared_experts == 0:
+    if normalized and not has_dense_layers(cfg) and e.shared_experts == 0:
         return ExportPlan(ARCHS["mixtral"], True, tuple(notes))
     why = [w for w, on in (("shared experts", e.shared_experts > 0), (f"moe.every={e.every}", e.every > 1),
+                           (f"moe.first_dense_layers={e.first_dense_layers}", e.first_dense_layers > 0),
                            ("raw top-k gates", not normalized)) if on]
     notes.append(f"{', '.join(why)}: exported as Qwen2-MoE (norm_topk_prob={str(normalized).lower()}; shared "
                  "expert gate zero and its down projection x2; zero q/k/v biases)")
@@ -184,8 +187,8 @@ def hf_config(cfg: Config, plan: ExportPlan, dtype: str) -> dict:
     out = {
         "architectures": [arch.class_name], "model_type": arch.model_type,
         "vocab_size": m.vocab_size, "hidden_size": m.dim, "intermediate_size": m.ffn_hidden,
-        "num_hidden_layers": m.n_layers, "num_attention_heads": m.n_heads, "num_key_value_heads": m.n_heads,
-        "head_dim": m.dim // m.n_heads, "hidden_act": "silu", "max_position_embeddings": m.max_seq_len,
+        "num_hidden_layers": m.n_layers, "num_attention_heads": m.n_heads, "num_key_value_heads": m.kv_heads,
+        "head_dim": m.head_dim, "hidden_act": "silu", "max_position_embeddings": m.max_seq_len,
         "rms_norm_eps": m.norm_eps, "rope_theta": m.rope_theta,     # rope_theta: transformers 4's key
         "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
         "tie_word_embeddings": m.tie_embeddings, "initializer_range": m.init_std, "attention_dropout": 0.0,
@@ -202,7 +205,7 @@ def hf_config(cfg: Config, plan: ExportPlan, dtype: str) -> dict:
         out.update(num_experts=e.num_ffn_experts, num_experts_per_tok=e.routed_top_k,
                    moe_intermediate_size=cfg.expert_hidden,
                    shared_expert_intermediate_size=_shared_hidden(cfg) or 1,
-                   decoder_sparse_step=e.every, mlp_only_layers=[], norm_topk_prob=plan.norm_topk_prob,
+                   decoder_sparse_step=e.every, mlp_only_layers=list(range(e.first_dense_layers)), norm_topk_prob=plan.norm_topk_prob,
                    qkv_bias=True, use_sliding_window=False, sliding_window=None,
                    router_aux_loss_coef=e.aux_loss_coef, output_router_logits=False)
     elif arch.model_type == "glm4_moe":
@@ -224,7 +227,7 @@ def to_hf_state(cfg: Config, plan: ExportPlan, sd: dict) -> dict:
     """Our consolidated state dict -> HF tensors (names as save_pretrained writes them). Every
     tensor of `sd` is used except noisy_topk's noise weights (eval routing has no noise)."""
     m, arch = cfg.model, plan.arch
-    Dh = m.dim // m.n_heads
+    Dh = m.head_dim
     used: set = set()
 
     def take(key: str) -> torch.Tensor:
@@ -290,7 +293,6 @@ def to_hf_state(cfg: Config, plan: ExportPlan, sd: dict) -> dict:
 class ImportPlan:
     arch: Arch
     overrides: tuple            # dotted moetrain config keys (model.*, moe.*, train.seq_len)
-    kv_repeat: int = 1          # query heads per K/V head (GQA), repeated on import
     shared_scale: float = 1.0   # multiplies the shared expert's down projection
     has_shared: bool = False    # HF shared-expert tensors hold a real expert (not zeros)
     notes: tuple = field(default_factory=tuple)
@@ -330,14 +332,17 @@ def hf_moe_layers(hf: dict) -> list[bool]:
     return [i >= k for i in range(n)]
 
 
-def _every(pattern: list[bool]) -> int:
-    """moe.every that gives this pattern of MoE layers ((i+1) % every == 0), or HFMapError."""
-    for every in range(1, len(pattern) + 1):
-        if [(i + 1) % every == 0 for i in range(len(pattern))] == pattern:
-            return every
+def _moe_rule(pattern: list[bool]) -> tuple[int, int]:
+    """(moe.every, moe.first_dense_layers) that give this pattern of MoE layers (layer i is MoE
+    when i >= first_dense_layers and (i+1) % every == 0; the fewest first dense layers), or HFMapError."""
+    n = len(pattern)
+    for first in range(n):
+        for every in range(1, n + 1):
+            if [i >= first and (i + 1) % every == 0 for i in range(n)] == pattern:
+                return every, first
     moe = [i for i, x in enumerate(pattern) if x]
-    raise HFMapError(f"MoE layers {moe} of {len(pattern)} do not follow moetrain's moe.every pattern "
-                     "(layer i is MoE when (i+1) % every == 0)")
+    raise HFMapError(f"MoE layers {moe} of {n} do not follow moetrain's pattern (layer i is MoE when "
+                     "i >= moe.first_dense_layers and (i+1) % moe.every == 0)")
 
 
 def _nonzero(t: torch.Tensor) -> bool:
@@ -381,14 +386,13 @@ def plan_import(hf: dict, tensors: dict) -> ImportPlan:
         ov.append(f"model.init_std={hf['initializer_range']}")
     notes = []
     if KV != H:
-        notes.append(f"grouped-query attention ({KV} K/V heads for {H} query heads): each K/V head repeated "
-                     f"{H // KV} times (exact; moetrain's attention has one K/V head per query head)")
+        ov.append(f"model.n_kv_heads={KV}")
+        notes.append(f"grouped-query attention ({KV} K/V heads for {H} query heads): model.n_kv_heads={KV}")
     pattern = hf_moe_layers(hf)
     if not any(pattern):
         # dropless, so that upcycling the imported model (tools/upcycle.py) is exact by default
-        return ImportPlan(arch, tuple(ov + ["moe.num_experts=0", "moe.capacity_factor=null"]), H // KV,
-                          notes=tuple(notes))
-    every = _every(pattern)
+        return ImportPlan(arch, tuple(ov + ["moe.num_experts=0", "moe.capacity_factor=null"]), notes=tuple(notes))
+    every, first_dense = _moe_rule(pattern)
     k = hf["num_experts_per_tok"]
     has_shared, shared_scale = False, 1.0
     if mt == "mixtral":
@@ -420,7 +424,7 @@ def plan_import(hf: dict, tensors: dict) -> ImportPlan:
     router = "aux_free" if mt == "glm4_moe" else "topk"
     ov += [f"moe.num_experts={E}", f"moe.top_k={k}", f"moe.router={router}", "moe.capacity_factor=null",
            f"moe.expert_hidden={He}", "moe.expert_granularity=1", f"moe.every={every}",
-           f"moe.norm_topk_prob={str(norm).lower()}"]
+           f"moe.first_dense_layers={first_dense}", f"moe.norm_topk_prob={str(norm).lower()}"]
     shared = 0
     if has_shared:
         if Hs % He:
@@ -430,7 +434,7 @@ def plan_import(hf: dict, tensors: dict) -> ImportPlan:
     ov.append(f"moe.shared_experts={shared}")
     if mt == "glm4_moe":
         ov.append("moe.aux_loss_coef=0.0")
-    return ImportPlan(arch, tuple(ov), H // KV, shared_scale, has_shared, tuple(notes))
+    return ImportPlan(arch, tuple(ov), shared_scale, has_shared, tuple(notes))
 
 
 # ----------------------------------------------------------------------------- import: tensors
@@ -442,7 +446,7 @@ def from_hf_state(cfg: Config, plan: ImportPlan, hf_sd: dict) -> dict:
     """HF tensors (per-expert or fused expert names) -> our consolidated state dict for `cfg`.
     Every HF tensor must be used (zero biases and zero shared-expert placeholders count as used)."""
     m, arch = cfg.model, plan.arch
-    Dh = m.dim // m.n_heads
+    Dh = m.head_dim
     hf_sd = unfuse_experts(hf_sd, arch)
     # biases: plan_import checked that they are zero
     used: set = {k for k in hf_sd if k.endswith(_IGNORED_SUFFIXES) or k.endswith(".bias")}
@@ -462,12 +466,8 @@ def from_hf_state(cfg: Config, plan: ImportPlan, hf_sd: dict) -> dict:
         out[p + "attn_norm.weight"] = take(q + "input_layernorm.weight")
         out[p + "ffn_norm.weight"] = take(q + "post_attention_layernorm.weight")
         out[p + "attn.wq.weight"] = from_hf_rope(take(q + "self_attn.q_proj.weight"), Dh)
-        wk, wv = take(q + "self_attn.k_proj.weight"), take(q + "self_attn.v_proj.weight")
-        if plan.kv_repeat > 1:
-            wk, wv = (w.reshape(-1, Dh, w.shape[1]).repeat_interleave(plan.kv_repeat, 0).reshape(-1, w.shape[1])
-                      for w in (wk, wv))
-        out[p + "attn.wk.weight"] = from_hf_rope(wk, Dh)
-        out[p + "attn.wv.weight"] = wv.contiguous()
+        out[p + "attn.wk.weight"] = from_hf_rope(take(q + "self_attn.k_proj.weight"), Dh)
+        out[p + "attn.wv.weight"] = take(q + "self_attn.v_proj.weight").contiguous()
         out[p + "attn.wo.weight"] = take(q + "self_attn.o_proj.weight")
         if not is_moe_layer(cfg, i):
             for ours, theirs in zip(("w1", "w3", "w2"), ("gate_proj", "up_proj", "down_proj")):

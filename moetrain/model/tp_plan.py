@@ -1,7 +1,9 @@
 """The Transformer's tensor-parallel plan on torch.distributed.tensor.parallel (Megatron layout).
 
 Activations between blocks stay replicated over the tp mesh; inside a block the work is split:
-  attention   wq/wk/wv ColwiseParallel (whole heads per rank), wo RowwiseParallel
+  attention   wq/wk/wv ColwiseParallel (whole heads per rank), wo RowwiseParallel; with grouped-query
+              attention wk/wv shard whole K/V heads (tp divides n_kv_heads), and rank r's query
+              heads read exactly its own K/V heads (model/transformer.Attention)
   dense FFN   w1/w3 ColwiseParallel, w2 RowwiseParallel (also the MoE layers' shared experts)
   embedding   RowwiseParallel: vocab rows [r*V/tp, (r+1)*V/tp); the partial lookups are summed
   head        ColwiseParallel to logits sharded on the vocab (a DTensor), for loss_parallel
@@ -58,6 +60,7 @@ def apply_tp(model: nn.Module, tp_mesh, etp: bool = False) -> None:
     for name, mod in model.named_modules():
         if isinstance(mod, Attention):
             assert mod.n_heads % tp_mesh.size() == 0, (mod.n_heads, tp_mesh.size())
+            assert mod.n_kv_heads % tp_mesh.size() == 0, (mod.n_kv_heads, tp_mesh.size())
             plan.update(_block(name, 3, ("wq", "wk", "wv"), ("wo",)))   # whole heads: rows h*Dh..
         elif isinstance(mod, SwiGLU):
             plan.update(_block(name, 1, ("w1", "w3"), ("w2",)))

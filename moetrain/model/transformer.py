@@ -1,4 +1,5 @@
-"""Decoder-only LM (RMSNorm, RoPE, causal SDPA attention, SwiGLU), MoE FFN every `moe.every` layers.
+"""Decoder-only LM (RMSNorm, RoPE, causal SDPA attention with optional grouped-query K/V heads,
+SwiGLU), MoE FFN on the layers `moetrain.config.is_moe_layer` picks (moe.every, moe.first_dense_layers).
 
 The model knows nothing of parallelism (DESIGN habit 2): apply_ep/apply_* in moetrain.parallel
 and model/tp_plan.apply_tp reshape it after construction. Weights are created uninitialized;
@@ -9,10 +10,12 @@ the expert.
 Inference: `forward(tokens, cache=...)` takes an optional key/value cache (moetrain.generate.KVCache)
 for incremental decoding; training never passes one and runs exactly the code it ran before. The
 cache holds, per layer, the RoPE-rotated keys and the values of the `cache.pos` tokens already
-seen; a forward with a cache places its S tokens at positions pos..pos+S-1, attends over all
+seen (model.n_kv_heads heads each: grouped-query attention shares them, it does not repeat
+them); a forward with a cache places its S tokens at positions pos..pos+S-1, attends over all
 pos+S cached keys, and advances `cache.pos` by S.
 
-Shape legend: B batch, S sequence, L cached + new positions, D dim, V vocab, Hh heads, Dh head dim.
+Shape legend: B batch, S sequence, L cached + new positions, D dim, V vocab, Hh heads, K K/V heads
+(model.n_kv_heads), Dh head dim.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moetrain.config import Config
+from moetrain.config import Config, is_moe_layer
 from moetrain.moe.experts import GroupedExperts, SwiGLU
 from moetrain.moe.layer import MoEAux, MoELayer
 from moetrain.moe.peer import PEERLayer
@@ -54,14 +57,22 @@ def apply_rope(x_BHSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
 
 class Attention(nn.Module):
     """Separate wq/wk/wv (rows = heads x Dh) so tensor parallelism shards each along dim 0 into
-    whole heads; forward uses local shapes (heads = rows / Dh), whatever the TP degree."""
+    whole heads; forward uses local shapes (heads = rows / Dh), whatever the TP degree.
 
-    def __init__(self, dim: int, n_heads: int):
+    Grouped-query attention (n_kv_heads < n_heads): wk/wv have n_kv_heads * Dh rows, and query
+    head h reads K/V head h // (n_heads / n_kv_heads) (SDPA's enable_gqa; Hugging Face's repeat_kv).
+    A TP rank holding query heads [r*Hh/tp, (r+1)*Hh/tp) holds exactly the K/V heads they read,
+    [r*Hkv/tp, (r+1)*Hkv/tp), so the Colwise shards stay self-contained. With n_kv_heads ==
+    n_heads the forward is the multi-head one, call for call."""
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int | None = None):
         super().__init__()
-        self.n_heads, self.head_dim = n_heads, dim // n_heads
+        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, dim // n_heads
+        self.gqa = n_kv_heads != n_heads
         self.wq = nn.Linear(dim, dim, bias=False)
-        self.wk = nn.Linear(dim, dim, bias=False)
-        self.wv = nn.Linear(dim, dim, bias=False)
+        self.wk = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(dim, dim, bias=False)
 
     def forward(self, x_BSD, cos, sin, cache=None):
@@ -72,26 +83,31 @@ class Attention(nn.Module):
         q, k, v = (lin(x_BSD).view(B, S, -1, self.head_dim).transpose(1, 2) for lin in (self.wq, self.wk, self.wv))
         if cache is None:
             q, k = apply_rope(q, cos[:S], sin[:S]), apply_rope(k, cos[:S], sin[:S])
-            y_BHSD = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            if self.gqa:
+                y_BHSD = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            else:
+                y_BHSD = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            y_BHSD = self._attend_cached(q, k, v, cos, sin, cache)
+            y_BHSD = self._attend_cached(q, k, v, cos, sin, cache, self.gqa)
         return self.wo(y_BHSD.transpose(1, 2).reshape(B, S, -1))
 
     @staticmethod
-    def _attend_cached(q_BHSD, k_BHSD, v_BHSD, cos, sin, cache) -> torch.Tensor:
+    def _attend_cached(q_BHSD, k_BKSD, v_BKSD, cos, sin, cache, gqa=False) -> torch.Tensor:
         """Queries at positions pos..pos+S-1 against the L = pos+S cached keys: query i sees keys
-        0..pos+i (the causal mask's bottom-right corner)."""
+        0..pos+i (the causal mask's bottom-right corner). The cache holds the K K/V heads
+        (n_kv_heads, not repeated)."""
         S, start = q_BHSD.shape[2], cache.pos
         c, s = cos[start:start + S], sin[start:start + S]
-        k_BHLD, v_BHLD = cache.append(apply_rope(k_BHSD, c, s), v_BHSD)
+        k_BKLD, v_BKLD = cache.append(apply_rope(k_BKSD, c, s), v_BKSD)
         q_BHSD = apply_rope(q_BHSD, c, s)
-        L = k_BHLD.shape[2]
+        L = k_BKLD.shape[2]
+        gqa_kw = {"enable_gqa": True} if gqa else {}
         if L == S:            # prefill from position 0: the training mask
-            return F.scaled_dot_product_attention(q_BHSD, k_BHLD, v_BHLD, is_causal=True)
+            return F.scaled_dot_product_attention(q_BHSD, k_BKLD, v_BKLD, is_causal=True, **gqa_kw)
         if S == 1:            # one new token sees every cached key
-            return F.scaled_dot_product_attention(q_BHSD, k_BHLD, v_BHLD)
+            return F.scaled_dot_product_attention(q_BHSD, k_BKLD, v_BKLD, **gqa_kw)
         mask_SL = torch.ones(S, L, dtype=torch.bool, device=q_BHSD.device).tril(L - S)
-        return F.scaled_dot_product_attention(q_BHSD, k_BHLD, v_BHLD, attn_mask=mask_SL)
+        return F.scaled_dot_product_attention(q_BHSD, k_BKLD, v_BKLD, attn_mask=mask_SL, **gqa_kw)
 
 
 class Block(nn.Module):
@@ -99,9 +115,9 @@ class Block(nn.Module):
         super().__init__()
         m, e = cfg.model, cfg.moe
         self.attn_norm = RMSNorm(m.dim, m.norm_eps)
-        self.attn = Attention(m.dim, m.n_heads)
+        self.attn = Attention(m.dim, m.n_heads, m.kv_heads)
         self.ffn_norm = RMSNorm(m.dim, m.norm_eps)
-        self.is_moe = e.num_experts > 0 and (layer_id + 1) % e.every == 0
+        self.is_moe = is_moe_layer(cfg, layer_id)
         self.is_peer = self.is_moe and e.layer == "peer"
         if self.is_peer:
             p = e.peer

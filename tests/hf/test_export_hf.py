@@ -30,6 +30,13 @@ EXPORTS = {
     "every2": ("tiny_cpu", ["moe.every=2"], "Qwen2MoeForCausalLM"),
     "top2_raw": ("tiny_cpu", ["moe.norm_topk_prob=false"], "Qwen2MoeForCausalLM"),
     "tied": ("tiny_cpu", ["model.tie_embeddings=true"], "MixtralForCausalLM"),
+    "gqa": ("tiny_cpu", ["model.n_kv_heads=2"], "MixtralForCausalLM"),
+    "first_dense": ("tiny_cpu", ["model.n_layers=3", "moe.first_dense_layers=1", "model.n_kv_heads=1"],
+                    "Qwen2MoeForCausalLM"),
+    "first_dense_every2": ("deepseek", ["model.n_layers=4", "moe.first_dense_layers=2", "moe.every=2",
+                                        "moe.expert_hidden=64"], "Qwen2MoeForCausalLM"),
+    "aux_free_first_dense": ("aux_free", ["model.n_layers=3", "moe.first_dense_layers=1", "model.n_kv_heads=2"],
+                             "Glm4MoeForCausalLM"),
 }
 REFUSALS = {
     "peer": ("peer", ["moe.peer.num_keys=4", "moe.peer.heads=2", "moe.peer.top_k=2", "moe.peer.key_dim=8"], "PEER"),
@@ -100,6 +107,23 @@ def test_export_refusals(tmp_path, capsys, name):
     assert not (tmp_path / "hf").exists()
 
 
+@pytest.mark.parametrize("name, keys", [
+    ("gqa", {"num_key_value_heads": 2, "num_attention_heads": 4}),
+    ("tiny_cpu", {"num_key_value_heads": 4}),
+    ("first_dense", {"num_key_value_heads": 1, "mlp_only_layers": [0], "decoder_sparse_step": 1}),
+    ("first_dense_every2", {"mlp_only_layers": [0, 1], "decoder_sparse_step": 2}),
+    ("aux_free_first_dense", {"num_key_value_heads": 2, "first_k_dense_replace": 1}),
+])
+def test_export_writes_kv_heads_and_dense_first_layers(exported, name, keys):
+    """num_key_value_heads = model.n_kv_heads (no repetition); dense first layers as Qwen2-MoE
+    mlp_only_layers / Glm4Moe first_k_dense_replace."""
+    cfg = json.loads((exported[name] / "hf" / "config.json").read_text())
+    assert {k: cfg[k] for k in keys} == keys
+    _, _, sd = load_ckpt(exported[name] / "ckpt")
+    kv = keys.get("num_key_value_heads", 4)
+    assert tuple(sd["layers.0.attn.wk.weight"].shape) == (kv * 8, 32)
+
+
 def test_export_refuses_aux_free_with_alternating_layers():
     cfg = _cfg("aux_free", ["moe.every=2", "model.n_layers=4"])
     with pytest.raises(mapping.HFMapError, match="Glm4Moe, whose dense layers can only be the first k"):
@@ -124,7 +148,7 @@ def test_rope_permutation_keeps_scores():
 
 
 @pytest.mark.parametrize("name", ["tiny_cpu", "dense", "switch", "deepseek", "shared_fine", "aux_free", "every2",
-                                  "tied"])
+                                  "tied", "gqa", "first_dense", "first_dense_every2", "aux_free_first_dense"])
 def test_export_import_round_trip(exported, tmp_path, name):
     """export -> import gives back every tensor bit for bit (shared experts: x2 then x0.5, exact)."""
     assert tool("import_hf").main(["--hf", str(exported[name] / "hf"), "--out", str(tmp_path / "back"),

@@ -1,6 +1,6 @@
 """tools/import_hf.py: tiny random transformers models built locally from a config (no download)
-import with equal logits (fp32, CPU, max abs diff <= 1e-4), including grouped-query attention and
-tied embeddings; a dense Llama imports and upcycles exactly; an imported Mixtral trains at ep=2
+import with equal logits (fp32, CPU, max abs diff <= 1e-4), including grouped-query attention (kept
+as model.n_kv_heads), dense first layers (moe.first_dense_layers) and tied embeddings; a dense Llama imports and upcycles exactly; an imported Mixtral trains at ep=2
 (2 ranks) and resumes, and the trained checkpoint exports back with equal logits; what does not map
 exits 2 with one line."""
 from __future__ import annotations
@@ -53,13 +53,22 @@ def _build(kind: str, **kw):
 IMPORTS = {
     # name: (kind, config kwargs, expected moetrain keys)
     "mixtral_gqa": ("mixtral", {"num_key_value_heads": 2, "rope_theta": 500.0},
-                    {"moe.num_experts": 4, "moe.top_k": 2, "moe.router": "topk", "moe.norm_topk_prob": True}),
-    "llama_gqa": ("llama", {"num_key_value_heads": 1}, {"moe.num_experts": 0}),
-    "llama_tied": ("llama", {"tie_word_embeddings": True}, {"moe.num_experts": 0, "model.tie_embeddings": True}),
+                    {"moe.num_experts": 4, "moe.top_k": 2, "moe.router": "topk", "moe.norm_topk_prob": True,
+                     "model.n_kv_heads": 2}),
+    "llama_gqa": ("llama", {"num_key_value_heads": 1}, {"moe.num_experts": 0, "model.n_kv_heads": 1}),
+    "llama_tied": ("llama", {"tie_word_embeddings": True}, {"moe.num_experts": 0, "model.tie_embeddings": True,
+                                                             "model.n_kv_heads": None}),
     "qwen2_moe_shared": ("qwen2_moe", {"num_key_value_heads": 2},
                          {"moe.num_experts": 4, "moe.shared_experts": 2, "moe.norm_topk_prob": False}),
+    # 2 layers, first_k_dense_replace 1: layer 1 MoE is also moe.every=2 (the fewest first dense layers)
     "glm4_moe_first_dense": ("glm4_moe", {"num_key_value_heads": 2},
-                             {"moe.router": "aux_free", "moe.every": 2, "moe.shared_experts": 1}),
+                             {"moe.router": "aux_free", "moe.every": 2, "moe.first_dense_layers": 0,
+                              "moe.shared_experts": 1}),
+    "glm4_moe_first_dense_3": ("glm4_moe", {"num_key_value_heads": 2, "num_hidden_layers": 3},
+                               {"moe.router": "aux_free", "moe.every": 1, "moe.first_dense_layers": 1,
+                                "model.n_kv_heads": 2}),
+    "qwen2_moe_mlp_only": ("qwen2_moe", {"num_hidden_layers": 3, "mlp_only_layers": [0]},
+                           {"moe.every": 1, "moe.first_dense_layers": 1, "model.n_kv_heads": None}),
 }
 
 
@@ -100,7 +109,9 @@ def test_import_announces_gqa(tmp_path, capsys):
     _build("llama", num_key_value_heads=2).save_pretrained(str(tmp_path / "hf"))
     assert tool("import_hf").main(["--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt")]) == 0
     out = capsys.readouterr().out
-    assert out.count("grouped-query attention (2 K/V heads for 4 query heads)") == 1
+    assert out.count("grouped-query attention (2 K/V heads for 4 query heads): model.n_kv_heads=2") == 1
+    cfg, model, sd = load_ckpt(tmp_path / "ckpt")
+    assert cfg.model.n_kv_heads == 2 and tuple(sd["layers.0.attn.wk.weight"].shape) == (2 * 8, 32)   # not repeated
 
 
 def test_imported_llama_upcycles_exactly(imported, tmp_path):

@@ -150,3 +150,135 @@ def test_shorter_sequence_than_max_seq_len():
     _, model = build()
     logits, auxes = model(tokens(batch=2, seq=5))
     assert logits.shape == (2, 5, V) and len(auxes) == N_LAYERS
+
+
+# ----------------------------------------------------------------------------- grouped-query attention
+
+def _mha_twin(cfg, model):
+    """A multi-head (n_kv_heads = n_heads) model holding `model`'s weights with each K/V head's
+    rows repeated for the query heads that read it: the reference GQA must equal."""
+    from moetrain.config import replace_keys
+    ref_cfg = replace_keys(cfg, {"model.n_kv_heads": None})
+    ref = Transformer(ref_cfg)
+    sd = model.state_dict()
+    Dh, rep = cfg.model.head_dim, cfg.model.n_heads // cfg.model.kv_heads
+    for k in list(sd):
+        if k.endswith(("attn.wk.weight", "attn.wv.weight")):
+            w = sd[k]
+            sd[k] = w.reshape(-1, Dh, w.shape[1]).repeat_interleave(rep, 0).reshape(-1, w.shape[1])
+    ref.load_state_dict(sd)
+    return ref
+
+
+@pytest.mark.parametrize("kv", [1, 2])
+def test_gqa_equals_multi_head_with_repeated_kv_heads(kv):
+    cfg, model = build("model.n_heads=4", f"model.n_kv_heads={kv}", "moe.capacity_factor=null", "train.device=cpu")
+    attn = model.layers[0].attn
+    assert (attn.n_heads, attn.n_kv_heads) == (4, kv)
+    assert tuple(attn.wk.weight.shape) == tuple(attn.wv.weight.shape) == (kv * DIM // 4, DIM)
+    ref = _mha_twin(cfg, model)
+    x = tokens()
+    got, _ = model(x)
+    want, _ = ref(x)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    # fewer parameters: wk, wv lose (1 - kv/heads) of their rows in every layer
+    assert count_params(ref, cfg)[0] - count_params(model, cfg)[0] == N_LAYERS * 2 * DIM * (DIM - kv * DIM // 4)
+
+
+def test_multi_head_attention_is_the_plain_sdpa_call():
+    """n_kv_heads null (or = n_heads) runs the multi-head path: one causal SDPA call on q, k, v
+    with one K/V head per query head, bit for bit."""
+    import torch.nn.functional as F
+    from moetrain.model.transformer import apply_rope
+    for extra in ((), ("model.n_kv_heads=2",)):
+        cfg, model = build(*extra, "train.device=cpu")
+        attn = model.layers[0].attn
+        assert not attn.gqa
+        x = torch.randn(2, SEQ, DIM, generator=torch.Generator().manual_seed(3))
+        q, k, v = (lin(x).view(2, SEQ, -1, attn.head_dim).transpose(1, 2) for lin in (attn.wq, attn.wk, attn.wv))
+        cos, sin = model.rope_cos[:SEQ], model.rope_sin[:SEQ]
+        y = F.scaled_dot_product_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, is_causal=True)
+        want = attn.wo(y.transpose(1, 2).reshape(2, SEQ, -1))
+        assert torch.equal(attn(x, model.rope_cos, model.rope_sin), want)
+
+
+def test_gqa_backward_reaches_every_parameter():
+    cfg, model = build("model.n_heads=4", "model.n_kv_heads=2", "moe.capacity_factor=null", "train.device=cpu")
+    logits, auxes = model(tokens())
+    (logits.float().logsumexp(-1).mean() + sum(a.aux_loss for a in auxes)).backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+
+
+# ----------------------------------------------------------------------------- dense first layers
+
+@pytest.mark.parametrize("first, every, kinds", [
+    (1, 1, [False, True, True, True]),
+    (2, 1, [False, False, True, True]),
+    (1, 2, [False, True, False, True]),
+    (2, 2, [False, False, False, True]),
+])
+def test_first_dense_layers_kinds_and_keys(first, every, kinds):
+    cfg, model = build(f"moe.first_dense_layers={first}", f"moe.every={every}", "train.device=cpu")
+    assert [b.is_moe for b in model.layers] == kinds
+    from moetrain.config import is_moe_layer
+    from moetrain import growth
+    from moetrain.hf import mapping
+    for rule in (is_moe_layer, growth.is_moe_layer, mapping.is_moe_layer):      # one rule everywhere
+        assert [rule(cfg, i) for i in range(N_LAYERS)] == kinds
+    keys = model.state_dict().keys()
+    for i, moe in enumerate(kinds):
+        assert (f"layers.{i}.ffn.experts.w1" in keys) == moe
+        assert (f"layers.{i}.ffn.w1.weight" in keys) == (not moe)
+        if not moe:
+            assert tuple(model.layers[i].ffn.w1.weight.shape) == (cfg.model.ffn_hidden, DIM)
+    logits, auxes = model(tokens())
+    assert len(auxes) == sum(kinds) == len(model.moe_layers()) and logits.shape == (2, SEQ, V)
+
+
+def test_first_dense_layers_count_params():
+    cfg, moe = build("train.device=cpu")
+    cfg1, first = build("moe.first_dense_layers=1", "train.device=cpu")
+    (t0, a0), (t1, a1) = count_params(moe, cfg), count_params(first, cfg1)
+    dense_ffn = 3 * DIM * cfg.model.ffn_hidden
+    moe_ffn_total = 4 * 3 * DIM * cfg.expert_hidden + 4 * DIM          # experts + router
+    moe_ffn_active = 2 * 3 * DIM * cfg.expert_hidden + 4 * DIM
+    assert t0 - t1 == moe_ffn_total - dense_ffn and a0 - a1 == moe_ffn_active - dense_ffn
+
+
+def test_first_dense_layers_gqa_short_training_run_and_checkpoint(tmp_path):
+    """World 1 through the real trainer: 4 steps of a GQA model with a dense first layer, saved
+    at step 2; the checkpoint holds the dense layer's SwiGLU and the K/V projections at
+    n_kv_heads rows; resuming continues the loss curve exactly."""
+    import json
+    from moetrain.checkpoint.convert import read_checkpoint
+    from moetrain.data import load_token_data
+    from moetrain.parallel.mesh import LaunchEnv, init_parallel
+    from moetrain.train.loop import run_training
+    common = ["model.dim=32", "model.n_layers=3", "model.n_heads=4", "model.n_kv_heads=2", "model.max_seq_len=32",
+              "model.ffn_hidden=64", "moe.num_experts=4", "moe.top_k=2", "moe.capacity_factor=null",
+              "moe.first_dense_layers=1", "train.seq_len=32", "train.global_batch_size=4",
+              "train.micro_batch_size=2", "train.steps=4", "train.warmup_steps=1", "train.eval_every=0",
+              "train.eval_batches=1", "train.progress=false", "train.num_threads=1", "train.device=cpu",
+              "logging.every=1", "logging.tensorboard=false", "checkpoint.every=2"]
+
+    def run(name, extra=()):
+        cfg = load_config("configs/tiny_cpu.yaml", common + [f"logging.dir={tmp_path / 'runs'}",
+                                                             f"logging.run_name={name}",
+                                                             f"checkpoint.dir={tmp_path / name}", *extra])
+        par = init_parallel(1, 1, 1, LaunchEnv(0, 1, 0, 1, "single"), "cpu")
+        torch.manual_seed(0)
+        run_training(cfg, par, load_token_data(cfg.data.source, cfg.data.path, cfg.model.vocab_size),
+                     log=lambda m: None)
+        with open(tmp_path / "runs" / name / "metrics.jsonl") as f:
+            return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+
+    torch.set_num_threads(1)
+    straight = run("a")
+    assert sorted(straight) == [1, 2, 3, 4] and straight[4] < straight[1]
+    _, full = read_checkpoint(str(tmp_path / "a" / "step_00000002"))
+    sd = full["model"]
+    assert tuple(sd["layers.0.ffn.w1.weight"].shape) == (64, 32)                  # dense first layer
+    assert "layers.0.ffn.experts.w1" not in sd and "layers.1.ffn.experts.w1" in sd
+    assert tuple(sd["layers.1.attn.wk.weight"].shape) == tuple(sd["layers.1.attn.wv.weight"].shape) == (16, 32)
+    resumed = run("b", [f"checkpoint.resume={tmp_path / 'a' / 'step_00000002'}"])
+    assert sorted(resumed) == [3, 4] and [resumed[3], resumed[4]] == [straight[3], straight[4]]

@@ -7,6 +7,8 @@
    curves, its synced gradients equal world 1's (sliced to the local shard), the logged expert
    counts equal world 1's, and the parameters that are replicated over tp stay bitwise identical
    across the TP group (also under GShard's random routing: TP peers share one RNG stream).
+   Grouped-query attention with a dense first layer: layers at tp=2 equal world 1, a tp=2 run
+   equals world 1 and its checkpoint resumes at world 1.
 3. Config validation of illegal combinations.
 
 Each world size runs all its layouts in ONE run_dist call (one process group, one mesh per layout).
@@ -125,6 +127,97 @@ def _layers_body(rank, world):
 def test_tp_layers_match_unsharded():
     checked = run_dist(_layers_body, 2)
     assert checked[0] == checked[1] and len(checked[0]) == 6
+
+
+# grouped-query attention (4 query heads, 2 K/V heads: one of each per TP rank at tp=2) and a
+# dense first layer followed by MoE layers
+GQA = ["model.n_heads=4", "model.n_kv_heads=2", "model.n_layers=3", "moe.every=1", "moe.first_dense_layers=1",
+       "train.device=cpu"]
+
+
+def _gqa_layers_body(rank, world):
+    """tp=2 vs the unsharded model for GQA + a dense first layer: each rank holds whole K/V heads
+    (wk/wv local rows = n_kv_heads/tp * Dh), logits, CE and every gradient equal world 1's."""
+    import torch.nn.functional as F
+    from torch.distributed.tensor import DTensor
+
+    from moetrain.model.tp_plan import apply_tp
+    from moetrain.model.transformer import Transformer
+    from moetrain.parallel.mesh import init_parallel
+    from moetrain.parallel.tp import cross_entropy_sum
+
+    par = init_parallel(1, 2, 1, _env(rank, world), "cpu")
+    cfg = load_config(CONFIG, TINY + GQA + ["parallel.tp=2"])
+    full = Transformer(cfg)
+    full.init_weights(cfg.train.seed)
+    sharded = copy.deepcopy(full)
+    apply_tp(sharded, par.tp_mesh)
+    Dh = cfg.model.head_dim
+    wk = sharded.layers[0].attn.wk.weight
+    assert isinstance(wk, DTensor) and tuple(wk.to_local().shape) == (cfg.model.kv_heads // 2 * Dh, cfg.model.dim)
+    assert [b.is_moe for b in sharded.layers] == [False, True, True]
+    g = torch.Generator().manual_seed(11)
+    B, S = 2, 16
+    tokens = torch.randint(0, cfg.model.vocab_size, (B, S + 1), generator=g)
+    logits_full, _ = full(tokens[:, :-1])
+    logits_tp, _ = sharded(tokens[:, :-1])
+    torch.testing.assert_close(logits_tp.to_local(), logits_full.chunk(2, -1)[par.tp_rank], rtol=1e-5, atol=1e-6)
+    ce_full = F.cross_entropy(logits_full.float().reshape(-1, cfg.model.vocab_size), tokens[:, 1:].reshape(-1),
+                              reduction="sum")
+    ce_tp = cross_entropy_sum(logits_tp, tokens[:, 1:])
+    torch.testing.assert_close(ce_tp, ce_full, rtol=1e-6, atol=0)
+    ce_full.backward()
+    ce_tp.backward()
+    full_params = dict(full.named_parameters())
+    names = []
+    for pname, p in sharded.named_parameters():
+        torch.testing.assert_close(_full(p.grad), full_params[pname].grad, rtol=1e-4, atol=1e-6, msg=pname)
+        names.append(pname)
+    return sorted(names)
+
+
+def test_tp_gqa_first_dense_matches_unsharded():
+    names = run_dist(_gqa_layers_body, 2)
+    assert names[0] == names[1] and "layers.0.ffn.w1.weight" in names[0] and "layers.1.ffn.experts.w1" in names[0]
+
+
+def _gqa_train_body(rank, world, log_dir, ckpt_dir, extra):
+    """4 steps of the GQA + dense-first model at this world's layout; rank 0's losses."""
+    import random
+
+    import numpy as np
+
+    from moetrain.data import load_token_data
+    from moetrain.parallel.mesh import init_parallel
+    from moetrain.train.loop import run_training
+
+    cfg = load_config(CONFIG, TINY + GQA + ["train.steps=4", f"logging.dir={log_dir}",
+                                            f"checkpoint.dir={ckpt_dir}", *extra])
+    dp, tp, ep = validate_layout(cfg, world)
+    par = init_parallel(dp, tp, ep, _env(rank, world), "cpu")
+    torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
+    run_training(cfg, par, load_token_data(cfg.data.source, cfg.data.path, cfg.model.vocab_size), log=lambda m: None)
+    return {r["step"]: r["loss"] for r in _records(os.path.join(log_dir, cfg.logging.run_name))} if rank == 0 else None
+
+
+@pytest.mark.slow
+def test_tp2_gqa_run_matches_world1_and_resumes_at_world1(tmp_path):
+    """GQA + a dense first layer: a tp=2 run's loss curve equals world 1's, and its tp=2
+    checkpoint (K/V heads sharded over tp) resumes at world 1 and continues the curve."""
+    torch.set_num_threads(1)
+    tp2 = run_dist(_gqa_train_body, 2, (str(tmp_path / "a"), str(tmp_path / "ck"),
+                                        ["parallel.tp=2", "checkpoint.every=2"]), timeout_s=300)[0]
+    w1 = _gqa_train_body(0, 1, str(tmp_path / "w1"), str(tmp_path / "ck_w1"), [])
+    assert sorted(tp2) == sorted(w1) == [1, 2, 3, 4]
+    torch.testing.assert_close(torch.tensor([tp2[s] for s in range(1, 5)]), torch.tensor([w1[s] for s in range(1, 5)]),
+                               rtol=2e-5, atol=0)
+    resumed = _gqa_train_body(0, 1, str(tmp_path / "b"), str(tmp_path / "ck_b"),
+                              [f"checkpoint.resume={tmp_path / 'ck' / 'step_00000002'}"])
+    assert sorted(resumed) == [3, 4]
+    torch.testing.assert_close(torch.tensor([resumed[3], resumed[4]]), torch.tensor([tp2[3], tp2[4]]),
+                               rtol=2e-5, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,6 +348,9 @@ def _error(overrides, world=None):
 
 @pytest.mark.parametrize("overrides,key,needle", [
     (["parallel.tp=4"], "parallel.tp=4", "model.n_heads=2"),
+    (["parallel.tp=2", "model.n_heads=4", "model.n_kv_heads=1"], "parallel.tp=2", "model.n_kv_heads=1"),
+    (["parallel.tp=2", "model.ffn_hidden=63", "moe.expert_hidden=16", "moe.every=1", "moe.first_dense_layers=1"],
+     "parallel.tp=2", "model.ffn_hidden=63"),
     (["parallel.tp=2", "model.n_heads=2", "model.vocab_size=255"], "parallel.tp=2", "model.vocab_size=255"),
     (["parallel.tp=2", "model.ffn_hidden=63", "moe.expert_hidden=16"], "parallel.tp=2", "model.ffn_hidden=63"),
     (["parallel.tp=2", "moe.expert_hidden=15"], "parallel.tp=2", "shared-expert hidden size 15"),
