@@ -284,8 +284,8 @@ def init_parallel(dp: int, tp: int, ep: int, env: LaunchEnv, device_kind: str = 
     timeout = _timeout(timeout_s)
     rdzv_s = rendezvous_timeout()
     pg_backend = process_group_backend(backend, device)
-    _ensure_rendezvous(env)
-    if not dist.is_initialized():
+    if not dist.is_initialized():      # else a group made by the caller (tests, tools) is used as is
+        _ensure_rendezvous(env)
         where = f" at {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
         try:
             deadline = time.monotonic() + rdzv_s
