@@ -14,7 +14,8 @@ w = dtype bytes: fp32 4, bf16 2. Bytes are bytes; MiB = 2**20 bytes.
    expert parameter (GroupedExperts w1/w3/w2 [E, D, H]/[E, H, D]; PEER expert_down/up [N, D]) and
    which dim tensor parallelism shards (model/tp_plan.py):
      embed.weight [V, D] Shard(0) (RowwiseParallel on an embedding = vocab rows); head.weight
-     [V, D] Shard(0) (ColwiseParallel); attention wq/wk/wv [D, D] Shard(0), wo Shard(1); dense
+     [V, D] Shard(0) (ColwiseParallel); attention wq [D, D] and wk/wv [Hkv*Dh, D] (grouped-query
+     attention: Hkv = model.n_kv_heads) Shard(0), wo Shard(1); dense
      SwiGLU and shared experts w1/w3 [h, D] Shard(0), w2 [D, h] Shard(1); with parallel.etp the
      routed experts' w1/w3 Shard(2), w2 Shard(1); everything else (norms, routers, MoE++
      constants, PEER query/keys/tables) replicated over tp. A tied head is the embedding.
@@ -54,7 +55,8 @@ w = dtype bytes: fp32 4, bf16 2. Bytes are bytes; MiB = 2**20 bytes.
      norm       2*T*D*4 + T*4 (residual input, x*rsqrt, rsqrt)
      in(n)      the normalized input of n matmuls: T*D*4 in fp32 (one tensor), n*T*D*2 under
                 bf16 autocast (each matmul saves its own cast: autocast caches weight casts only)
-     attention  norm + in(3) + 5*T*D*c/tp (rotated q and k, v, the attention output, wo's input)
+     attention  norm + in(3) + (3*D + 2*Hkv*Dh)*T*c/tp (rotated q, rotated k and v at the K/V
+                heads' width, the attention output, wo's input)
                 + T*Hh/tp*4 (the attention logsumexp)
      dense FFN  norm + in(2) + 4*T*h*c/tp (w1 out, w3 out, silu out, product), h = ffn_hidden
      MoE        norm + router T*D*4 + 2*T*E*4 + T*K*12 + 3*T*4 (fp32 input, logits,
@@ -110,6 +112,10 @@ w = dtype bytes: fp32 4, bf16 2. Bytes are bytes; MiB = 2**20 bytes.
    with etp) at bf16 peak x compute_efficiency; all-to-all = off-rank bytes over the ep-1 peers,
    on-node ones at the NVLink rate and the rest at the network rate; collectives = ring wire bytes
    at the slowest link of their group. No overlap of communication with compute is assumed.
+   Optional fixed costs for hosts where per-op overheads dominate (CPU; 0 in the GPU presets,
+   measured by tools/calibrate_hardware.py): per layer and micro-step, per local parameter for
+   the optimizer, per collective call; and per-node-occupancy figures (`by_local_ranks`: ranks
+   sharing a CPU's cores each get a share of them).
    Placement follows parallel/mesh.py: rank = (edp_idx*ep + ep_idx)*tp + tp_idx, nodes of
    gpus_per_node consecutive ranks.
 """
@@ -119,6 +125,8 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
+
+from moetrain.config import is_moe_layer
 
 MIB = 2 ** 20
 DS_BUCKET = 500_000_000          # train/ds_engine.DS_BUCKET: DeepSpeed reduce bucket (elements)
@@ -160,11 +168,6 @@ def _router_has_noise(router: str) -> bool:
     return ROUTERS[router].noise
 
 
-def is_moe_layer(cfg, i: int) -> bool:
-    e = cfg.moe
-    return e.num_experts > 0 and (i + 1) % e.every == 0
-
-
 def param_specs(cfg) -> list[ParamSpec]:
     """Every parameter of Transformer(cfg) at world 1, in registration order (see module doc 1)."""
     m, e = cfg.model, cfg.moe
@@ -173,7 +176,9 @@ def param_specs(cfg) -> list[ParamSpec]:
     for i in range(m.n_layers):
         p = f"layers.{i}"
         out.append(ParamSpec(f"{p}.attn_norm.weight", (D,)))
-        out += [ParamSpec(f"{p}.attn.{n}.weight", (D, D), tp_dim=0) for n in ("wq", "wk", "wv")]
+        kv = m.kv_heads * m.head_dim                     # grouped-query attention: K/V heads only
+        out.append(ParamSpec(f"{p}.attn.wq.weight", (D, D), tp_dim=0))
+        out += [ParamSpec(f"{p}.attn.{n}.weight", (kv, D), tp_dim=0) for n in ("wk", "wv")]
         out.append(ParamSpec(f"{p}.attn.wo.weight", (D, D), tp_dim=1))
         out.append(ParamSpec(f"{p}.ffn_norm.weight", (D,)))
         if not is_moe_layer(cfg, i):
@@ -684,7 +689,7 @@ def activation_bytes(cfg, layout: Layout, device: str = "cpu", skew: float = 1.0
         (autocast caches casts of weights, not of activations)."""
         return T * D * 4 if c == 4 else n * T * D * c
 
-    attn = norm + inp(3) + 5 * T * D * c // tp + T * (m.n_heads // tp) * 4
+    attn = norm + inp(3) + (3 * D + 2 * m.kv_heads * m.head_dim) * T * c // tp + T * (m.n_heads // tp) * 4
 
     def ffn(hidden: int) -> int:                       # w1 out, w3 out, silu out, product
         return 4 * T * hidden * c // tp
@@ -794,10 +799,27 @@ class Hardware:
     memory_reserve_gib: float = 0.0
     compute_efficiency: float = 0.4
     comm_efficiency: float = 0.7
+    # optional fixed costs (0 for the GPU presets; tools/calibrate_hardware.py measures them on CPU)
+    layer_overhead_ms: float = 0.0        # per transformer layer and micro-step (fwd + bwd per-op costs)
+    optimizer_ns_per_param: float = 0.0   # optimizer step + zero_grad, per local parameter
+    collective_latency_us: float = 0.0    # per collective call (a2a, TP all-reduce, gradient bucket)
+    allreduce_GBps: Optional[float] = None        # all-reduces' own bus rate and latency where they
+    allreduce_latency_us: Optional[float] = None  # differ (gloo on CPU); None: the figures above
+    by_local_ranks: Optional[dict] = None  # {ranks sharing a node: {field: value}} (CPU: cores shared)
 
     @property
     def usable_bytes(self) -> float:
         return (self.memory_gib - self.memory_reserve_gib) * 2 ** 30
+
+    def for_ranks(self, local_ranks: int) -> "Hardware":
+        """The figures when `local_ranks` ranks share a node: by_local_ranks' entry for that
+        count, else for the largest count below it (the smallest one if none is below)."""
+        if not self.by_local_ranks:
+            return self
+        table = {int(k): v for k, v in self.by_local_ranks.items()}
+        below = [k for k in table if k <= local_ranks]
+        key = max(below) if below else min(table)
+        return dataclasses.replace(self, by_local_ranks=None, **table[key])
 
 
 def flops_split(cfg, seq_len: Optional[int] = None) -> tuple[float, float]:
@@ -829,10 +851,13 @@ class StepTime:
     a2a_inter: float
     grad_sync: float
     tp: float
+    overhead: float = 0.0        # layer_overhead_ms x layers x micro-steps
+    optimizer: float = 0.0       # optimizer_ns_per_param x local parameters
 
     @property
     def total(self) -> float:
-        return self.compute + self.a2a_intra + self.a2a_inter + self.grad_sync + self.tp
+        return (self.compute + self.a2a_intra + self.a2a_inter + self.grad_sync + self.tp + self.overhead
+                + self.optimizer)
 
 
 def step_time(cfg, pl: Plan, hw: Hardware, gpus_per_node: int, skew: float = 1.0,
@@ -842,8 +867,18 @@ def step_time(cfg, pl: Plan, hw: Hardware, gpus_per_node: int, skew: float = 1.0
     plain TP replicates the experts); a2a = off-rank bytes split evenly over the ep-1 peers, those
     on the node at intra_node_GBps, the others at inter_node_GBps; gradient / parameter
     collectives and TP all-reduces = ring wire bytes at the bandwidth of their slowest link (a
-    group spanning nodes runs at inter_node_GBps); every bandwidth x comm_efficiency."""
+    group spanning nodes runs at inter_node_GBps); every bandwidth x comm_efficiency.
+    Fixed costs (optional hardware fields, 0 for the GPU presets): layer_overhead_ms per layer and
+    micro-step, optimizer_ns_per_param per local parameter (the ZeRO partition under ZeRO),
+    collective_latency_us per call (all-reduces: allreduce_latency_us and allreduce_GBps when
+    given): 5 a2a calls (counts, dispatch, combine and their backward)
+    per routed MoE layer and micro-step, per micro-step 2 TP all-reduces per block of module
+    doc 6 + 2 (embedding, head) + 3 (loss) (+ 2 per routed layer with etp), one per gradient
+    collective. by_local_ranks: the figures for min(world, gpus_per_node) ranks per node."""
     lay = pl.layout
+    hw = hw.for_ranks(min(lay.world, gpus_per_node))
+    lat = hw.collective_latency_us * 1e-6
+    m = pl.micro_steps
     s = seq_len if seq_len is not None else cfg.train.seq_len
     g = global_batch if global_batch is not None else cfg.train.global_batch_size
     tokens = g * s / lay.dp
@@ -857,10 +892,26 @@ def step_time(cfg, pl: Plan, hw: Hardware, gpus_per_node: int, skew: float = 1.0
         near, far = _peers(lay, gpus_per_node)
         per_peer = pl.a2a.off_rank / (lay.ep - 1)
         a_intra, a_inter = near * per_peer / intra_bw, far * per_peer / inter_bw
+        calls = 5 * routed_moe_layers(cfg) * m * lat
+        if far and not near:
+            a_inter += calls
+        else:
+            a_intra += calls
+    ar_bw = hw.allreduce_GBps * 1e9 * hw.comm_efficiency if hw.allreduce_GBps else intra_bw
+    ar_lat = hw.allreduce_latency_us * 1e-6 if hw.allreduce_latency_us is not None else lat
     grad = 0.0
     for c in pl.grad_sync:
-        grad += c.wire_bytes / (intra_bw if _intra(c.size, lay.world, gpus_per_node) else inter_bw)
+        near_bw, near_lat = (ar_bw, ar_lat) if c.kind == "all_reduce" else (intra_bw, lat)
+        grad += c.wire_bytes / (near_bw if _intra(c.size, lay.world, gpus_per_node) else inter_bw)
+        grad += near_lat if c.size > 1 else 0.0
     tp = 0.0
     if pl.tp is not None and lay.tp > 1:
-        tp = pl.tp.wire_bytes / (intra_bw if lay.tp <= gpus_per_node else inter_bw)
-    return StepTime(compute, a_intra, a_inter, grad, tp)
+        tp = pl.tp.wire_bytes / (ar_bw if lay.tp <= gpus_per_node else inter_bw)
+        e = cfg.moe
+        blocks = cfg.model.n_layers + sum(not is_moe_layer(cfg, i) or (e.layer == "moe" and e.shared_experts > 0)
+                                          for i in range(cfg.model.n_layers))
+        tp += m * (2 * blocks + 5 + (2 * routed_moe_layers(cfg) if lay.etp else 0)) * ar_lat
+    overhead = cfg.model.n_layers * m * hw.layer_overhead_ms * 1e-3
+    n_params = _zero_partition(cfg, lay) if lay.zero_stage else sum(lp.numel for lp in local_params(cfg, lay))
+    optimizer = n_params * hw.optimizer_ns_per_param * 1e-9
+    return StepTime(compute, a_intra, a_inter, grad, tp, overhead, optimizer)

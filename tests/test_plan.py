@@ -36,6 +36,8 @@ SHAPE_CONFIGS = [
     ["model.tie_embeddings=true", "moe.every=2"],
     ["moe.num_experts=0"],
     ["moe.expert_hidden=48", "moe.top_k=1", "moe.router=switch"],
+    ["model.n_kv_heads=2", "moe.first_dense_layers=1", "moe.shared_experts=1"],
+    ["model.n_kv_heads=1", "moe.every=2"],
 ]
 
 
@@ -186,7 +188,8 @@ def _saved_bytes(cfg, bf16: bool = False) -> int:
     (["model.dim=64", "moe.num_experts=16", "moe.top_k=1", "moe.router=switch"], 0.005),
     (["moe.capacity_factor=1.0"], 0.05),        # the model counts the capacity bound
     (["moe.layer=peer", "moe.peer.num_keys=8", "moe.peer.key_dim=16", "moe.peer.top_k=4"], 0.02),
-], ids=["dropless", "dense", "shared_fine", "top1", "capacity", "peer"])
+    (["model.n_kv_heads=2", "moe.first_dense_layers=1"], 0.002),
+], ids=["dropless", "dense", "shared_fine", "top1", "capacity", "peer", "gqa_first_dense"])
 def test_activation_bytes_match_autograd_saved_tensors(extra, rel):
     cfg = _cfg(extra + ["train.micro_batch_size=4"])
     got = _saved_bytes(cfg)

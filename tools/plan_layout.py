@@ -8,7 +8,9 @@ each one's step would cost: memory per GPU and a modelled step time (moetrain/pl
 
 --hardware: a preset of configs/hardware/ (h100, h200, a100: figures and their sources in each
 file) or a YAML file with the same keys (name, bf16_tflops, memory_gib, memory_reserve_gib,
-intra_node_GBps, inter_node_GBps per GPU and direction, compute_efficiency, comm_efficiency).
+intra_node_GBps, inter_node_GBps per GPU and direction, compute_efficiency, comm_efficiency; optional
+fixed costs layer_overhead_ms, optimizer_ns_per_param, collective_latency_us and by_local_ranks, as
+tools/calibrate_hardware.py writes for a CPU host: see moetrain/plan.Hardware).
 
 For every layout config validation accepts at --gpus ranks (plan.enumerate_layouts), the largest
 micro batch up to train.micro_batch_size (or --micro-batch) that divides the per-rank batch and
@@ -62,7 +64,7 @@ def _micro_candidates(local_batch: int, cap: int) -> list[int]:
 
 
 def plan_rows(cfg, gpus: int, gpus_per_node: int, hw, skew: float = 1.0, micro_cap=None,
-              modes=None) -> list[dict]:
+              modes=None, device: str = "cuda") -> list[dict]:
     """One row per layout (fitting or not) with its best micro batch, memory and step time."""
     from moetrain import plan as P
     t = cfg.train
@@ -72,7 +74,7 @@ def plan_rows(cfg, gpus: int, gpus_per_node: int, hw, skew: float = 1.0, micro_c
         local = t.global_batch_size // lay.dp
         chosen = None
         for b in _micro_candidates(local, cap):
-            pl = P.plan(cfg, lay, device="cuda", skew=skew, micro_batch=b)
+            pl = P.plan(cfg, lay, device=device, skew=skew, micro_batch=b)
             chosen = pl
             if pl.memory_bytes <= hw.usable_bytes:
                 break
@@ -85,7 +87,8 @@ def plan_rows(cfg, gpus: int, gpus_per_node: int, hw, skew: float = 1.0, micro_c
             "mem_gib": pl.memory_bytes / GIB, "state_gib": pl.state.total / GIB,
             "act_gib": pl.activations / GIB, "other_gib": (pl.state.transient + pl.weight_copies) / GIB,
             "compute_ms": st.compute * 1e3, "a2a_intra_ms": st.a2a_intra * 1e3, "a2a_inter_ms": st.a2a_inter * 1e3,
-            "grad_ms": st.grad_sync * 1e3, "tp_ms": st.tp * 1e3, "step_ms": st.total * 1e3,
+            "grad_ms": st.grad_sync * 1e3, "tp_ms": st.tp * 1e3, "fixed_ms": (st.overhead + st.optimizer) * 1e3,
+            "step_ms": st.total * 1e3,
             "tokens_per_s": t.global_batch_size * t.seq_len / st.total,
         })
     rows.sort(key=lambda r: (not r["fits"], r["step_ms"]))
@@ -100,14 +103,17 @@ def _n(x: float) -> str:
 
 
 def table(rows: list[dict], limit: int) -> str:
+    """Markdown rows; a "fixed ms" column (per-layer overheads + optimizer, from a calibrated
+    hardware file) only when some row has one, so the columns always add up to the step."""
+    fixed = any(r["fixed_ms"] > 0 for r in rows[:limit])
     lines = ["| layout | micro x steps | mem/GPU GiB (state + act + other) | compute ms | a2a intra ms | "
-             "a2a inter ms | grad ms | tp ms | step ms | tokens/s |",
-             "|:--|--:|:--|--:|--:|--:|--:|--:|--:|--:|"]
+             "a2a inter ms | grad ms | tp ms | " + ("fixed ms | " if fixed else "") + "step ms | tokens/s |",
+             "|:--|--:|:--|--:|--:|--:|--:|--:|" + ("--:|" if fixed else "") + "--:|--:|"]
     for r in rows[:limit]:
         lines.append(f"| {r['layout']} | {r['micro_batch']}x{r['micro_steps']} | {_n(r['mem_gib'])} "
                      f"({_n(r['state_gib'])} + {_n(r['act_gib'])} + {_n(r['other_gib'])}) | {_n(r['compute_ms'])} | "
                      f"{_n(r['a2a_intra_ms'])} | {_n(r['a2a_inter_ms'])} | {_n(r['grad_ms'])} | {_n(r['tp_ms'])} | "
-                     f"{_n(r['step_ms'])} | {r['tokens_per_s']:,.0f} |")
+                     + (f"{_n(r['fixed_ms'])} | " if fixed else "") + f"{_n(r['step_ms'])} | {r['tokens_per_s']:,.0f} |")
     return "\n".join(lines)
 
 
@@ -124,6 +130,9 @@ def main(argv=None) -> int:
     ap.add_argument("--global-batch", type=int, default=None, help="sequences per step (train.global_batch_size)")
     ap.add_argument("--seq-len", type=int, default=None, help="train.seq_len (model.max_seq_len grows to fit)")
     ap.add_argument("--micro-batch", type=int, default=None, help="largest micro batch to try")
+    ap.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
+                    help="compute dtype of the modelled run: bf16 (autocast, a GPU's train.precision=auto) "
+                         "or fp32 (CPU training; with a --hardware file from tools/calibrate_hardware.py)")
     ap.add_argument("--skew", type=float, default=1.0, help="busiest rank's expert load / mean (dropless)")
     ap.add_argument("--modes", default=None, help="subset of native,fsdp,zero1,zero2")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
@@ -147,7 +156,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"plan_layout: error: {exc}") from None
     hw = load_hardware(args.hardware)
     modes = tuple(m for m in args.modes.split(",") if m) if args.modes else None
-    rows = plan_rows(cfg, args.gpus, args.gpus_per_node, hw, args.skew, args.micro_batch, modes)
+    rows = plan_rows(cfg, args.gpus, args.gpus_per_node, hw, args.skew, args.micro_batch, modes,
+                     "cpu" if args.precision == "fp32" else "cuda")
     from moetrain.plan import count_params
     total, active = count_params(cfg)
     fit = [r for r in rows if r["fits"]]

@@ -74,6 +74,8 @@ def test_parameter_counts_match_published(name):
     print(f"{name}: total {total / 1e9:.3f}B (published {pub_total / 1e9}B, {100 * (total / pub_total - 1):+.2f}%), "
           f"active {active / 1e9:.3f}B (published {pub_active / 1e9}B, {100 * (active / pub_active - 1):+.2f}%)")
     assert (total, active) == (exact_total, exact_active) == _by_hand(cfg)
+    from moetrain import plan
+    assert plan.count_params(cfg) == (total, active)       # the planner counts the same model
     assert abs(total / pub_total - 1) <= 0.005
     if name == "deepseek_moe_16b":     # 2.8B is 2.83B rounded (module docstring)
         assert abs(active - pub_active) < 0.05e9
