@@ -228,7 +228,8 @@ def generate(model: torch.nn.Module, prompt_ids: Sequence[int], max_new_tokens: 
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
     ids = torch.tensor([prompt], dtype=torch.long, device=device)
-    cache = KVCache(len(model.layers), max_len) if use_cache else None
+    # sized to this request, not to model.max_seq_len (Mixtral's 32k positions would be GBs)
+    cache = KVCache(len(model.layers), len(prompt) + max_new_tokens) if use_cache else None
     new: list[int] = []
     stop = "max_new_tokens"
     t0 = time.perf_counter()

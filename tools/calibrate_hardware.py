@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -426,7 +425,10 @@ def train_once(config: str, world: int, layout, steps: int, warmup: int, workdir
     load0 = os.getloadavg()[0]
     meter = _steal()
     t0 = time.time()
-    proc = subprocess.run(cmd, cwd=_REPO, capture_output=True, text=True)
+    try:       # a generous bound: a stuck rendezvous or collective must not stall the whole sweep
+        proc = subprocess.run(cmd, cwd=_REPO, capture_output=True, text=True, timeout=600 + 30 * steps)
+    except subprocess.TimeoutExpired:
+        return {"world": world, "layout": str(layout), "error": f"timed out after {600 + 30 * steps} s"}
     wall = time.time() - t0
     steal = meter.fraction()
     if proc.returncode != 0:
@@ -589,6 +591,8 @@ def main(argv=None) -> int:
             ap.error("--report needs --hardware")
         return report(args)
     if args.validate:
+        if not 0 <= args.warmup < args.steps:
+            ap.error(f"--warmup {args.warmup} must be >= 0 and below --steps {args.steps} (steps are measured after it)")
         return validate_runs(args)
     if not args.out:
         ap.error("--out is required (or --validate / --report)")

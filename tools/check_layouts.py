@@ -72,6 +72,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
+from moetrain.errors import first_line  # noqa: E402
+
 BASE_AXES = ("edp", "ep", "tp")
 TP_LINEAR = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 
@@ -636,11 +638,6 @@ def cross_rank_checks(cfg, arith: Arith, views: list[RankView], rep: Report, all
 # ----------------------------------------------------------------------------- driver
 
 
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else ""
-
-
 def _where(exc: BaseException) -> str:
     """file:line of the innermost frame of a traceback (the place moetrain's code failed)."""
     import traceback
@@ -695,7 +692,7 @@ def check_layout(config: str, world: int, layout: Layout, extra: tuple = (), n_r
                 built = build_rank(cfg, world, r)
                 views.append(observe_rank(cfg, built, arith, rep, ref))
             except Exception as exc:       # a broken layout may crash moetrain's code: that is a finding
-                rep.check(False, f"rank {r}: {type(exc).__name__}: {first_line(exc)} "
+                rep.check(False, f"rank {r}: {type(exc).__name__}: {first_line(exc)[:300]} "
                                  f"(at {_where(exc)})")
             built = None
     stats = {}
@@ -703,7 +700,7 @@ def check_layout(config: str, world: int, layout: Layout, extra: tuple = (), n_r
         try:
             stats = cross_rank_checks(cfg, arith, views, rep, all_slots)
         except Exception as exc:
-            rep.check(False, f"across ranks: {type(exc).__name__}: {first_line(exc)} (at {_where(exc)})")
+            rep.check(False, f"across ranks: {type(exc).__name__}: {first_line(exc)[:300]} (at {_where(exc)})")
     return Result(config, world, layout, ranks, rep.checks, rep.failures, time.perf_counter() - t0,
                   time.process_time() - c0, **stats)
 

@@ -47,8 +47,13 @@ def load_hardware(name_or_path: str):
         presets = sorted(f[:-5] for f in os.listdir(HARDWARE_DIR) if f.endswith(".yaml"))
         raise SystemExit(f"plan_layout: error: --hardware {name_or_path!r}: no such file and not a preset "
                          f"({', '.join(presets)})")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise SystemExit(f"plan_layout: error: {path}: cannot read ({str(exc).strip().splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise SystemExit(f"plan_layout: error: {path}: expected a mapping of hardware figures")
     fields = set(Hardware.__dataclass_fields__)
     unknown = sorted(set(data) - fields)
     if unknown:
@@ -139,8 +144,8 @@ def main(argv=None) -> int:
     ap.add_argument("--top", type=int, default=20, help="rows to print")
     ap.add_argument("--json", default=None, help="write every row here")
     args = ap.parse_args(argv)
-    if args.gpus < 1 or args.gpus_per_node < 1 or args.skew < 1.0:
-        ap.error("--gpus and --gpus-per-node must be >= 1, --skew >= 1")
+    if args.gpus < 1 or args.gpus_per_node < 1 or args.skew < 1.0 or (args.micro_batch or 1) < 1:
+        ap.error("--gpus, --gpus-per-node and --micro-batch must be >= 1, --skew >= 1")
     from moetrain.config import ConfigError, load_config
     over = list(args.set) + ["checkpoint.every=0", "checkpoint.resume=none", "parallel.dp=null",
                              "parallel.tp=1", "parallel.ep=1", "parallel.fsdp=false", "train.engine=native"]
@@ -171,7 +176,7 @@ def main(argv=None) -> int:
                                              f"{_n(r['mem_gib'])} GiB, {_n(r['step_ms'])} ms)"
                                              for i, r in enumerate(fit[:3])))
     else:
-        print("\nno layout fits: the smallest-memory ones are above (use more GPUs, a smaller micro batch or model)")
+        print("\nno layout fits: all are above, fastest first (use more GPUs, a smaller micro batch or model)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
