@@ -9,11 +9,15 @@ before anything is written. Formats (``FORMATS``), chosen by ``--format`` or by 
             file, its bytes as they are.
   jsonl     JSON Lines (``.jsonl``): one JSON object per line, one document per line, its text
             in a string field (``--field``, default "text"). Blank lines are skipped; a null field
-            is skipped with one warning per file; an invalid line, a non-object, a missing field
-            or a non-string value is an error naming the line.
+            is skipped with one warning per file; an invalid line (also one nested too deeply or
+            with an integer literal too long to convert), a non-object, a missing field or a
+            non-string value is an error naming the line. Each record comes with its 0-based line
+            index (blank lines count), its split key.
   parquet   Apache Parquet (``.parquet``), read with pyarrow: one document per row of a string
             column (``--field``). A file with no rows, no such column or a non-string column is an
-            error; null values are skipped with one warning per file.
+            error; null values are skipped with one warning per file. Each record comes with its
+            0-based row index (null rows count). The column's uncompressed size, from the file's
+            metadata, is checked against the size limit before the column is decompressed.
   nanogpt   a flat binary of little-endian token ids (nanoGPT's ``train.bin``/``val.bin``),
             dtype given by ``--dtype uint16|uint32`` (nothing in the file says which). No document
             boundaries: nanoGPT's prepare scripts already put an end-of-text token after each
@@ -29,7 +33,9 @@ before anything is written. Formats (``FORMATS``), chosen by ``--format`` or by 
                 (multimodal datasets).
             ``.bin``: the sequences' token ids in that dtype. A document is the concatenation of
             its sequences. Float dtypes are refused; every size, pointer and index is checked
-            against both files (a truncated .idx or .bin is an error naming it).
+            against both files (a truncated .idx or .bin is an error naming it), and the sizes
+            must add up to no more than the .bin holds (sequences that overlap could otherwise
+            copy the .bin many times over, past the size limits).
 
 Hostile inputs (files found by ``collect_files``): only regular files are read. Inside a
 directory anything else (FIFO, socket, device, a symlink to one, a dangling symlink) is skipped
@@ -49,6 +55,8 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
+
+from moetrain.errors import first_line
 
 FORMATS = ("text", "jsonl", "parquet", "nanogpt", "megatron")
 TOKEN_FORMATS = ("nanogpt", "megatron")  # already tokenized: ids, no text
@@ -211,11 +219,14 @@ def check_sizes(files: list[tuple[str, Path, int]], max_file: int, max_total: in
                              f"({size_text(total)} so far); raise the limit or pass fewer files")
 
 
-def read_regular(path: Path, limit: int) -> bytes:
+def read_regular(path: Path, limit: int, follow_symlinks: bool = True) -> bytes:
     """At most limit+1 bytes of a regular file. O_NONBLOCK: should the file have been replaced by
     a FIFO since the scan, open() returns at once and fstat refuses it (no hang); O_NOCTTY: a
-    terminal never becomes our controlling one."""
+    terminal never becomes our controlling one; follow_symlinks=False adds O_NOFOLLOW (a symlink
+    fails to open)."""
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+    if not follow_symlinks:
+        flags |= getattr(os, "O_NOFOLLOW", 0)
     try:
         fd = os.open(path, flags)
     except OSError as e:
@@ -251,8 +262,9 @@ def read_files(files: list[tuple[str, Path, int]], max_file: int, max_total: int
 # ----------------------------------------------------------------------------- text records
 
 
-def parse_jsonl(path: Path, data: bytes, field: str, warn: Warn = _no_warn) -> list[str]:
-    """The ``field`` string of every line of a JSON Lines file (see the module docstring)."""
+def parse_jsonl(path: Path, data: bytes, field: str, warn: Warn = _no_warn) -> list[tuple[int, str]]:
+    """(0-based line index, ``field`` string) of every record of a JSON Lines file (see the module
+    docstring)."""
     texts = []
     nulls = 0
     for lineno, raw in enumerate(data.split(b"\n"), 1):
@@ -264,6 +276,10 @@ def parse_jsonl(path: Path, data: bytes, field: str, warn: Warn = _no_warn) -> l
             raise InputError(f"{path}: line {lineno}: not UTF-8 ({e.reason} at byte {e.start})") from None
         except json.JSONDecodeError as e:
             raise InputError(f"{path}: line {lineno}: invalid JSON (column {e.colno}: {e.msg})") from None
+        except RecursionError:
+            raise InputError(f"{path}: line {lineno}: invalid JSON (nested too deeply)") from None
+        except ValueError as e:   # e.g. an integer literal over Python's int_max_str_digits
+            raise InputError(f"{path}: line {lineno}: invalid JSON ({first_line(e)})") from None
         if not isinstance(record, dict):
             raise InputError(f"{path}: line {lineno}: expected a JSON object, got {type(record).__name__}")
         if field not in record:
@@ -275,14 +291,17 @@ def parse_jsonl(path: Path, data: bytes, field: str, warn: Warn = _no_warn) -> l
             continue
         if not isinstance(value, str):
             raise InputError(f"{path}: line {lineno}: field {field!r} is {type(value).__name__}, not a string")
-        texts.append(value)
+        texts.append((lineno - 1, value))
     if nulls:
         warn(f"{path}: skipped {nulls} record(s) whose {field!r} is null")
     return texts
 
 
-def parse_parquet(path: Path, data: bytes, field: str, warn: Warn = _no_warn) -> list[str]:
-    """The ``field`` column of a Parquet file as strings (see the module docstring)."""
+def parse_parquet(path: Path, data: bytes, field: str, warn: Warn = _no_warn,
+                  max_bytes: int | None = None) -> list[tuple[int, str]]:
+    """(0-based row index, string) of every non-null value of the ``field`` column of a Parquet
+    file (see the module docstring); refused when the column's uncompressed size (per the file's
+    metadata) is over ``max_bytes``."""
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -292,7 +311,7 @@ def parse_parquet(path: Path, data: bytes, field: str, warn: Warn = _no_warn) ->
         pf = pq.ParquetFile(pa.BufferReader(data))
         schema = pf.schema_arrow
     except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid, OSError, ...
-        raise InputError(f"{path}: not a readable Parquet file ({_first_line(e)})") from None
+        raise InputError(f"{path}: not a readable Parquet file ({first_line(e)})") from None
     if field not in schema.names:
         cols = ", ".join(schema.names[:8]) or "none"
         raise InputError(f"{path}: no column {field!r} (columns: {cols}); pick one with --field")
@@ -302,20 +321,27 @@ def parse_parquet(path: Path, data: bytes, field: str, warn: Warn = _no_warn) ->
         raise InputError(f"{path}: column {field!r} has type {ftype}, not string")
     if pf.metadata.num_rows == 0:
         raise InputError(f"{path}: empty Parquet file (0 rows)")
+    if max_bytes is not None:
+        try:
+            meta = pf.metadata
+            col = schema.get_field_index(field)
+            size = sum(max(0, meta.row_group(g).column(col).total_uncompressed_size)
+                       for g in range(meta.num_row_groups))
+        except Exception as e:  # noqa: BLE001
+            raise InputError(f"{path}: not a readable Parquet file ({first_line(e)})") from None
+        if size > max_bytes:
+            raise InputError(f"{path}: column {field!r} is {size_text(size)} uncompressed, over the "
+                             f"--max-file-mb/--max-total-mb limit ({size_text(max_bytes)}); "
+                             "raise the limit or leave the file out")
     try:
         column = pf.read(columns=[field]).column(field)
     except Exception as e:  # noqa: BLE001
-        raise InputError(f"{path}: cannot read column {field!r} ({_first_line(e)})") from None
+        raise InputError(f"{path}: cannot read column {field!r} ({first_line(e)})") from None
     values = column.to_pylist()
-    texts = [v for v in values if v is not None]
+    texts = [(row, v) for row, v in enumerate(values) if v is not None]
     if len(texts) < len(values):
         warn(f"{path}: skipped {len(values) - len(texts)} row(s) whose {field!r} is null")
     return texts
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # ----------------------------------------------------------------------------- token corpora
@@ -365,10 +391,17 @@ def parse_megatron(idx_path: Path, idx: bytes, bin_path: Path, bin_data: bytes) 
         raise InputError(f"{idx_path}: document indices must rise from 0 to the sequence count {n_seq}")
     if n_seq and (int(pointers.min()) < 0 or np.any(pointers % dtype.itemsize)):
         raise InputError(f"{idx_path}: sequence pointers must be non-negative multiples of {dtype.itemsize}")
+    if n_seq and int(pointers.max()) > len(bin_data):   # checked first: pointer + size cannot overflow
+        raise InputError(f"{bin_path}: truncated: {size_text(len(bin_data))}, but {idx_path.name} points "
+                         f"to byte {int(pointers.max())}")
     ends = pointers + sizes * dtype.itemsize
     if n_seq and int(ends.max()) > len(bin_data):
         raise InputError(f"{bin_path}: truncated: {size_text(len(bin_data))}, but {idx_path.name} points "
                          f"to byte {int(ends.max())}")
+    total = int(sizes.sum()) * dtype.itemsize   # int64 sum of int32 sizes: no overflow below 2**32 sequences
+    if total > len(bin_data):
+        raise InputError(f"{idx_path}: its sequences hold {size_text(total)} of tokens, more than "
+                         f"{bin_path.name}'s {size_text(len(bin_data))} (overlapping or corrupt sequences)")
     if len(bin_data) % dtype.itemsize:
         raise InputError(f"{bin_path}: {size_text(len(bin_data))} is not a multiple of {dtype.itemsize} "
                          f"({dtype.name} tokens, per {idx_path.name}): truncated or mismatched")

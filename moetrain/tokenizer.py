@@ -6,13 +6,18 @@ A token directory's meta.json names its tokenizer under "tokenizer":
   - {"kind": "hf", "file": "tokenizer.json", "sha256": HEX, "eod_id": INT or null, ...}: a
     Hugging Face `tokenizers` file stored inside the token directory (copied there by
     tools/prepare_data.py, so the directory is self-contained and nothing is downloaded at run
-    time); its sha256 is checked when the codec is loaded;
+    time); its sha256 is checked when the codec is loaded. It must be a regular file in the
+    directory itself: a symlink (which could point anywhere, e.g. /dev/zero or outside the
+    directory) is refused, and so is a file over MAX_TOKENIZER_BYTES (256 MiB);
   - "none": a corpus that arrived already tokenized (nanoGPT / Megatron-LM files) prepared
     without --tokenizer: the ids are known, the text they stand for is not.
 
 End of document for a Hugging Face tokenizer (`HFCodec.from_file`): the token given as
 `eod_token`, else the first of EOD_CANDIDATES that the tokenizer has; None when it has none
 (callers that need one, such as prepare_data on text, refuse with one line asking for it).
+
+Any truncation or padding a tokenizer.json carries (common in downloaded files) is turned off:
+encode() and encode_batch() return every token of every text, unpadded.
 
 `load_codec(token_dir)` returns the codec a directory was written with. Every codec has
 kind, vocab_size, eod_id, encode(str) -> list[int], decode(ids) -> str and meta() (what
@@ -23,20 +28,43 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+from moetrain.errors import first_line
+
 EOD_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
 HF_FILE = "tokenizer.json"  # the tokenizer's name inside a token directory
+MAX_TOKENIZER_BYTES = 256 << 20   # tokenizer files read (and hashed) at most this large
+MAX_META_BYTES = 16 << 20         # a token directory's meta.json
 
 
 class TokenizerError(ValueError):
     """One-line, user-facing message naming the file and what is wrong."""
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+def _read_file(path: Path, limit: int, what: str, follow_symlinks: bool = True) -> bytes:
+    """A regular file's bytes, bounded by ``limit`` and read non-blocking (a FIFO cannot hang it);
+    with follow_symlinks=False a symlink is refused. One-line TokenizerError otherwise."""
+    from moetrain.data_formats import InputError, read_regular, size_text
+
+    try:
+        st = os.stat(path) if follow_symlinks else os.lstat(path)
+    except OSError as e:
+        raise TokenizerError(f"{path}: cannot read {what} ({e.strerror})") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise TokenizerError(f"{path}: {what} is a symlink; it must be a regular file in the directory")
+    if not stat.S_ISREG(st.st_mode):
+        raise TokenizerError(f"{path}: cannot read {what} (not a regular file)")
+    try:
+        data = read_regular(path, limit, follow_symlinks=follow_symlinks)
+    except InputError as e:
+        raise TokenizerError(str(e)) from None
+    if len(data) > limit:
+        raise TokenizerError(f"{path}: {what} is over {size_text(limit)}; refusing to read it")
+    return data
 
 
 class ByteCodec:
@@ -71,7 +99,9 @@ class HFCodec:
         try:
             self._tok = tokenizers.Tokenizer.from_str(content.decode("utf-8"))
         except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exception on bad JSON
-            raise TokenizerError(f"{name}: not a Hugging Face tokenizers file ({_one_line(e)})") from None
+            raise TokenizerError(f"{name}: not a Hugging Face tokenizers file ({first_line(e)})") from None
+        self._tok.no_truncation()   # settings stored in the file would cut and pad documents silently
+        self._tok.no_padding()
         self.name = name
         self.content = content  # the file's bytes, as hashed: prepare_data copies exactly these
         self.sha256 = hashlib.sha256(content).hexdigest()
@@ -91,12 +121,7 @@ class HFCodec:
         """Load a tokenizer.json; end of document = ``eod_token`` (must exist in the vocabulary),
         else the first of EOD_CANDIDATES present, else None."""
         path = Path(path)
-        if not path.is_file():
-            raise TokenizerError(f"{path}: tokenizer file not found (or not a regular file)")
-        try:
-            content = path.read_bytes()
-        except OSError as e:
-            raise TokenizerError(f"{path}: cannot read ({e.strerror})") from None
+        content = _read_file(path, MAX_TOKENIZER_BYTES, "the tokenizer file")
         codec = cls(content, str(path))
         candidates = (eod_token,) if eod_token is not None else EOD_CANDIDATES
         for text in candidates:
@@ -132,10 +157,14 @@ def load_codec(token_dir) -> Union[ByteCodec, HFCodec]:
     """The codec a token directory was written with (see the module docstring)."""
     directory = Path(token_dir).expanduser()
     meta_path = directory / "meta.json"
+    raw = _read_file(meta_path, MAX_META_BYTES, "the token directory's meta.json")
     try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TokenizerError(f"{meta_path}: cannot read the token directory's meta.json ({_one_line(e)})") from None
+        meta = json.loads(raw)
+    except RecursionError:
+        raise TokenizerError(f"{meta_path}: cannot read the token directory's meta.json "
+                             "(JSON nested too deeply)") from None
+    except ValueError as e:   # UnicodeDecodeError, JSONDecodeError, an over-long integer literal
+        raise TokenizerError(f"{meta_path}: cannot read the token directory's meta.json ({first_line(e)})") from None
     spec = meta.get("tokenizer", "bytes") if isinstance(meta, dict) else None
     if spec == "bytes":
         return ByteCodec()
@@ -147,10 +176,7 @@ def load_codec(token_dir) -> Union[ByteCodec, HFCodec]:
         if not isinstance(fname, str) or Path(fname).name != fname or fname in ("", ".", ".."):
             raise TokenizerError(f"{meta_path}: tokenizer file {fname!r} is not a plain file name")
         path = directory / fname
-        try:
-            content = path.read_bytes()
-        except OSError as e:
-            raise TokenizerError(f"{path}: cannot read the tokenizer file ({e.strerror})") from None
+        content = _read_file(path, MAX_TOKENIZER_BYTES, "the tokenizer file", follow_symlinks=False)
         digest = hashlib.sha256(content).hexdigest()
         if digest != spec.get("sha256"):
             raise TokenizerError(f"{path}: sha256 {digest[:12]}... does not match meta.json's "

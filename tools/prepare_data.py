@@ -31,7 +31,10 @@ tokenizer's end-of-document id if ``--tokenizer``, else none: documents are conc
 stored), unless the document already ends with it (Megatron's ``--append-eod``).
 
 Split. Each document has a key: a file's path relative to its input argument; a JSON line's
-"FILE#LINE_INDEX"; a Parquet row's "FILE#ROW"; a Megatron document's "PREFIX#DOC". With several
+"FILE#LINE_INDEX" (0-based index of its line in the file, blank lines counted); a Parquet row's
+"FILE#ROW" (0-based row index, null rows counted); a Megatron document's "PREFIX#DOC" (its
+index in the .idx). A record's key, and so its side of the split, never depends on other
+records being blank, null or empty. With several
 documents, a document goes to val when ``zlib.crc32(key) % 10000 < round(val_frac * 10000)``,
 so the split depends only on names and is stable as data is added. With a single document, or
 when that split would leave either side empty, the last ``val_frac`` of the tokens is val.
@@ -49,7 +52,8 @@ the scan and the read cannot hang the tool. Reads are bounded: a file larger tha
 (default 4096 MiB), are refused with one line naming the file and the flag to raise (exit 2)
 rather than skipped, since a silently partial dataset is worse than a refusal. Sizes are
 checked from stat before anything is read, and again while reading (a file may grow, and some
-regular files, e.g. under /proc, report size 0). The tool holds about 4x the input in memory
+regular files, e.g. under /proc, report size 0). A Parquet column whose uncompressed size (per
+the file's metadata) is over either limit is refused before it is decompressed. The tool holds about 4x the input in memory
 (more with a tokenizer).
 
 Every problem with the inputs (a bad file: invalid JSON line, missing field, empty Parquet,
@@ -172,9 +176,10 @@ def _text_documents(args, fmt, files, contents, codec):
         if fmt == "text":
             records.append((key, data))
         elif fmt == "jsonl":
-            records += [(f"{key}#{i}", t) for i, t in enumerate(parse_jsonl(path, data, args.field, _warn))]
+            records += [(f"{key}#{i}", t) for i, t in parse_jsonl(path, data, args.field, _warn)]
         else:
-            records += [(f"{key}#{i}", t) for i, t in enumerate(parse_parquet(path, data, args.field, _warn))]
+            limit = int(min(args.max_file_mb, args.max_total_mb) * MIB)
+            records += [(f"{key}#{i}", t) for i, t in parse_parquet(path, data, args.field, _warn, limit)]
     records = [(k, r) for k, r in records if r]   # empty files and empty texts are no documents
     if not records:
         raise InputError("all input files are empty; nothing to tokenize")
@@ -207,7 +212,6 @@ def _token_documents(args, fmt, files, contents, vocab, eod_id):
             check_token_range(path, tokens, vocab, f"wrong --dtype {args.dtype} for this file, or --vocab too small")
             docs.append((key, tokens))
         return docs, sorted(k for k, _ in docs) == ["train.bin", "val.bin"]
-    eod = None if eod_id is None else np.array([eod_id])
     for i in range(0, len(files), 2):
         (key, idx_path, _), (_, bin_path, _) = files[i], files[i + 1]
         stem = key[: -len(".idx")]
@@ -215,8 +219,9 @@ def _token_documents(args, fmt, files, contents, vocab, eod_id):
             check_token_range(bin_path, tokens, vocab, "--vocab too small for this dataset's ids")
             if not tokens.size:
                 continue
-            if eod is not None and tokens[-1] != eod_id:
-                tokens = np.concatenate([tokens.astype(np.int64), eod])
+            if eod_id is not None and tokens[-1] != eod_id:   # the dtype widens only if eod_id needs it
+                eod = np.array([eod_id], dtype=np.result_type(tokens.dtype, np.min_scalar_type(eod_id)))
+                tokens = np.concatenate([tokens, eod])
             docs.append((f"{stem}#{d}", tokens))
     if not docs:
         raise InputError("the Megatron datasets hold no tokens")
@@ -272,10 +277,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             train, val, method = split_documents(docs, args.val_frac,
                                                  "file" if fmt in ("text", "nanogpt") else "document")
-        top = max(int(train.max()) if train.size else 0, int(val.max()) if val.size else 0)
-        if top >= vocab:
-            what = "byte" if codec is None and not pretokenized else "token id"
-            raise InputError(f"input contains {what} {top} but --vocab is {vocab}")
+        if not pretokenized:   # pre-tokenized ids were checked per file (check_token_range)
+            top = max(int(train.max()) if train.size else 0, int(val.max()) if val.size else 0)
+            if top >= vocab:
+                what = "byte" if codec is None else "token id"
+                raise InputError(f"input contains {what} {top} but --vocab is {vocab}")
         tokenizer_meta = codec.meta() if codec else ("none" if pretokenized else "bytes")
         num_files = len(files) // 2 if fmt == "megatron" else len(files)
         meta = {"source": f"prepare_data: {fmt}, {num_files} files from {' '.join(args.inputs)}",

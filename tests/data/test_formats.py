@@ -104,12 +104,13 @@ def test_jsonl_round_trip_bytes(tmp_path, capsys):
     rng = np.random.default_rng(0)
     texts = [f"doc {i} " + "é" * int(rng.integers(0, 5)) + "x" * int(rng.integers(1, 50)) for i in range(300)]
     lines = [json.dumps({"id": i, "text": t}) for i, t in enumerate(texts)]
-    lines.insert(7, "")                                   # a blank line is skipped
+    lines.insert(7, "")                                   # a blank line is skipped (but keeps its index)
     (tmp_path / "c.jsonl").write_text("\n".join(lines) + "\n")
     rc, err = prepare(capsys, "--out", tmp_path / "out", tmp_path / "c.jsonl")
     assert rc == 0, err
     train, val, meta = tokens_of(tmp_path / "out", 256)
-    exp_train, exp_val = expected_split([(f"c.jsonl#{i}", [*t.encode(), 0]) for i, t in enumerate(texts)])
+    # key = FILE#LINE_INDEX, the 0-based line index: records after the blank line are one further on
+    exp_train, exp_val = expected_split([(f"c.jsonl#{i + (i >= 7)}", [*t.encode(), 0]) for i, t in enumerate(texts)])
     assert train.tolist() == exp_train and val.tolist() == exp_val and len(exp_val) > 0
     assert meta["format"] == "jsonl" and meta["split"] == "by_document" and meta["num_documents"] == 300
     assert meta["tokenizer"] == "bytes" and meta["eod_id"] == 0
@@ -239,6 +240,16 @@ def _jsonl_not_string(tmp):
     return [tmp / "bad.jsonl"], "bad.jsonl: line 1: field 'text' is int, not a string"
 
 
+def _jsonl_too_deep(tmp):
+    (tmp / "bad.jsonl").write_text('{"text": "ok"}\n' + "[" * 100_000 + "]" * 100_000 + "\n")
+    return [tmp / "bad.jsonl"], "bad.jsonl: line 2: invalid JSON (nested too deeply)"
+
+
+def _jsonl_huge_int(tmp):
+    (tmp / "bad.jsonl").write_text('{"text": "ok", "n": ' + "9" * 5000 + "}\n")
+    return [tmp / "bad.jsonl"], "bad.jsonl: line 1: invalid JSON"
+
+
 def _parquet_empty(tmp):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -308,6 +319,36 @@ def _megatron_missing_bin(tmp):
     return ["--vocab", 256, idx], "bad.bin: no such file"
 
 
+def _megatron_overlapping_sequences(tmp):
+    """Many sequences all spanning the whole .bin: copying them would hold N times the .bin."""
+    idx, bin_ = _megatron(tmp)
+    n_tokens = bin_.stat().st_size // 4
+    n = 1000
+    raw = MAGIC + struct.pack("<QBQQ", 1, CODES[np.int32], n, n + 1)
+    raw += struct.pack(f"<{n}i", *[n_tokens] * n) + struct.pack(f"<{n}q", *[0] * n)
+    raw += struct.pack(f"<{n + 1}q", *range(n + 1))
+    idx.write_bytes(raw)
+    return ["--vocab", 256, idx], "bad.idx: its sequences hold"
+
+
+def _megatron_pointer_overflow(tmp):
+    """A pointer near 2**63: pointer + size must not wrap around to pass the bounds check."""
+    idx, _ = _megatron(tmp)
+    raw = bytearray(idx.read_bytes())
+    struct.pack_into("<q", raw, 34 + 4 * 2 + 8, 2**63 - 4)   # the second sequence's pointer
+    idx.write_bytes(bytes(raw))
+    return ["--vocab", 256, idx], "bad.bin: truncated"
+
+
+def _parquet_over_limit_uncompressed(tmp):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"text": ["a" * 1000] * 3000}), tmp / "bad.parquet",   # ~3 MB, compresses well
+                   use_dictionary=False, compression="zstd")
+    assert (tmp / "bad.parquet").stat().st_size < 500_000
+    return ["--max-file-mb", 1, tmp / "bad.parquet"], "bad.parquet: column 'text' is"
+
+
 def _megatron_float_dtype(tmp):
     idx, _ = _megatron(tmp)
     raw = bytearray(idx.read_bytes())
@@ -316,10 +357,11 @@ def _megatron_float_dtype(tmp):
     return ["--vocab", 256, idx], "bad.idx: dtype float32 (code 7) is not an integer token type"
 
 
-BAD = [_bad_jsonl, _jsonl_missing_field, _jsonl_not_string, _parquet_empty, _parquet_missing_field,
-       _parquet_not_parquet, _nanogpt_odd_size, _nanogpt_wrong_dtype, _megatron_truncated_idx,
-       _megatron_truncated_header, _megatron_truncated_bin, _megatron_bad_magic, _megatron_id_over_vocab,
-       _megatron_missing_bin, _megatron_float_dtype]
+BAD = [_bad_jsonl, _jsonl_missing_field, _jsonl_not_string, _jsonl_too_deep, _jsonl_huge_int, _parquet_empty,
+       _parquet_missing_field, _parquet_not_parquet, _parquet_over_limit_uncompressed, _nanogpt_odd_size,
+       _nanogpt_wrong_dtype, _megatron_truncated_idx, _megatron_truncated_header, _megatron_truncated_bin,
+       _megatron_bad_magic, _megatron_id_over_vocab, _megatron_missing_bin, _megatron_overlapping_sequences,
+       _megatron_pointer_overflow, _megatron_float_dtype]
 
 
 @pytest.mark.parametrize("make", BAD, ids=[f.__name__.lstrip("_") for f in BAD])
@@ -424,6 +466,59 @@ def test_load_codec_refuses_a_changed_or_missing_tokenizer(tmp_path, capsys, bpe
     tok.unlink()
     with pytest.raises(TokenizerError, match="tokenizer.json: cannot read the tokenizer file"):
         load_codec(tmp_path / "out")
+
+
+def test_hf_codec_ignores_stored_truncation_and_padding(tmp_path, bpe):
+    """A tokenizer.json saved with truncation and padding on (as downloaded files often are):
+    documents are encoded whole and batches are not padded."""
+    tk = pytest.importorskip("tokenizers")
+    tok = tk.Tokenizer.from_file(str(bpe))
+    tok.enable_truncation(max_length=3)
+    tok.enable_padding(pad_id=0, pad_token="<|endoftext|>", length=64)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    saved = json.loads((tmp_path / "tokenizer.json").read_text())
+    assert saved["truncation"] and saved["padding"]
+    plain = HFCodec.from_file(bpe)
+    codec = HFCodec.from_file(tmp_path / "tokenizer.json")
+    long_text = "def f(x):\n    return x ** 2\n" * 20
+    assert len(plain.encode(long_text)) > 3 and codec.encode(long_text) == plain.encode(long_text)
+    assert codec.encode_batch([long_text, "a"]) == [plain.encode(long_text), plain.encode("a")]
+
+
+def _token_dir_with_tokenizer(tmp_path, capsys, bpe) -> Path:
+    (tmp_path / "a.txt").write_text("hello world\n" * 50)
+    assert prepare(capsys, "--out", tmp_path / "out", "--tokenizer", bpe, tmp_path / "a.txt")[0] == 0
+    return tmp_path / "out"
+
+
+def test_load_codec_refuses_a_symlinked_or_special_tokenizer_and_deep_meta(tmp_path, capsys, bpe):
+    import os
+    out = _token_dir_with_tokenizer(tmp_path, capsys, bpe)
+    tok = out / "tokenizer.json"
+    tok.unlink()
+    tok.symlink_to(bpe)                                     # even to the same content: refused
+    with pytest.raises(TokenizerError, match="tokenizer.json: the tokenizer file is a symlink") as info:
+        load_codec(out)
+    assert "\n" not in str(info.value)
+    tok.unlink()
+    os.mkfifo(tok)                                          # refused, not hung
+    with pytest.raises(TokenizerError, match="tokenizer.json: cannot read the tokenizer file .not a regular"):
+        load_codec(out)
+    (out / "meta.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(TokenizerError, match="meta.json: .*nested too deeply") as info:
+        load_codec(out)
+    assert "\n" not in str(info.value)
+
+
+def test_megatron_eod_keeps_a_narrow_dtype(tmp_path):
+    write_megatron(tmp_path / "m", [[[1, 2, 3]], [[4, 5]]], np.uint16)
+    files = [("m.idx", tmp_path / "m.idx", 0), ("m.bin", tmp_path / "m.bin", 0)]
+    contents = [(tmp_path / "m.idx").read_bytes(), (tmp_path / "m.bin").read_bytes()]
+    args = type("Args", (), {"dtype": None})()
+    docs, _ = prepare_data._token_documents(args, "megatron", files, contents, 1000, 0)
+    assert [d.dtype for _, d in docs] == [np.uint16, np.uint16] and docs[0][1].tolist() == [1, 2, 3, 0]
+    docs, _ = prepare_data._token_documents(args, "megatron", files, contents, 100_000, 70_000)
+    assert docs[1][1].dtype == np.uint32 and docs[1][1].tolist() == [4, 5, 70_000]
 
 
 def test_tokenizer_without_eod_needs_eod_token(tmp_path, capsys):
