@@ -121,6 +121,10 @@ def read_hf_dir(path: str) -> tuple[dict, dict]:
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise HFReadError(f"{os.path.join(path, INDEX)}: no weight_map")
+        bad = [v for v in weight_map.values() if not isinstance(v, str)]
+        if bad:
+            raise HFReadError(f"{os.path.join(path, INDEX)}: weight_map names shard {str(bad[0])[:60]!r}, "
+                              "not a file name")
         files = sorted(set(weight_map.values()))
     elif os.path.isfile(os.path.join(path, SINGLE)):
         files = [SINGLE]
@@ -147,8 +151,12 @@ def _read_json(path: str) -> dict:
     try:
         with open(path) as f:
             obj = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise HFReadError(f"{path}: not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise HFReadError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except RecursionError:
+        raise HFReadError(f"{path}: not valid JSON (nested too deeply)") from None
+    except ValueError as exc:       # JSONDecodeError, UnicodeDecodeError, an integer literal too long
+        raise HFReadError(f"{path}: not valid JSON ({str(exc).splitlines()[0][:200] if str(exc) else exc!r})") from None
     if not isinstance(obj, dict):
         raise HFReadError(f"{path}: must hold a JSON object")
     return obj

@@ -57,6 +57,7 @@ K/V projections keep their n_kv_heads * head_dim rows (RoPE-permuted per head li
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -298,9 +299,53 @@ class ImportPlan:
     notes: tuple = field(default_factory=tuple)
 
 
+# transformers 5.x defaults (models/*/configuration_*.py) of the optional keys import reads: a
+# config.json that omits one means what transformers means. Shape keys without a default here are
+# required (_int refuses their absence rather than guess a size).
+HF_DEFAULTS = {
+    "llama": dict(rms_norm_eps=1e-6, num_key_value_heads=None, max_position_embeddings=2048),
+    "mixtral": dict(rms_norm_eps=1e-5, num_key_value_heads=8, max_position_embeddings=4096 * 32),
+    "qwen2_moe": dict(rms_norm_eps=1e-6, num_key_value_heads=16, max_position_embeddings=32768,
+                      decoder_sparse_step=1, norm_topk_prob=False),
+    "glm4_moe": dict(rms_norm_eps=1e-5, num_key_value_heads=8, max_position_embeddings=131072,
+                     n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
+                     routed_scaling_factor=1.0, norm_topk_prob=True),
+}
+_REQUIRED = object()
+
+
+def _opt(hf: dict, key: str, default=_REQUIRED):
+    """hf[key], else transformers' default for this model_type (or `default`)."""
+    if key in hf:
+        return hf[key]
+    return HF_DEFAULTS.get(hf.get("model_type"), {}).get(key, default)
+
+
+def _int(hf: dict, key: str, minimum: int = 1, default=_REQUIRED) -> int:
+    """An integer config key >= minimum (transformers' default when absent), or one HFMapError line."""
+    v = _opt(hf, key, default)
+    if v is _REQUIRED:
+        raise HFMapError(f"config.json has no {key}")
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise HFMapError(f"config.json {key}={repr(v)[:60]}: must be an integer >= {minimum}")
+    return v
+
+
+def _num(hf: dict, key: str, default=_REQUIRED) -> float:
+    """A positive finite number config key (transformers' default when absent), or one HFMapError line."""
+    v = _opt(hf, key, default)
+    if v is _REQUIRED:
+        raise HFMapError(f"config.json has no {key}")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
+        raise HFMapError(f"config.json {key}={repr(v)[:60]}: must be a positive number")
+    return float(v)
+
+
 def _rope_theta(hf: dict) -> float:
     """RoPE base of an unscaled, whole-head RoPE (transformers 5 rope_parameters or 4's keys)."""
     rp = hf.get("rope_parameters") or {}
+    if not isinstance(rp, dict):
+        raise HFMapError(f"config.json rope_parameters={repr(rp)[:60]}: must be an object")
     scaling = hf.get("rope_scaling")
     if scaling:
         raise HFMapError(f"rope_scaling={scaling} does not map: moetrain's RoPE is unscaled")
@@ -315,20 +360,23 @@ def _rope_theta(hf: dict) -> float:
     theta = rp.get("rope_theta", hf.get("rope_theta"))
     if theta is None:
         raise HFMapError("config.json has no rope_theta")
-    return float(theta)
+    return _num({"rope_theta": theta}, "rope_theta")
 
 
 def hf_moe_layers(hf: dict) -> list[bool]:
     """Which layers of an HF config hold an MoE block."""
-    n, mt = hf["num_hidden_layers"], hf["model_type"]
+    n, mt = _int(hf, "num_hidden_layers"), hf["model_type"]
     if mt == "llama":
         return [False] * n
     if mt == "mixtral":
         return [True] * n
     if mt == "qwen2_moe":
-        step, only = hf.get("decoder_sparse_step", 1), set(hf.get("mlp_only_layers") or ())
-        return [i not in only and hf["num_experts"] > 0 and (i + 1) % step == 0 for i in range(n)]
-    k = hf.get("first_k_dense_replace", 0)
+        step, only = _int(hf, "decoder_sparse_step"), hf.get("mlp_only_layers") or []
+        if not isinstance(only, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in only):
+            raise HFMapError(f"config.json mlp_only_layers={repr(only)[:60]}: must be a list of layer numbers")
+        only, experts = set(only), _int(hf, "num_experts", 0)
+        return [i not in only and experts > 0 and (i + 1) % step == 0 for i in range(n)]
+    k = _int(hf, "first_k_dense_replace", 0)
     return [i >= k for i in range(n)]
 
 
@@ -353,23 +401,36 @@ def plan_import(hf: dict, tensors: dict) -> ImportPlan:
     """An HF config.json (+ its tensors, for what the config cannot say: zero biases, zero gates)
     -> our config keys, or HFMapError naming what does not map."""
     mt = hf.get("model_type")
-    if mt not in ARCHS:
+    if not isinstance(mt, str) or mt not in ARCHS:
         raise HFMapError(f"model_type {mt!r} is not one of {', '.join(ARCHS)}")
     arch = ARCHS[mt]
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise HFMapError(f"hidden_act={act!r} does not map: moetrain's FFNs are SwiGLU (silu)")
-    D, H = hf["hidden_size"], hf["num_attention_heads"]
-    KV = hf.get("num_key_value_heads") or H
-    Dh = hf.get("head_dim") or D // H
+    D, H, V, F = (_int(hf, key) for key in ("hidden_size", "num_attention_heads", "vocab_size", "intermediate_size"))
+    n_layers = _int(hf, "num_hidden_layers")
+    # a hostile num_hidden_layers must not build a huge layer pattern: it must match the weights
+    held = {int(k.split(".")[2]) for k in tensors if re.match(r"model\.layers\.\d{1,9}\.", k)}
+    if len(held) != n_layers or (held and max(held) != n_layers - 1):     # no set(range(n)): n may be huge
+        raise HFMapError(f"config.json num_hidden_layers={n_layers} but the weights hold {len(held)} layers "
+                         f"(model.layers.0 .. {max(held) if held else -1})")
+    emb = tensors.get("model.embed_tokens.weight")
+    if emb is None or tuple(emb.shape) != (V, D):
+        raise HFMapError(f"model.embed_tokens.weight is {None if emb is None else list(emb.shape)}, not "
+                         f"[vocab_size={V}, hidden_size={D}] as config.json says")
+    KV = _int(hf, "num_key_value_heads", default=None) if _opt(hf, "num_key_value_heads", None) is not None else H
+    Dh = _int(hf, "head_dim") if hf.get("head_dim") is not None else D // H
     if Dh * H != D:
         raise HFMapError(f"head_dim={Dh} x {H} heads != hidden_size={D}: moetrain's attention has dim = heads x head_dim")
     if H % KV:
         raise HFMapError(f"num_key_value_heads={KV} does not divide num_attention_heads={H}")
     theta = _rope_theta(hf)
+    seq = _int(hf, "max_position_embeddings")
     window = hf.get("sliding_window") if (mt != "qwen2_moe" or hf.get("use_sliding_window")) else None
-    if window and window < hf["max_position_embeddings"]:
-        raise HFMapError(f"sliding_window={window} < max_position_embeddings={hf['max_position_embeddings']}: "
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int)):
+        raise HFMapError(f"config.json sliding_window={repr(window)[:60]}: must be an integer or null")
+    if window and window < seq:
+        raise HFMapError(f"sliding_window={window} < max_position_embeddings={seq}: "
                          "moetrain's attention is full causal")
     biased = sorted(k for k, t in tensors.items() if k.endswith(".bias") and _nonzero(t))
     if biased:
@@ -377,11 +438,10 @@ def plan_import(hf: dict, tensors: dict) -> ImportPlan:
                          "bias (zero biases import exactly)")
     if hf.get("use_qk_norm"):
         raise HFMapError("use_qk_norm: moetrain's attention has no q/k norm")
-    seq = hf["max_position_embeddings"]
-    ov = [f"model.vocab_size={hf['vocab_size']}", f"model.dim={D}", f"model.n_layers={hf['num_hidden_layers']}",
-          f"model.n_heads={H}", f"model.max_seq_len={seq}", f"model.norm_eps={hf.get('rms_norm_eps', 1e-6)}",
+    ov = [f"model.vocab_size={V}", f"model.dim={D}", f"model.n_layers={n_layers}",
+          f"model.n_heads={H}", f"model.max_seq_len={seq}", f"model.norm_eps={_num(hf, 'rms_norm_eps')}",
           f"model.rope_theta={theta}", f"model.tie_embeddings={str(bool(hf.get('tie_word_embeddings'))).lower()}",
-          f"model.ffn_hidden={hf['intermediate_size']}", f"train.seq_len={min(256, seq)}"]
+          f"model.ffn_hidden={F}", f"train.seq_len={min(256, seq)}"]
     if hf.get("initializer_range"):
         ov.append(f"model.init_std={hf['initializer_range']}")
     notes = []
@@ -393,13 +453,13 @@ def plan_import(hf: dict, tensors: dict) -> ImportPlan:
         # dropless, so that upcycling the imported model (tools/upcycle.py) is exact by default
         return ImportPlan(arch, tuple(ov + ["moe.num_experts=0", "moe.capacity_factor=null"]), notes=tuple(notes))
     every, first_dense = _moe_rule(pattern)
-    k = hf["num_experts_per_tok"]
+    k = _int(hf, "num_experts_per_tok")
     has_shared, shared_scale = False, 1.0
     if mt == "mixtral":
-        E, He, norm, Hs = hf["num_local_experts"], hf["intermediate_size"], True, 0
+        E, He, norm, Hs = _int(hf, "num_local_experts"), F, True, 0
     elif mt == "qwen2_moe":
-        E, He, norm = hf["num_experts"], hf["moe_intermediate_size"], bool(hf.get("norm_topk_prob"))
-        Hs = hf["shared_expert_intermediate_size"]
+        E, He, norm = _int(hf, "num_experts"), _int(hf, "moe_intermediate_size"), bool(_opt(hf, "norm_topk_prob"))
+        Hs = _int(hf, "shared_expert_intermediate_size", 0)
         gates = [t for key, t in tensors.items() if key.endswith("mlp." + arch.shared_gate)]
         downs = [t for key, t in tensors.items() if key.endswith(f"mlp.{arch.shared}.down_proj.weight")]
         has_shared = any(_nonzero(t) for t in downs)
@@ -408,16 +468,18 @@ def plan_import(hf: dict, tensors: dict) -> ImportPlan:
                              "has no moetrain counterpart (ours is ungated; a zero gate imports exactly)")
         shared_scale = 1.0 / SHARED_GATE_SCALE
     else:
-        E, He, norm = hf["n_routed_experts"], hf["moe_intermediate_size"], True
-        Hs = He * hf.get("n_shared_experts", 0)
-        if hf.get("n_group", 1) != 1 or hf.get("topk_group", 1) != 1:
-            raise HFMapError(f"group-limited routing (n_group={hf.get('n_group')}, topk_group={hf.get('topk_group')}) "
-                             "does not map: moetrain's aux_free router picks among all experts")
-        if hf.get("routed_scaling_factor", 1.0) != 1.0 or not hf.get("norm_topk_prob", True):
-            raise HFMapError(f"routed_scaling_factor={hf.get('routed_scaling_factor')} / norm_topk_prob="
-                             f"{hf.get('norm_topk_prob')}: moetrain's aux_free gates are the chosen scores summing to 1")
+        E, He, norm = _int(hf, "n_routed_experts"), _int(hf, "moe_intermediate_size"), True
+        Hs = He * _int(hf, "n_shared_experts", 0)
+        if _opt(hf, "n_group") != 1 or _opt(hf, "topk_group") != 1:
+            raise HFMapError(f"group-limited routing (n_group={_opt(hf, 'n_group')}, topk_group="
+                             f"{_opt(hf, 'topk_group')}) does not map: moetrain's aux_free router picks among all experts")
+        if _opt(hf, "routed_scaling_factor") != 1.0 or not _opt(hf, "norm_topk_prob"):
+            raise HFMapError(f"routed_scaling_factor={_opt(hf, 'routed_scaling_factor')} / norm_topk_prob="
+                             f"{_opt(hf, 'norm_topk_prob')}: moetrain's aux_free gates are the chosen scores summing to 1")
         downs = [t for key, t in tensors.items() if key.endswith(f"mlp.{arch.shared}.down_proj.weight")]
         has_shared = Hs > 0 and any(_nonzero(t) for t in downs)
+    if k > E:
+        raise HFMapError(f"num_experts_per_tok={k} > {E} experts")
     if k == 1 and norm and mt != "glm4_moe":
         raise HFMapError("top-1 routing with the gate renormalized to 1 does not map: moetrain's top-1 gate is the "
                          "raw softmax probability (Qwen2-MoE with norm_topk_prob=false maps)")
@@ -487,6 +549,9 @@ def from_hf_state(cfg: Config, plan: ImportPlan, hf_sd: dict) -> dict:
             w1, w3, w2 = (take(s + f"{n}.weight") for n in ("gate_proj", "up_proj", "down_proj"))
             if arch.shared_gate:
                 take(b + arch.shared_gate)
+            if not plan.has_shared and _nonzero(w2):
+                raise HFMapError(f"{s}down_proj.weight is nonzero but the config has no shared expert "
+                                 "(n_shared_experts / shared_expert_intermediate_size): it would be dropped")
             if plan.has_shared:
                 out[p + "ffn.shared.w1.weight"] = w1
                 out[p + "ffn.shared.w3.weight"] = w3

@@ -259,3 +259,93 @@ def _world1_val_loss(cfg_path: str) -> float:
     batches = eval_batches(data.val, cfg.train.eval_batches, cfg.train.global_batch_size, cfg.train.seq_len)
     (loss,), _ = growth.ensemble_losses([model], batches, cfg.train.micro_batch_size)
     return loss
+
+
+def _edit_config(hf_dir, drop=(), **set_):
+    import json
+    path = hf_dir / "config.json"
+    conf = json.loads(path.read_text())
+    for key in drop:
+        conf.pop(key, None)
+    conf.update(set_)
+    path.write_text(json.dumps(conf))
+
+
+def _refused(tmp_path, capsys, code: int, reason: str, src=None):
+    assert tool("import_hf").main(["--hf", str(src or tmp_path / "hf"), "--out", str(tmp_path / "ckpt")]) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("import_hf: error: ") and reason in err[0], err
+    assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").iterdir())
+
+
+def test_import_glm4_config_omitting_keys_means_transformers_defaults(tmp_path):
+    """Glm4MoeConfig's defaults: n_shared_experts 1, first_k_dense_replace 1, rms_norm_eps 1e-5."""
+    hf = _build("glm4_moe", num_key_value_heads=2, num_hidden_layers=3)
+    hf.save_pretrained(str(tmp_path / "hf"))
+    _edit_config(tmp_path / "hf", drop=("n_shared_experts", "first_k_dense_replace", "rms_norm_eps"))
+    assert transformers.AutoConfig.from_pretrained(str(tmp_path / "hf")).n_shared_experts == 1
+    assert tool("import_hf").main(["--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt")]) == 0
+    cfg, model, _ = load_ckpt(tmp_path / "ckpt")
+    assert cfg.moe.shared_experts == 1 and cfg.moe.first_dense_layers == 1 and cfg.model.norm_eps == 1e-5
+    tok = tokens(6)
+    assert (our_logits(model, tok) - hf_logits(load_hf(tmp_path / "hf"), tok)).abs().max().item() <= TOL
+
+
+def test_import_mixtral_default_eps(tmp_path):
+    _build("mixtral").save_pretrained(str(tmp_path / "hf"))
+    _edit_config(tmp_path / "hf", drop=("rms_norm_eps",))
+    assert tool("import_hf").main(["--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt")]) == 0
+    cfg, _, _ = load_ckpt(tmp_path / "ckpt")
+    assert cfg.model.norm_eps == 1e-5
+
+
+def test_import_refuses_dropped_shared_expert(tmp_path, capsys):
+    """n_shared_experts 0 in the config, real shared-expert weights in the files: not silently dropped."""
+    _build("glm4_moe").save_pretrained(str(tmp_path / "hf"))
+    _edit_config(tmp_path / "hf", n_shared_experts=0)
+    capsys.readouterr()
+    _refused(tmp_path, capsys, 2, "shared_experts.down_proj.weight is nonzero but the config has no shared expert")
+
+
+MALFORMED = {
+    "no hidden_size": (dict(drop=("hidden_size",)), "config.json has no hidden_size"),
+    "string heads": (dict(num_attention_heads="4"), "num_attention_heads='4'"),
+    "zero heads": (dict(num_attention_heads=0), "num_attention_heads=0"),
+    "no experts_per_tok": (dict(drop=("num_experts_per_tok",)), "config.json has no num_experts_per_tok"),
+    "bool experts": (dict(num_local_experts=True), "num_local_experts=True"),
+    "huge layers": (dict(num_hidden_layers=10 ** 9), "num_hidden_layers=1000000000 but the weights hold 2 layers"),
+    "list model_type": (dict(model_type=["mixtral"]), "model_type ['mixtral']"),
+    "huge hidden_size": (dict(hidden_size=2 ** 40, head_dim=2 ** 38), "not [vocab_size=256, hidden_size=1099511627776]"),
+    "string eps": (dict(rms_norm_eps="x"), "rms_norm_eps='x'"),
+    "rope_parameters list": (dict(rope_parameters=[1]), "rope_parameters=[1]"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_import_refuses_malformed_config(tmp_path, capsys, case):
+    edit, reason = MALFORMED[case]
+    _build("mixtral").save_pretrained(str(tmp_path / "hf"))
+    edit = dict(edit)
+    _edit_config(tmp_path / "hf", drop=edit.pop("drop", ()), **edit)
+    capsys.readouterr()
+    _refused(tmp_path, capsys, 2, reason)
+
+
+def test_import_refuses_malformed_json_and_index(tmp_path, capsys):
+    import json
+    from moetrain.hf import files
+    hf = tmp_path / "hf"
+    _build("llama").save_pretrained(str(hf))
+    good = (hf / "config.json").read_text()
+    capsys.readouterr()
+    (hf / "config.json").write_text("[" * 100000 + "]" * 100000)
+    _refused(tmp_path, capsys, 1, "nested too deeply")
+    (hf / "config.json").write_text('{"vocab_size": ' + "9" * 5000 + "}")
+    _refused(tmp_path, capsys, 1, "not valid JSON")
+    (hf / "config.json").write_text(good)
+    (hf / files.INDEX).write_text(json.dumps({"weight_map": {"model.norm.weight": 5}}))
+    _refused(tmp_path, capsys, 1, "weight_map names shard '5'")
+    (hf / files.INDEX).write_text(json.dumps({"weight_map": {"model.norm.weight": ["a"]}}))
+    _refused(tmp_path, capsys, 1, "weight_map names shard")
+    with pytest.raises(files.HFReadError, match="cannot read"):
+        files._read_json(str(tmp_path))      # a directory: IsADirectoryError
