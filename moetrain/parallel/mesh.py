@@ -306,9 +306,11 @@ def init_parallel(dp: int, tp: int, ep: int, env: LaunchEnv, device_kind: str = 
             raise LaunchError(f"two ranks were given the same GPU ({device}): NCCL needs one GPU per rank; "
                               "check the launcher's GPU binding, or set parallel.backend=gloo to let ranks "
                               "share GPUs") from None
-    elif (dist.get_rank(), dist.get_world_size()) != (env.rank, env.world_size):
-        raise LaunchError(f"the existing default process group is rank {dist.get_rank()} of "
-                          f"{dist.get_world_size()}, but the launch says rank {env.rank} of {env.world_size}")
+    else:                              # the caller's default group must be the launch's world
+        have = (dist.get_rank(dist.group.WORLD), dist.get_world_size(dist.group.WORLD))
+        if have != (env.rank, env.world_size):
+            raise LaunchError(f"the existing default process group is rank {have[0]} of {have[1]}, "
+                              f"but the launch says rank {env.rank} of {env.world_size}")
     from torch.distributed.device_mesh import init_device_mesh
     mesh = init_device_mesh(device.type, (dims.edp, ep, tp), mesh_dim_names=("edp", "ep", "tp"))
     dp_mesh = mesh["edp", "ep"]._flatten("dp")
