@@ -98,6 +98,9 @@ class MoEConfig:
     aux_loss_scope: str = "micro_batch"   # micro_batch | sequence | global_batch
     aux_free_gamma: float = 0.001  # aux_free bias update speed
     renormalize_after_drop: bool = False  # DeepSpeed top-2: surviving copies' gates renormalized after the cut
+    placement: str = "static"      # static (rank r: experts [r*E/ep, (r+1)*E/ep)) | balanced (re-placed from measured load)
+    redundant_experts: int = 0     # balanced: extra replicas of the hottest experts ((E + R) % ep == 0)
+    rebalance_every: int = 100     # balanced: re-place experts every N optimizer steps
     peer: PeerConfig = field(default_factory=PeerConfig)
 
     @property
@@ -136,6 +139,7 @@ PRECISIONS = ("auto", "bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
 FSDP_DTYPES = ("auto", "float32", "bfloat16")
 ZERO_STAGES = (0, 1, 2)
+PLACEMENTS = ("static", "balanced")
 
 
 @dataclass(frozen=True)
@@ -483,10 +487,34 @@ def _validate_parallel(cfg: Config) -> None:
     elif e.layer == "peer":
         need(e.peer.num_keys ** 2 % p.ep == 0, "parallel.ep", p.ep,
              f"must divide the PEER expert count moe.peer.num_keys^2={e.peer.num_keys ** 2}")
-    else:
+    elif e.placement == "static":      # balanced: experts + redundant replicas fill the ranks instead
         need(e.num_experts % p.ep == 0, "parallel.ep", p.ep, f"must divide moe.num_experts={e.num_experts}")
+    _validate_placement(cfg)
     if p.dp is not None:
         need(p.dp % p.ep == 0, "parallel.ep", p.ep, f"must divide parallel.dp={p.dp}")
+
+
+def _validate_placement(cfg: Config) -> None:
+    """moe.placement / redundant_experts / rebalance_every (moe/placement.py, parallel/replicas.py)."""
+    e, p, t = cfg.moe, cfg.parallel, cfg.train
+    need(e.placement in PLACEMENTS, "moe.placement", e.placement, f"one of {', '.join(PLACEMENTS)}")
+    need(e.redundant_experts >= 0, "moe.redundant_experts", e.redundant_experts, "must be >= 0")
+    need(e.rebalance_every >= 1, "moe.rebalance_every", e.rebalance_every, "must be >= 1")
+    if e.placement == "static":
+        need(e.redundant_experts == 0, "moe.redundant_experts", e.redundant_experts,
+             "needs moe.placement=balanced (static placement holds one replica per expert)")
+        return
+    need(e.num_experts > 0 and e.layer == "moe", "moe.placement", e.placement,
+         "needs routed FFN experts (moe.num_experts > 0, moe.layer=moe)")
+    E = e.num_ffn_experts
+    need((E + e.redundant_experts) % p.ep == 0, "moe.redundant_experts", e.redundant_experts,
+         f"the {E} experts + redundant replicas must fill parallel.ep={p.ep} ranks evenly")
+    need(e.redundant_experts <= E * (p.ep - 1), "moe.redundant_experts", e.redundant_experts,
+         f"at most {E * (p.ep - 1)}: each of the {E} experts at most once on each of parallel.ep={p.ep} ranks")
+    for bad, key, why in ((p.fsdp, "parallel.fsdp", "FSDP shards expert weights"),
+                          (p.etp, "parallel.etp", "expert tensor parallelism shards expert weights"),
+                          (t.engine == "deepspeed", "train.engine", "DeepSpeed owns the expert weights")):
+        need(not bad, "moe.placement", e.placement, f"is not supported with {key} yet ({why}); use placement static")
 
 
 def _validate_train(cfg: Config) -> None:

@@ -169,6 +169,9 @@ class RunWriter:
                     self._tb.add_scalar(tag, v, step)
                 elif isinstance(v, list) and v and all(isinstance(x, (int, float)) for x in v):
                     self._tb.add_scalars(tag, {str(i): float(x) for i, x in enumerate(v)}, step)
+                elif isinstance(v, list) and v and all(isinstance(x, list) for x in v):
+                    # e.g. placement.layer0.experts_per_rank: one line per rank, as text
+                    self._tb.add_text(tag, "  \n".join(f"rank {i}: {x}" for i, x in enumerate(v)), step)
 
     def close(self) -> None:
         self._f.close()

@@ -169,7 +169,8 @@ class Checkpointer:
             out["candidates"].append({
                 "path": info.path, "step": info.step, "schema": S.optim_schema(info.metadata),
                 "rng": S.rng_layout(info.metadata, info.path),
-                "world": info.manifest.get("world"), "layout": info.manifest.get("layout")})
+                "world": info.manifest.get("world"), "layout": info.manifest.get("layout"),
+                "placement": info.manifest.get("placement")})
 
     def _refuse_mixing_runs(self, source: str) -> None:
         """While saving, resume=<path> must be checkpoint.dir's newest complete checkpoint (or the
@@ -213,6 +214,13 @@ class Checkpointer:
     def _load(self, trainer, cand: dict) -> None:
         """Collective over every rank: read this rank's share of one checkpoint."""
         model, par = trainer.model, self.par
+        if getattr(trainer, "placer", None) is not None:     # moe.placement=balanced: which experts the slots hold, before the load
+            try:
+                note = trainer.placer.restore(cand.get("placement"))
+            except ValueError as exc:
+                raise CheckpointError(f"checkpoint {cand['path']}: {exc}") from None
+            if note and par.is_main:
+                self.log(note)
         flat: dict[str, Any] = S.model_entries(model, par.mesh)
         flat.update(S.build_optim_state(model, trainer.opt, cand["schema"], par.mesh))
         flat.update(S.train_entries(-1, -1))
@@ -357,6 +365,7 @@ class Checkpointer:
                 "expert_tensors": S.expert_tensor_names(trainer.model),
                 "buffers": S.buffer_names(trainer.model),
                 "async_save": self.async_save, "torch_version": torch.__version__,
+                **({"placement": trainer.placer.state()} if getattr(trainer, "placer", None) is not None else {}),
                 "config": to_dict(self.cfg)}
 
     def _agree(self, error: Optional[str]) -> Optional[str]:

@@ -133,7 +133,7 @@ class _Placement:
     def keys(self, base: str, local_shape: tuple) -> list[tuple[str, Optional[int]]]:
         if self.owner is None:
             return [(base, None)]
-        return [(f"{base}/expert_{self.owner.expert_offset + i}", i) for i in range(local_shape[0])]
+        return [(f"{base}/expert_{self.owner.expert_ids[i]}", i) for i in range(local_shape[0])]
 
     def global_shape(self, shape: tuple) -> tuple:
         """Shape of one key's global tensor from the model tensor's shape (expert dim dropped)."""
@@ -212,7 +212,7 @@ def expected_model(model: nn.Module, sizes: dict[str, int]) -> dict[str, tuple[t
         if pl.owner is None:
             out[model_key(name)] = (shape, t.dtype)
         else:
-            for g in range(t.shape[0] * sizes.get("ep", 1)):
+            for g in range(pl.owner.global_experts):
                 out[model_key(name, g)] = (shape, t.dtype)
     return out
 
@@ -329,7 +329,7 @@ def check_fits(metadata, model: nn.Module, sizes: dict[str, int], where: str, hi
             if len(shape) and shape != want:
                 fail(f"optimizer state {optim_key(name, k)} has shape {list(shape)}, the parameter {list(want)}")
             if split:
-                for g in range(p.shape[0] * sizes.get("ep", 1)):
+                for g in range(pl.owner.global_experts):
                     if optim_key(name, k, g) not in stored:
                         fail(f"optimizer state {optim_key(name, k, g)} is missing")
     return []

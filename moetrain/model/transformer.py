@@ -122,6 +122,7 @@ class Block(nn.Module):
         if self.is_peer:
             p = e.peer
             self.ffn = PEERLayer(m.dim, p.num_keys, p.heads, p.top_k, p.key_dim, p.query_bn)
+            self.ffn.sparse_grads = p.sparse_updates
         elif self.is_moe:
             self.ffn = MoELayer(e, m.dim, cfg.expert_hidden)
         else:
@@ -196,7 +197,7 @@ class Transformer(nn.Module):
                 scale = out_std if p_name == "w2" or name.endswith(("wo.weight", "w2.weight")) else std
                 if id(mod) in experts:
                     for i in range(p.shape[0]):
-                        g = _generator(seed, f"{name}[{mod.expert_offset + i}]")
+                        g = _generator(seed, f"{name}[{mod.expert_ids[i]}]")
                         p[i].copy_(torch.randn(p.shape[1:], generator=g) * scale)
                 elif isinstance(mod, PEERLayer) and p_name.startswith("expert_"):
                     # PEER tables: rows generated in fixed blocks keyed by global row, so any

@@ -11,7 +11,9 @@ and masks the dropped ones. With `host_counts` (the loop and bmm paths) it reads
 and hands over only the kept copies.
 AllToAllDispatcher: experts sharded over an EP group; copies travel by two uneven all-to-alls
 (dispatch and combine), both differentiable. The count exchange's device-to-host copy is the one
-host sync per layer and micro-step that uneven all-to-alls need.
+host sync per layer and micro-step that uneven all-to-alls need. Under moe.placement=balanced
+(`set_placement`) it sends to expert slots instead of experts: a copy for global expert e goes to
+one of e's replicas (moe/permute.to_replicas), the routing itself is unchanged.
 
 RowShardDispatcher: PEER's tables row-sharded over an EP group (all-gather, reduce-scatter).
 GroupSum: per-expert counts summed for the global-batch balance loss. No other MoE code calls a
@@ -31,7 +33,7 @@ import torch.distributed as dist
 
 from moetrain.moe.experts import ExpertCounts
 from moetrain.moe.permute import (gather_rows, invert_permutation, permute_rows, rank_splits, regroup_by_expert,
-                                  sort_by_expert)
+                                  sort_by_expert, to_replicas)
 from moetrain.moe.routing import Routing
 from moetrain.parallel.comm import CommTimer, all_to_all, all_to_all_start, exchange_counts, to_host
 
@@ -100,17 +102,29 @@ class AllToAllDispatcher:
     """
 
     def __init__(self, num_experts: int, group, ep_rank: int, ep_size: int):
-        assert num_experts % ep_size == 0
         self.num_experts = num_experts
         self.group = group
         self.ep_rank = ep_rank
         self.ep_size = ep_size
-        self.num_local_experts = num_experts // ep_size
+        self.num_local_experts = num_experts // ep_size    # static placement (set_placement: slots)
+        self.slots_EC: Optional[torch.Tensor] = None     # set_placement: replica slots of each expert
+        self.replicas_E: Optional[torch.Tensor] = None
+
+    def set_placement(self, slots: list, slots_per_rank: int, device) -> None:
+        """Send copies to slots (moe.placement=balanced): slots[e] = global slot ids (rank *
+        slots_per_rank + local slot) of expert e's replicas (moe/placement.Placement.slots)."""
+        width = max(len(s) for s in slots)
+        self.slots_EC = torch.tensor([s + s[:1] * (width - len(s)) for s in slots], dtype=torch.int64, device=device)
+        self.replicas_E = torch.tensor([len(s) for s in slots], dtype=torch.int64, device=device)
+        self.num_local_experts = slots_per_rank
 
     def dispatch(self, x_TD: torch.Tensor, routing: Routing, overlap: Optional[Callable[[], object]] = None,
                  host_counts: bool = True):
-        token_idx, copy_idx, counts_E = sort_by_expert(routing.expert_idx_TK, routing.kept_TK, self.num_experts)
         R, L = self.ep_size, self.num_local_experts
+        dest_TK = routing.expert_idx_TK
+        if self.slots_EC is not None:
+            dest_TK = to_replicas(dest_TK, routing.kept_TK, self.slots_EC, self.replicas_E, self.ep_rank)
+        token_idx, copy_idx, counts_E = sort_by_expert(dest_TK, routing.kept_TK, R * L)
         timer = CommTimer()
         start = timer.start(x_TD.device)
         recv_counts_RL = exchange_counts(counts_E.view(R, L), self.group)

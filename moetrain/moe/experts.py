@@ -1,7 +1,9 @@
 """Experts as stacked SwiGLU weights, computed over contiguous per-expert slices.
 
-Weights: w1, w3 [L, D, H] and w2 [L, H, D] for the L experts held by this process; `expert_offset`
-is the global id of local expert 0 (set by apply_ep, used by deterministic init and checkpoints).
+Weights: w1, w3 [L, D, H] and w2 [L, H, D] for the L experts (slots) held by this process;
+`expert_ids[i]` is the global id of the expert in slot i (set by apply_ep: contiguous for the static
+placement, any sorted set under moe.placement=balanced, where another rank may hold a replica of the
+same expert; used by deterministic init, checkpoints and the replica gradient sum).
 
 Three ways to run the grouped matmul on rows sorted by expert (`ExpertCounts` gives slice lengths):
   loop    - per-slice matmuls inside one autograd node (moe/grouped_swiglu.py); no padding
@@ -82,10 +84,11 @@ class GroupedExperts(nn.Module):
     def __init__(self, num_experts: int, dim: int, hidden: int, impl: str = "auto"):
         super().__init__()
         assert impl in IMPLS, impl
-        self.num_experts = num_experts     # experts held here (local)
+        self.num_experts = num_experts     # experts held here (local slots)
+        self.global_experts = num_experts  # experts in the whole model
         self.dim, self.hidden = dim, hidden
         self.impl = impl
-        self.expert_offset = 0
+        self.expert_ids: list[int] = list(range(num_experts))
         self.spread = None   # CPU loop: spread small experts over threads (None = auto)
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
         self.w3 = nn.Parameter(torch.empty(num_experts, dim, hidden))
@@ -93,11 +96,24 @@ class GroupedExperts(nn.Module):
 
     def shard_(self, offset: int, count: int) -> None:
         """Keep experts [offset, offset+count) of the current set (expert parallelism)."""
+        self.hold_(self.expert_ids[offset:offset + count])
+
+    def hold_(self, ids) -> None:
+        """Keep the global experts `ids` of the current set, one slot each in this order (an id may
+        not repeat; apply_ep calls this before init, which fills every slot by its global id)."""
+        where = {e: i for i, e in enumerate(self.expert_ids)}
+        assert len(set(ids)) == len(ids) and all(e in where for e in ids), (ids, self.expert_ids)
+        rows = torch.tensor([where[e] for e in ids], dtype=torch.long)
         for name in ("w1", "w3", "w2"):
-            full = getattr(self, name)
-            setattr(self, name, nn.Parameter(full.detach()[offset:offset + count].clone()))
-        self.expert_offset += offset
-        self.num_experts = count
+            full = getattr(self, name).detach()
+            setattr(self, name, nn.Parameter(full.index_select(0, rows.to(full.device))))
+        self.expert_ids = [int(e) for e in ids]
+        self.num_experts = len(ids)
+
+    @property
+    def expert_offset(self) -> int:
+        """Global id of slot 0 (the static placement's slots are contiguous from there)."""
+        return self.expert_ids[0]
 
     def pick_impl(self, x_ND: torch.Tensor) -> str:
         # the local hidden size (expert tensor parallelism shards it: w1 is then a DTensor on the

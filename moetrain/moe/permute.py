@@ -31,6 +31,29 @@ def sort_by_expert(expert_idx_TK: torch.Tensor, kept_TK: torch.Tensor,
     return token_idx_C, copy_idx_C, counts_E
 
 
+def to_replicas(expert_idx_TK: torch.Tensor, kept_TK: torch.Tensor, slots_EC: torch.Tensor,
+                replicas_E: torch.Tensor, salt: int) -> torch.Tensor:
+    """Each kept copy's destination slot under a placement with replicas (moe.placement=balanced).
+
+    slots_EC[e, j] is the global slot id (rank * slots_per_rank + local slot) of expert e's j-th
+    replica, replicas_E[e] = c_e how many there are. The i-th kept copy of expert e in this rank's
+    (token, choice) order goes to replica (i + salt) % c_e: every replica gets an even share of this
+    rank's copies for e, and different `salt`s (the source's EP rank) start the round elsewhere, so
+    the remainders spread too. Pure and host-sync free; dropped copies map to slot 0 (sort_by_expert
+    puts them after every kept one anyway). -> slot_idx_TK (int64).
+    """
+    E = slots_EC.shape[0]
+    key = torch.where(kept_TK, expert_idx_TK, E).reshape(-1)
+    order = torch.argsort(key, stable=True)
+    counts = count_ids(key, E + 1)
+    starts = torch.cumsum(counts, 0) - counts
+    pos = torch.empty_like(order)
+    pos[order] = torch.arange(order.numel(), device=order.device) - starts[key[order]]
+    e = key.clamp(max=E - 1)
+    j = (pos + salt) % replicas_E[e]
+    return torch.where(key < E, slots_EC[e, j], 0).view_as(expert_idx_TK)
+
+
 def rank_splits(counts_E: torch.Tensor, num_ranks: int) -> torch.Tensor:
     """Copies going to each rank: counts_E summed over each rank's L experts -> [R]."""
     return counts_E.view(num_ranks, -1).sum(dim=1)

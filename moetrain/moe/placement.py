@@ -24,7 +24,7 @@ Shape legend: E experts, R redundant replicas, S slots per rank.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,53 @@ class Placement:
     def holders(self, expert: int) -> list[int]:
         """The ranks that hold a replica of `expert`, in rank order."""
         return [r for r, held in enumerate(self.ranks) if expert in held]
+
+    def slots(self) -> list[list[int]]:
+        """slots[e] = the global slot ids (rank * S + index in ranks[rank]) of expert e's replicas,
+        in rank order: the dispatcher's table (moe/permute.to_replicas)."""
+        S = len(self.ranks[0])
+        out: list[list[int]] = [[] for _ in self.replicas]
+        for r, held in enumerate(self.ranks):
+            for j, e in enumerate(held):
+                out[e].append(r * S + j)
+        return out
+
+    def primary(self, rank: int) -> list[bool]:
+        """Per slot of `rank`: whether it is its expert's first replica (the one that counts it in
+        the gradient norm and writes it to checkpoints)."""
+        return [self.holders(e)[0] == rank for e in self.ranks[rank]]
+
+
+def load_under(placement_ranks: Sequence[Sequence[int]], load_E: Sequence[float]) -> Placement:
+    """The Placement that holds `placement_ranks` (one tuple of expert ids per rank), with each rank's
+    load when every replica takes an equal share of its expert's load: what a placement chosen from
+    an older window makes of the newest one."""
+    replicas = [0] * len(load_E)
+    for held in placement_ranks:
+        for e in held:
+            replicas[e] += 1
+    ranks = tuple(tuple(sorted(h)) for h in placement_ranks)
+    return Placement(ranks, tuple(replicas),
+                     tuple(float(sum(load_E[e] / replicas[e] for e in held)) for held in ranks))
+
+
+def check_ranks(ranks, num_experts: int, ep: int, slots: int) -> Optional[str]:
+    """Why `ranks` (e.g. read from a checkpoint's manifest) is not a valid placement of
+    `num_experts` experts on `ep` ranks of `slots` slots each, or None."""
+    if not isinstance(ranks, (list, tuple)) or len(ranks) != ep:
+        return f"expected {ep} ranks"
+    seen = set()
+    for r, held in enumerate(ranks):
+        if not isinstance(held, (list, tuple)) or len(held) != slots:
+            return f"rank {r} must hold {slots} experts"
+        if not all(type(e) is int and 0 <= e < num_experts for e in held):
+            return f"rank {r} holds an id outside 0..{num_experts - 1}"
+        if len(set(held)) != len(held) or list(held) != sorted(held):
+            return f"rank {r}'s experts are not distinct and sorted"
+        seen.update(held)
+    if len(seen) != num_experts:
+        return f"experts {sorted(set(range(num_experts)) - seen)[:5]} have no replica"
+    return None
 
 
 def _check(load_E: Sequence[float], ep: int, redundant: int) -> int:

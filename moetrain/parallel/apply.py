@@ -1,8 +1,10 @@
 """Add parallelism to a built, parallelism-agnostic model (torchtitan's parallelize pattern).
 
 Order (train/loop.build_trainer): apply_ep (before init: experts are filled by global id),
-init_weights, apply_tp (after init: TP shards are slices of the full weights; model/tp_plan.py)."""
+(with moe.placement=balanced: which experts each rank's slots hold), init_weights, apply_tp (after init: TP shards are slices of the full weights; model/tp_plan.py)."""
 from __future__ import annotations
+
+from typing import Optional
 
 import torch.nn as nn
 
@@ -11,26 +13,37 @@ from moetrain.moe.experts import GroupedExperts
 from moetrain.moe.layer import MoELayer
 from moetrain.moe.peer import PEERLayer
 from moetrain.parallel.mesh import Parallel
+from moetrain.parallel.replicas import ExpertPlacer
 
 
-def apply_ep(model: nn.Module, par: Parallel) -> None:
-    """Keep this rank's E/ep experts in every MoE layer and route tokens over the EP group.
+def apply_ep(model: nn.Module, par: Parallel, moe=None) -> Optional[ExpertPlacer]:
+    """Keep this rank's experts in every MoE layer and route tokens over the EP group: E/ep
+    contiguous experts (moe.placement=static, or moe None), or the slots of the first balanced
+    placement (parallel/replicas.py), whose ExpertPlacer is returned (None otherwise).
 
     Call before init_weights: shards are sliced from the (uninitialized) full stack and then
     filled by global expert id, so values match the single-process model.
     """
     ep = par.dims.ep
     if ep == 1:
-        return
+        return None
+    layers = []
     for mod in model.modules():
         if isinstance(mod, MoELayer):
-            local = mod.num_experts // ep
-            mod.experts.shard_(par.ep_rank * local, local)
             mod.dispatcher = AllToAllDispatcher(mod.num_experts, par.ep_group, par.ep_rank, ep)
+            layers.append(mod)
         elif isinstance(mod, PEERLayer):
             rows = mod.num_experts // ep
             mod.shard_(par.ep_rank * rows, rows)
             mod.dispatcher = RowShardDispatcher(par.ep_group, ep)
+    if moe is not None and moe.placement == "balanced":
+        placer = ExpertPlacer(layers, moe.num_ffn_experts, moe.redundant_experts, moe.rebalance_every, par)
+        placer.apply()
+        return placer
+    for mod in layers:
+        local = mod.num_experts // ep
+        mod.experts.shard_(par.ep_rank * local, local)
+    return None
 
 
 def apply_routing_groups(model: nn.Module, par: Parallel) -> None:

@@ -19,6 +19,7 @@ DTensor's placements: a gradient's local squares are summed over each mesh dim i
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -153,13 +154,16 @@ def _shard_groups(p) -> tuple:
     return tuple(p.device_mesh.get_group(i) for i, pl in enumerate(p.placements) if not pl.is_replicate())
 
 
-def grad_sq_norms(dense: list, expert: list, ep_group=None, ep: int = 1) -> dict:
+def grad_sq_norms(dense: list, expert: list, ep_group=None, ep: int = 1, row_masks: Optional[dict] = None) -> dict:
     """Squared L2 norms of the synced gradients, each logical parameter counted once:
     {"dense", "expert"} (fp32 scalars, equal on every rank). Each rank sums the squares of the
     gradient data it holds, then sums over the ranks that hold the other parts of the parameter:
     the mesh dims its DTensor is sharded on (tp, and dp / edp under FSDP), and ep for experts
     (each EP rank holds other experts). Replicas (dp without FSDP, tp for a replicated
-    parameter, edp) already agree and are counted once."""
+    parameter, edp) already agree and are counted once. row_masks (moe.placement=balanced,
+    parallel/replicas.py): id(expert param) -> bool mask of its dim-0 slots that count, so an
+    expert replicated on several EP ranks is counted once."""
+    row_masks = row_masks or {}
     # the parameters' device (a rank without any gradient still joins the all-reduces below, and
     # on NCCL with a tensor on its GPU)
     device = next((p.device for p in list(dense) + list(expert)), torch.device("cpu"))
@@ -170,7 +174,8 @@ def grad_sq_norms(dense: list, expert: list, ep_group=None, ep: int = 1) -> dict
             # every rank registers every kind (grad or not), so all join the same all-reduces
             grads = kinds.setdefault((is_expert, _shard_groups(p) + extra), [])
             if p.grad is not None:
-                grads.append(_local(p.grad))
+                mask = row_masks.get(id(p))
+                grads.append(_local(p.grad) if mask is None else _local(p.grad)[mask])
     vals = [_sq(grads, device) for grads in kinds.values()]
     for group in dict.fromkeys(g for _, gs in kinds for g in gs):     # first-seen order: same on all ranks
         idx = [i for i, (_, gs) in enumerate(kinds) if group in gs]
@@ -190,11 +195,12 @@ def _sq(grads: list, device) -> torch.Tensor:
     return torch.stack(torch._foreach_norm(grads)).float().pow(2).sum()
 
 
-def clip_grad_norm(dense: list, expert: list, max_norm: float, ep_group, ep: int) -> float:
+def clip_grad_norm(dense: list, expert: list, max_norm: float, ep_group, ep: int,
+                   row_masks: Optional[dict] = None) -> float:
     """One global L2 norm over all parameters, as if the model lived in one process (see
     grad_sq_norms for how each kind of parameter is counted: a TP or FSDP shard is a DTensor whose
     placements say where to sum). Returns the norm before clipping."""
-    total = math.sqrt(float(sum(grad_sq_norms(dense, expert, ep_group, ep).values())))
+    total = math.sqrt(float(sum(grad_sq_norms(dense, expert, ep_group, ep, row_masks).values())))
     if max_norm > 0 and total > max_norm:
         scale = max_norm / (total + 1e-6)
         grads = [p.grad for p in list(dense) + list(expert) if p.grad is not None]
@@ -203,3 +209,4 @@ def clip_grad_norm(dense: list, expert: list, max_norm: float, ep_group, ep: int
             if same:
                 torch._foreach_mul_(same, scale)
     return total
+

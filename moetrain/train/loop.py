@@ -36,6 +36,7 @@ from moetrain.parallel.apply import apply_ep, apply_routing_groups, split_params
 from moetrain.parallel.fsdp import apply_fsdp, fsdp_dtypes
 from moetrain.parallel.grads import GradientSync, clip_grad_norm
 from moetrain.parallel.mesh import Parallel
+from moetrain.parallel.replicas import ExpertPlacer, Replacement
 from moetrain.parallel.tp import cross_entropy_sum
 from moetrain.precision import uses_bf16_autocast
 from moetrain.train.lr import lr_at
@@ -70,6 +71,10 @@ class Trainer:
     grad_sync: Optional[GradientSync] = None
     # the Run's preemption watch (train/preempt.py): its per-step agreement rides on the step
     preempt: Optional[PreemptionWatch] = None
+    # moe.placement=balanced (parallel/replicas.py): the expert placement, its replica gradient
+    # sum and its re-placements; replaced: what the last step's re-placement did (None: none)
+    placer: Optional[ExpertPlacer] = None
+    replaced: Optional[Replacement] = None
 
     @property
     def local_batch(self) -> int:
@@ -139,9 +144,14 @@ class Trainer:
                 stats.add(auxes)
             if self.bias_gates:
                 load += torch.stack([a.counts_E for a in auxes]).to(load)
+            if self.placer is not None and auxes:
+                self.placer.add_load(torch.stack([a.kept_E for a in auxes]))
         if self.grad_sync is not None:     # (FSDP-managed params were reduce-scattered in backward)
             with record_function("train/grad_sync"):
                 self.grad_sync.finish()
+        if self.placer is not None:        # after the dp/edp sum: replicas of an expert add up
+            with record_function("train/replica_sync"):
+                self.placer.sync_grads()
         return sums
 
     def train_step(self, step: int, stats: Optional[StepStats] = None) -> torch.Tensor:
@@ -159,7 +169,8 @@ class Trainer:
             # the one host sync of an optimizer step: the norm decides whether the step is taken
             with record_function("train/clip"):
                 norm = clip_grad_norm(self.dense_params, self.expert_params, t.grad_clip, self.par.ep_group,
-                                      self.par.dims.ep)
+                                      self.par.dims.ep,
+                                      self.placer.primary_masks() if self.placer is not None else None)
             if not math.isfinite(norm):      # the same global value on every rank: all stop alike
                 raise TrainingDiverged(
                     f"step {step + 1}: the gradient norm is {norm} (the loss became non-finite); the weights "
@@ -171,6 +182,9 @@ class Trainer:
             self.opt.zero_grad(set_to_none=True)
         if self.bias_gates:
             self.update_router_biases(self._step_load)
+        if self.placer is not None:        # at the step boundary: weights and moments may move
+            with record_function("train/replace_experts"):
+                self.replaced = self.placer.rebalance(step + 1, self.opt)
         self.state.step = step + 1
         self.state.tokens_seen += t.global_batch_size * t.seq_len
         return torch.cat([sums, sums.new_full((1,), float(norm))])     # a fill, not a blocking copy
@@ -228,7 +242,7 @@ def seed_rank_rngs(seed: int, rank: int, device: torch.device) -> None:
 
 def build_trainer(cfg: Config, par: Parallel, data: TokenData) -> Trainer:
     model = Transformer(cfg)
-    apply_ep(model, par)
+    placer = apply_ep(model, par, cfg.moe)
     apply_routing_groups(model, par)
     model.init_weights(cfg.train.seed)
     apply_tp(model, par.tp_mesh, cfg.parallel.etp)     # after init: TP shards are slices of the full weights
@@ -246,7 +260,7 @@ def build_trainer(cfg: Config, par: Parallel, data: TokenData) -> Trainer:
         return Trainer(cfg, par, data, model, engine.optimizer, dense, expert, TrainState(), engine)
     opt = build_optimizer(model, cfg.train)
     grad_sync = GradientSync(dense, expert, par, cfg.parallel.grad_bucket_mb)
-    return Trainer(cfg, par, data, model, opt, dense, expert, TrainState(), grad_sync=grad_sync)
+    return Trainer(cfg, par, data, model, opt, dense, expert, TrainState(), grad_sync=grad_sync, placer=placer)
 
 
 @dataclass
@@ -307,7 +321,8 @@ class Run:
         trainer, par = self.trainer, self.trainer.par
         t, lg = trainer.cfg.train, trainer.cfg.logging
         self.ckpt.on_step(trainer)    # saves when step % checkpoint.every == 0 (previous step fully logged)
-        logged = (step + 1) % lg.every == 0 or step + 1 == t.steps or step == 0
+        logged = (step + 1) % lg.every == 0 or step + 1 == t.steps or step == 0 or (
+            trainer.placer is not None and trainer.placer.due(step + 1))     # a re-placement is always logged
         num_layers = len(trainer.model.moe_layers())
         stats = StepStats(num_layers, trainer.cfg.num_router_outputs, par.device) if logged else None
         init_val = None
@@ -351,6 +366,8 @@ class Run:
         if init_val is not None:
             rec["init_val_loss"] = init_val
         rec.update(summarize(rows, par.dims.tp))
+        if trainer.replaced is not None:
+            rec.update(trainer.replaced.metrics())
         rec.update(self.gpu.read())
         self.writer.write(rec)
         self.last = rec
@@ -358,6 +375,10 @@ class Run:
                f"drop {rec['drop_frac']:.3f} a2a {rec['a2a_ms']:.1f}ms")
         if val_loss is not None:
             msg += f" val_loss {val_loss:.4f}"
+        if trainer.replaced is not None:
+            r = trainer.replaced
+            msg += (f" | experts re-placed in {sum(r.moved)}/{len(r.moved)} layers ({r.ms:.0f} ms): imbalance "
+                    + " ".join(f"{b:.2f}->{a:.2f}" for b, a in zip(r.before, r.after)))
         (self.progress.write if self.progress is not None else self.log)(msg)
         if self.progress is not None:
             self.progress.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
