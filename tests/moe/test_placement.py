@@ -128,3 +128,102 @@ def test_make_room_moves_an_expert_to_free_a_slot():
 def test_bad_arguments(load, ep, R, msg):
     with pytest.raises(ValueError, match=msg):
         P.balanced_placement(load, ep, R)
+
+
+# ---------------------------------------------------------------- what training reads from a placement
+
+
+def test_slots_and_primary_replicas():
+    p = P.balanced_placement([10, 1, 1, 1, 5, 1, 1, 1], 4, 4)
+    assert p.ranks == ((0, 4, 6), (0, 4, 7), (0, 1, 3), (0, 2, 5))
+    # slot id = rank * 3 + index in the rank's sorted experts
+    assert p.slots()[0] == [0, 3, 6, 9] and p.slots()[4] == [1, 4] and p.slots()[7] == [5]
+    assert p.primary(0) == [True, True, True] and p.primary(1) == [False, False, True]
+    assert sum(sum(p.primary(r)) for r in range(4)) == 8          # each expert counted once
+
+
+def test_load_under_an_older_placement():
+    p = P.balanced_placement([10, 1, 1, 1, 5, 1, 1, 1], 4, 4)
+    q = P.load_under(p.ranks, [1.0] * 8)
+    assert q.ranks == p.ranks and q.replicas == p.replicas
+    assert q.rank_load[0] == pytest.approx(1 / 4 + 1 / 2 + 1)
+
+
+@pytest.mark.parametrize("ranks,why", [
+    ([[0, 1], [2, 3]], None),
+    ([[0, 1], [2]], "rank 1 must hold 2"),
+    ([[0, 1]], "expected 2 ranks"),
+    ([[1, 0], [2, 3]], "not distinct and sorted"),
+    ([[0, 0], [2, 3]], "not distinct and sorted"),
+    ([[0, 1], [2, 4]], "outside 0..3"),
+    ([[0, 1], [1, 2]], "have no replica"),
+    ([[0, True], [2, 3]], "outside"),
+    ("0,1,2,3", "expected 2 ranks"),
+])
+def test_check_ranks(ranks, why):
+    got = P.check_ranks(ranks, 4, 2, 2)
+    assert (got is None) if why is None else (why in got), got
+
+
+def _to_replicas(idx, kept, p: P.Placement, salt: int):
+    import torch
+    from moetrain.moe.permute import to_replicas
+    slots = p.slots()
+    width = max(map(len, slots))
+    table = torch.tensor([s + s[:1] * (width - len(s)) for s in slots])
+    return to_replicas(torch.tensor(idx), torch.tensor(kept), table, torch.tensor(p.replicas), salt)
+
+
+def test_to_replicas_splits_each_experts_copies_evenly():
+    import torch
+    p = P.balanced_placement([10, 1, 1, 1, 5, 1, 1, 1], 4, 4)          # expert 0 on all 4 ranks, 4 on 2
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 8, (37, 2), generator=gen)
+    idx[:, 1] = torch.where(idx[:, 1] == idx[:, 0], (idx[:, 0] + 1) % 8, idx[:, 1])
+    kept = torch.rand(37, 2, generator=gen) > 0.2
+    for salt in range(4):
+        slot = _to_replicas(idx.tolist(), kept.tolist(), p, salt)
+        S = 3
+        for e in range(8):
+            mine = slot[kept & (idx == e)]
+            assert all(p.ranks[int(s) // S][int(s) % S] == e for s in mine)    # a replica of e
+            per_replica = torch.tensor([(mine == s).sum() for s in p.slots()[e]])
+            assert int(per_replica.max() - per_replica.min()) <= 1, (e, per_replica)
+    # the salt (the source's EP rank) starts the round at another replica
+    one = [[0, 1]]
+    assert {int(_to_replicas(one, [[True, True]], p, s)[0, 0]) for s in range(4)} == set(p.slots()[0])
+
+
+def test_to_replicas_without_replicas_is_the_expert_slot():
+    import torch
+    p = P.static_placement([1.0] * 8, 2)
+    idx = torch.tensor([[3, 5], [7, 0]])
+    got = _to_replicas(idx.tolist(), [[True, True], [True, False]], p, 1)
+    assert got.tolist() == [[3, 5], [7, 0]]
+
+
+@pytest.mark.parametrize("over,msg", [
+    (["moe.redundant_experts=2"], "needs moe.placement=balanced"),
+    (["moe.placement=balanced", "moe.redundant_experts=1"], "fill parallel.ep=2 ranks evenly"),
+    (["moe.placement=balanced", "moe.redundant_experts=10"], "at most 8"),
+    (["moe.placement=balanced", "moe.redundant_experts=-2"], "must be >= 0"),
+    (["moe.placement=balanced", "moe.rebalance_every=0"], "must be >= 1"),
+    (["moe.placement=greedy"], "one of static, balanced"),
+    (["moe.placement=balanced", "parallel.fsdp=true"], "parallel.fsdp"),
+    (["moe.placement=balanced", "parallel.etp=true", "parallel.tp=2"], "parallel.etp"),
+    (["moe.placement=balanced", "moe.layer=peer"], "routed FFN experts"),
+])
+def test_placement_config_errors_are_one_line(over, msg):
+    from moetrain.config import ConfigError, load_config, validate_layout
+    with pytest.raises(ConfigError) as info:
+        cfg = load_config("configs/tiny_cpu.yaml", ["parallel.ep=2", "train.device=cpu"] + over)
+        validate_layout(cfg, 4 if "parallel.tp=2" in over else 2)
+    assert msg in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+
+def test_balanced_config_accepts_uneven_expert_counts():
+    """6 experts + 2 redundant fill ep=4 (6 % 4 != 0 is fine under balanced)."""
+    from moetrain.config import load_config, validate_layout
+    cfg = load_config("configs/tiny_cpu.yaml", ["moe.num_experts=6", "parallel.ep=4", "moe.placement=balanced",
+                                                "moe.redundant_experts=2", "train.device=cpu"])
+    assert validate_layout(cfg, 4)[2] == 4
