@@ -15,6 +15,11 @@ twice (a resumed run appends) keeps its last record. Writes to --out (default <r
                     (moe.layer{i}.drop_frac)
   a2a_time.png      all-to-all ms per step for each rank (ranks.a2a_ms), the mean (a2a_ms) and
                     the share of the step (a2a_frac)
+  placement.png     only for moe.placement=balanced runs: the measured rank imbalance with each
+                    re-placement's predicted imbalance before and after (placement.layer{i}.
+                    imbalance_before / _after), per layer the replicas of every expert at each
+                    re-placement (placement.layer{i}.replicas) and the last placement as a
+                    rank x expert map (placement.layer{i}.experts_per_rank)
 and prints a short text summary (most and least loaded experts, imbalance, drops, a2a share).
 """
 from __future__ import annotations
@@ -194,6 +199,61 @@ def plot_a2a(records, png, title):
     plt.close(fig)
 
 
+PLACEMENT_KEY = re.compile(r"^placement\.layer(\d+)\.replicas$")
+
+
+def placement_layers(records: list[dict]) -> list[int]:
+    return sorted({int(m.group(1)) for r in records for k in r if (m := PLACEMENT_KEY.match(k))})
+
+
+def plot_placement(records, layers, png, title):
+    """Re-placements of moe.placement=balanced (records carrying placement.* keys)."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+    events = [r for r in records if any(f"placement.layer{i}.replicas" in r for i in layers)]
+    steps = [r["step"] for r in records]
+    ev_steps = [r["step"] for r in events]
+    fig, axes = _fig(plt, 1 + 2 * len(layers), height=2.4)
+    ax = axes[0, 0]
+    ax.plot(steps, series(records, "rank_imbalance"), color="k", lw=1, label="measured (rank_imbalance)")
+    for i in layers:
+        ax.plot(ev_steps, [r.get(f"placement.layer{i}.imbalance_before", np.nan) for r in events], "x", ms=6,
+                label=f"layer {i} before")
+        ax.plot(ev_steps, [r.get(f"placement.layer{i}.imbalance_after", np.nan) for r in events], "o", ms=4,
+                mfc="none", label=f"layer {i} after")
+    ax.axhline(1.0, color="grey", ls=":", lw=1)
+    ax.set_ylabel("max / mean rank load")
+    ax.set_title(f"{title}: expert placement (re-placements at {len(events)} steps)")
+    ax.legend(ncol=min(6, 1 + 2 * len(layers)), fontsize=7)
+    ax.grid(True, alpha=0.3)
+    for row, i in enumerate(layers):
+        reps = np.array([r.get(f"placement.layer{i}.replicas", []) for r in events], dtype=float)
+        ax = axes[1 + 2 * row, 0]
+        if reps.ndim == 2 and reps.size:
+            im = ax.imshow(reps.T, aspect="auto", origin="lower", cmap="viridis", interpolation="nearest",
+                           vmin=1, vmax=max(2.0, float(reps.max())))
+            fig.colorbar(im, ax=ax, pad=0.01, label="replicas")
+            ax.set_xticks(range(len(ev_steps)))
+            ax.set_xticklabels([str(s) for s in ev_steps], fontsize=7)
+        ax.set_ylabel(f"layer {i}\nexpert")
+        ax.set_xlabel("re-placement at step")
+        last = next((r[f"placement.layer{i}.experts_per_rank"] for r in reversed(events)
+                     if f"placement.layer{i}.experts_per_rank" in r), [])
+        ax = axes[2 + 2 * row, 0]
+        E = reps.shape[1] if reps.ndim == 2 and reps.size else 0
+        held = np.zeros((len(last), E))
+        for rank, ids in enumerate(last):
+            for e in ids:
+                if 0 <= e < E:
+                    held[rank, e] = 1
+        ax.imshow(held, aspect="auto", origin="lower", cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_ylabel(f"layer {i}\nrank")
+        ax.set_xlabel(f"expert (held at step {ev_steps[-1] if ev_steps else '-'})")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
 def text_summary(records, layers, mats) -> str:
     import numpy as np
     last = records[-1]
@@ -229,7 +289,16 @@ def build_report(run_dir: str, out: str | None = None, prefix: str = "", title: 
     plot_rank_tokens(records, paths["rank_tokens"], title)
     plot_drop_rate(records, layers, paths["drop_rate"], title)
     plot_a2a(records, paths["a2a_time"], title)
-    return dict(paths, summary=text_summary(records, layers, mats))
+    summary = text_summary(records, layers, mats)
+    placed = placement_layers(records)
+    if placed:
+        paths["placement"] = os.path.join(out, f"{prefix}placement.png")
+        plot_placement(records, placed, paths["placement"], title)
+        events = [r for r in records if "placement.move_ms" in r]
+        moved = sum(r.get("placement.layers_moved", 0) for r in events)
+        summary += (f"\nplacement: {len(events)} re-placements, {moved} layer moves, "
+                    f"{sum(r['placement.move_ms'] for r in events) / max(1, len(events)):.1f} ms each on average")
+    return dict(paths, summary=summary)
 
 
 def main(argv=None) -> int:

@@ -141,3 +141,32 @@ def test_hostile_placement_entry_is_one_line_on_every_rank(ep2, tmp_path, mutate
                                         [e for e in BALANCED_EP2 if e != "checkpoint.every=5"] + ["checkpoint.every=0"]))
     assert errors[0] == errors[1] and "\n" not in errors[0] and why in errors[0], errors
     assert Path(bad).name in errors[0]
+
+
+def test_load_report_draws_the_placement(ep2, tmp_path):
+    from _tools import load_tool
+    report = load_tool("expert_load_report")
+    _, ckpt = ep2
+    res = report.build_report(str(ckpt.parent / "runs" / "tiny"), str(tmp_path / "rep"))
+    assert Path(res["placement"]).stat().st_size > 10_000
+    assert "placement: 4 re-placements" in res["summary"]
+
+
+def test_tensorboard_gets_the_placement(ep2, tmp_path):
+    """The re-placement keys of a step's record reach TensorBoard: imbalance before/after and the
+    replicas as scalars, the experts per rank as text."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from moetrain.metrics import RunWriter
+    recs, _ = ep2
+    event = next(r for r in recs if r.get("placement.layers_moved"))
+    writer = RunWriter(str(tmp_path), tensorboard=True)
+    writer.write(event)
+    writer.close()
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert "placement/layer0/imbalance_before" in tags["scalars"] and "placement/move_ms" in tags["scalars"]
+    assert "placement/layer1/experts_per_rank/text_summary" in tags["tensors"], tags["tensors"]
+    # add_scalars writes one run per replica count (placement/layer0/replicas_<expert>)
+    runs = [d.name for d in (tmp_path / "tb").iterdir() if d.is_dir()]
+    assert any(name.startswith("placement_layer0_replicas") for name in runs), runs
