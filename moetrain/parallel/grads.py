@@ -154,16 +154,17 @@ def _shard_groups(p) -> tuple:
     return tuple(p.device_mesh.get_group(i) for i, pl in enumerate(p.placements) if not pl.is_replicate())
 
 
-def grad_sq_norms(dense: list, expert: list, ep_group=None, ep: int = 1, row_masks: Optional[dict] = None) -> dict:
+def grad_sq_norms(dense: list, expert: list, ep_group=None, ep: int = 1, count_rows: Optional[dict] = None) -> dict:
     """Squared L2 norms of the synced gradients, each logical parameter counted once:
     {"dense", "expert"} (fp32 scalars, equal on every rank). Each rank sums the squares of the
     gradient data it holds, then sums over the ranks that hold the other parts of the parameter:
     the mesh dims its DTensor is sharded on (tp, and dp / edp under FSDP), and ep for experts
     (each EP rank holds other experts). Replicas (dp without FSDP, tp for a replicated
-    parameter, edp) already agree and are counted once. row_masks (moe.placement=balanced,
-    parallel/replicas.py): id(expert param) -> bool mask of its dim-0 slots that count, so an
-    expert replicated on several EP ranks is counted once."""
-    row_masks = row_masks or {}
+    parameter, edp) already agree and are counted once. count_rows (moe.placement=balanced,
+    parallel/replicas.py): id(expert param) -> int64 indices of its dim-0 slots that count, so an
+    expert replicated on several EP ranks is counted once (an index, not a boolean mask: masked
+    selection would read the mask's count on the host)."""
+    count_rows = count_rows or {}
     # the parameters' device (a rank without any gradient still joins the all-reduces below, and
     # on NCCL with a tensor on its GPU)
     device = next((p.device for p in list(dense) + list(expert)), torch.device("cpu"))
@@ -174,8 +175,8 @@ def grad_sq_norms(dense: list, expert: list, ep_group=None, ep: int = 1, row_mas
             # every rank registers every kind (grad or not), so all join the same all-reduces
             grads = kinds.setdefault((is_expert, _shard_groups(p) + extra), [])
             if p.grad is not None:
-                mask = row_masks.get(id(p))
-                grads.append(_local(p.grad) if mask is None else _local(p.grad)[mask])
+                rows = count_rows.get(id(p))
+                grads.append(_local(p.grad) if rows is None else _local(p.grad).index_select(0, rows))
     vals = [_sq(grads, device) for grads in kinds.values()]
     for group in dict.fromkeys(g for _, gs in kinds for g in gs):     # first-seen order: same on all ranks
         idx = [i for i, (_, gs) in enumerate(kinds) if group in gs]
@@ -196,11 +197,11 @@ def _sq(grads: list, device) -> torch.Tensor:
 
 
 def clip_grad_norm(dense: list, expert: list, max_norm: float, ep_group, ep: int,
-                   row_masks: Optional[dict] = None) -> float:
+                   count_rows: Optional[dict] = None) -> float:
     """One global L2 norm over all parameters, as if the model lived in one process (see
     grad_sq_norms for how each kind of parameter is counted: a TP or FSDP shard is a DTensor whose
     placements say where to sum). Returns the norm before clipping."""
-    total = math.sqrt(float(sum(grad_sq_norms(dense, expert, ep_group, ep, row_masks).values())))
+    total = math.sqrt(float(sum(grad_sq_norms(dense, expert, ep_group, ep, count_rows).values())))
     if max_norm > 0 and total > max_norm:
         scale = max_norm / (total + 1e-6)
         grads = [p.grad for p in list(dense) + list(expert) if p.grad is not None]

@@ -12,7 +12,7 @@ the replicas of an expert equal, which takes collectives:
                    the SUM over its replicas (each saw a share of the expert's copies): one flat
                    all-reduce over the EP group of the replicated experts' rows. Every replica
                    then holds the expert's whole gradient and AdamW keeps them bit-identical.
-  primary_masks    Per expert weight, the slots that count in the gradient norm: one replica
+  primary_rows     Per expert weight, the slots that count in the gradient norm: one replica
                    per expert (parallel/grads.grad_sq_norms).
   rebalance        Every moe.rebalance_every steps, at the step boundary: the kept copies per
                    expert of the window, summed over the data-parallel group (one small
@@ -82,9 +82,10 @@ class ExpertPlacer:
         self.par = par
         self.ep, self.ep_rank = par.dims.ep, par.ep_rank
         self.S = (num_experts + redundant) // self.ep
-        first = balanced_placement([0.0] * num_experts, self.ep, redundant)
-        self.placements: list[Placement] = [first] * len(layers)
+        self.first = balanced_placement([0.0] * num_experts, self.ep, redundant)
+        self.placements: list[Placement] = [self.first] * len(layers)
         self.window = torch.zeros(len(layers), num_experts, dtype=torch.int64, device=par.device)
+        self._rows: dict = {}          # primary_rows' cache, per placement
 
     # ------------------------------------------------------------------ model
 
@@ -101,13 +102,18 @@ class ExpertPlacer:
         """Kept copies per FFN expert of this rank's micro batch (on the device: no host sync)."""
         self.window += kept_LE[:, :self.E].to(self.window)
 
-    def primary_masks(self) -> dict:
-        """id(expert weight) -> bool [S]: the slots whose gradient counts in the norm."""
+    def primary_rows(self) -> dict:
+        """id(expert weight) -> int64 slot indices whose gradient counts in the norm (each expert's
+        first replica), on the device; built once per placement (no per-step host-to-device copy)."""
         out = {}
         for layer, pl in zip(self.layers, self.placements):
-            mask = torch.tensor(pl.primary(self.ep_rank), device=self.par.device)
+            key = (id(layer), pl.ranks)
+            if key not in self._rows:
+                self._rows = {k: v for k, v in self._rows.items() if k[0] != id(layer)}
+                keep = [j for j, first in enumerate(pl.primary(self.ep_rank)) if first]
+                self._rows[key] = torch.tensor(keep, dtype=torch.int64, device=self.par.device)
             for p in self._weights(layer):
-                out[id(p)] = mask
+                out[id(p)] = self._rows[key]
         return out
 
     @staticmethod
@@ -274,11 +280,13 @@ class ExpertPlacer:
         ep, redundancy and expert count (else keep the first placement). Returns a note line, or
         None. Raises ValueError for a malformed entry (a checkpoint is untrusted input)."""
         if saved is None:
+            self._install([self.first] * len(self.layers), [[0] * self.E] * len(self.layers))
             return "note: the checkpoint has no expert placement: starting from the first placement"
         if not isinstance(saved, dict) or saved.get("version") != _STATE_VERSION:
             raise ValueError("its expert placement entry is not a version-1 placement")
         same = (saved.get("ep"), saved.get("redundant"), saved.get("num_experts")) == (self.ep, self.R, self.E)
         if not same:
+            self._install([self.first] * len(self.layers), [[0] * self.E] * len(self.layers))
             return (f"note: the checkpoint's expert placement was for ep={saved.get('ep')} with "
                     f"{saved.get('redundant')} redundant experts: starting from the first placement")
         ranks, window = saved.get("ranks"), saved.get("window")
@@ -294,11 +302,15 @@ class ExpertPlacer:
             if why:
                 raise ValueError(f"its expert placement of MoE layer {li} is invalid: {why}")
             placements.append(load_under(r, [0.0] * self.E))
+        self._install(placements, window)
+        return None
+
+    def _install(self, placements: list[Placement], window: list) -> None:
+        """Adopt `placements` before a checkpoint load fills the slots by their new ids (nothing
+        is moved). The window's loads so far go to the first data-parallel rank (sums count)."""
         self.placements = placements
-        # the window's loads so far live on the first data-parallel rank only (sums are what matter)
         first = self.par.dp_rank == 0
         self.window.copy_(torch.tensor(window, dtype=torch.int64) * int(first))
         for layer, pl in zip(self.layers, placements):
-            layer.experts.expert_ids = list(pl.ranks[self.ep_rank])    # the load fills the slots by these ids
+            layer.experts.expert_ids = list(pl.ranks[self.ep_rank])
             self._route(layer, pl)
-        return None

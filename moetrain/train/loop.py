@@ -170,7 +170,7 @@ class Trainer:
             with record_function("train/clip"):
                 norm = clip_grad_norm(self.dense_params, self.expert_params, t.grad_clip, self.par.ep_group,
                                       self.par.dims.ep,
-                                      self.placer.primary_masks() if self.placer is not None else None)
+                                      self.placer.primary_rows() if self.placer is not None else None)
             if not math.isfinite(norm):      # the same global value on every rank: all stop alike
                 raise TrainingDiverged(
                     f"step {step + 1}: the gradient norm is {norm} (the loss became non-finite); the weights "

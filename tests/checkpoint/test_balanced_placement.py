@@ -83,6 +83,18 @@ def test_balanced_ep4_equals_world1(world1, tmp_path):
     assert max(last["placement.layer0.replicas"]) >= 2 and sum(last["placement.layer0.replicas"]) == 12
 
 
+@pytest.mark.parametrize("extra", [
+    ["parallel.ep=2", "parallel.dp=4"],                 # edp = 2: expert grads summed over edp, then replicas
+    ["parallel.ep=2", "parallel.tp=2"],                 # experts replicated over tp, one placement per tp rank
+])
+def test_balanced_with_edp_and_tp_equals_world1(world1, tmp_path, extra):
+    args = BASE + extra + ["moe.placement=balanced", "moe.redundant_experts=2", "checkpoint.every=0"]
+    recs = run_dist(_train, 4, (str(tmp_path / "runs"), str(tmp_path / "ckpt"), args))[0]
+    torch.testing.assert_close(_curve(recs), _curve(world1), **TOL)
+    torch.testing.assert_close(_curve(recs, "grad_norm"), _curve(world1, "grad_norm"), rtol=1e-4, atol=0)
+    assert sum(r["placement.layers_moved"] for r in _replacements(recs)) >= 2
+
+
 @pytest.mark.parametrize("world,extra,exact", [
     (2, BALANCED_EP2, True),                                                  # same layout: exact
     (1, BASE, False),                                                         # world 1, static
