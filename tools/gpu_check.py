@@ -205,7 +205,10 @@ def step_checkpoint(ctx: Ctx) -> dict:
 
 
 LAYOUTS = [("ep2", 2, ["parallel.ep=2"]), ("ep4", 4, ["parallel.ep=4"]),
-           ("tp2_ep2", 4, ["parallel.tp=2", "parallel.ep=2"]), ("fsdp2", 2, ["parallel.fsdp=true"])]
+           ("tp2_ep2", 4, ["parallel.tp=2", "parallel.ep=2"]), ("fsdp2", 2, ["parallel.fsdp=true"]),
+           # moe.placement=balanced: replicas, re-placements (weights + moments moved) every 2 steps
+           ("balanced_ep2", 2, ["parallel.ep=2", "moe.placement=balanced", "moe.redundant_experts=2",
+                                "moe.rebalance_every=2"])]
 
 
 def step_layouts(ctx: Ctx) -> dict:

@@ -37,7 +37,7 @@ def test_dry_run_passes_every_step(tmp_path):
     assert steps["impls"]["details"]["grouped"]["experts"].startswith("grouped")
     assert len(steps["recipes"]["details"]) >= 10
     assert steps["checkpoint"]["details"]["bitwise_equal"] is True
-    assert set(steps["layouts"]["details"]) == {"world1", "ep2", "ep4", "tp2_ep2", "fsdp2"}
+    assert set(steps["layouts"]["details"]) == {"world1", "ep2", "ep4", "tp2_ep2", "fsdp2", "balanced_ep2"}
     assert {r["impl"] for r in steps["bench"]["details"]["records"] if r["system"] == "moetrain"} == \
         {"grouped", "bmm", "loop"}
     syncs = steps["syncs"]["details"]
