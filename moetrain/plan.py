@@ -20,7 +20,8 @@ w = dtype bytes: fp32 4, bf16 2. Bytes are bytes; MiB = 2**20 bytes.
      routed experts' w1/w3 Shard(2), w2 Shard(1); everything else (norms, routers, MoE++
      constants, PEER query/keys/tables) replicated over tp. A tied head is the embedding.
    Per rank (`local_params`): numel / tp on the TP dim; expert params / ep (dim 0: experts or
-   PEER rows, parallel/apply.apply_ep); under FSDP (parallel.fsdp, dp > 1) a further / dp (dense)
+   PEER rows, parallel/apply.apply_ep; (E + R) / ep slots under moe.placement=balanced with R
+   redundant replicas); under FSDP (parallel.fsdp, dp > 1) a further / dp (dense)
    or / edp (experts) on the dim parallel/fsdp.fsdp_shard_dim picks (the first dim, not the TP dim
    and not an expert's dim 0, that the group size divides, judged on the TP-global, EP-local
    shape); a parameter with no such dim, and PEER tables, stay whole (FSDP ignores them).
@@ -367,6 +368,15 @@ class LocalParam:
         return math.prod(self.shape)
 
 
+def _local_experts(cfg, rows: int, ep: int) -> int:
+    """Dim-0 rows of an expert parameter on one rank: E/ep, or (E + R)/ep slots under
+    moe.placement=balanced with R redundant replicas (parallel/replicas.py)."""
+    e = cfg.moe
+    if ep > 1 and e.placement == "balanced" and e.layer == "moe":
+        return (rows + e.redundant_experts) // ep
+    return rows // ep
+
+
 def local_params(cfg, layout: Layout) -> list[LocalParam]:
     """This rank's shard of every parameter (module doc 1). Every rank of a layout holds the
     same shapes (experts and shards are split evenly), so one list describes them all."""
@@ -377,14 +387,14 @@ def local_params(cfg, layout: Layout) -> list[LocalParam]:
         if layout.tp > 1 and tp_dim is not None:
             shape[tp_dim] //= layout.tp
         if s.expert:
-            shape[0] //= layout.ep
+            shape[0] = _local_experts(cfg, shape[0], layout.ep)
         sharded = False
         if layout.fsdp and s.fsdp_ok:
             size = layout.edp if s.expert else layout.dp
             # judged on the TP-global (DTensor) shape, after the EP split
             judge = list(s.shape)
             if s.expert:
-                judge[0] //= layout.ep
+                judge[0] = _local_experts(cfg, judge[0], layout.ep)
             d = fsdp_shard_dim(tuple(judge), s.expert, tp_dim if layout.tp > 1 else None, size)
             if d is not None:
                 shape[d] //= size

@@ -79,7 +79,7 @@ def _local_shapes(rank, world, layouts, extra):
         cfg = _cfg(extra + lay.overrides())
         par = init_parallel(lay.dp, lay.tp, lay.ep, LaunchEnv(rank, world, rank, world, "torchrun"), "cpu")
         model = Transformer(cfg)
-        apply_ep(model, par)
+        apply_ep(model, par, cfg.moe)
         model.init_weights(cfg.train.seed)
         apply_tp(model, par.tp_mesh, cfg.parallel.etp)
         if lay.fsdp:
@@ -100,6 +100,19 @@ def test_local_params_match_parallelized_models_at_world4():
     got = run_dist(_local_shapes, 4, (LOCAL_LAYOUTS, LOCAL_EXTRA))
     for i, lay in enumerate(LOCAL_LAYOUTS):
         want = {lp.spec.name: (lp.shape, lp.fsdp_sharded) for lp in P.local_params(_cfg(LOCAL_EXTRA), lay)}
+        for rank in range(4):
+            assert got[rank][i] == want, (str(lay), rank)
+
+
+@pytest.mark.slow
+def test_local_params_count_redundant_expert_slots():
+    """moe.placement=balanced with R redundant replicas: each rank holds (E + R) / ep slots."""
+    extra = LOCAL_EXTRA + ["moe.placement=balanced", "moe.redundant_experts=4"]
+    layouts = [P.Layout(4, 1, 4, False, "native"), P.Layout(2, 2, 2, False, "native")]
+    got = run_dist(_local_shapes, 4, (layouts, extra))
+    for i, lay in enumerate(layouts):
+        want = {lp.spec.name: (lp.shape, lp.fsdp_sharded) for lp in P.local_params(_cfg(extra + lay.overrides()), lay)}
+        assert want["layers.1.ffn.experts.w1"][0][0] == (8 + 4) // lay.ep
         for rank in range(4):
             assert got[rank][i] == want, (str(lay), rank)
 
