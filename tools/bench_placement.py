@@ -193,6 +193,9 @@ def rank_main(rank: int, world: int, port: int, args) -> None:
             if "move_ms" in rec:
                 saved = static - rec["ms"]
                 rec["pays_after_steps"] = round(rec["move_ms"] / saved, 2) if saved > 0 else None
+        if args.json:                    # before printing: a closed stdout (| head) must not lose them
+            with open(args.json, "a") as f:
+                f.writelines(json.dumps(rec) + "\n" for rec in out)
         print(f"{'case':<14} {'ms':>8} {'x uniform':>9} {'imbalance':>9}  recv rows per rank / a2a ms per rank")
         for rec in out:
             print(f"{rec['case']:<14} {rec['ms']:8.1f} {rec['vs_uniform']:9.2f} {rec['imbalance']:9.2f}  "
@@ -200,11 +203,7 @@ def rank_main(rank: int, world: int, port: int, args) -> None:
                   + (f"  move {rec['move_ms']:.1f} ms {rec['move_mb']:.2f} MB, pays after "
                      f"{rec['pays_after_steps']} steps" if "move_ms" in rec else ""))
         for rec in out:
-            line = json.dumps(rec)
-            print(line)
-            if args.json:
-                with open(args.json, "a") as f:
-                    f.write(line + "\n")
+            print(json.dumps(rec))
     dist.destroy_process_group()
 
 
