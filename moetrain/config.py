@@ -507,6 +507,8 @@ def _validate_placement(cfg: Config) -> None:
     need(e.num_experts > 0 and e.layer == "moe", "moe.placement", e.placement,
          "needs routed FFN experts (moe.num_experts > 0, moe.layer=moe)")
     E = e.num_ffn_experts
+    if p.ep == 1:
+        return        # one rank holds every expert: no placement (a balanced checkpoint resumes here as is)
     need((E + e.redundant_experts) % p.ep == 0, "moe.redundant_experts", e.redundant_experts,
          f"the {E} experts + redundant replicas must fill parallel.ep={p.ep} ranks evenly")
     need(e.redundant_experts <= E * (p.ep - 1), "moe.redundant_experts", e.redundant_experts,

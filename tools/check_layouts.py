@@ -194,7 +194,7 @@ def build_rank(cfg, world: int, rank: int, gpus_per_node: int = 8) -> Built:
     """Rank `rank` as build_trainer makes it, on the meta device (call inside fake_world):
     init_parallel, Transformer, apply_ep, apply_routing_groups, apply_tp, apply_fsdp, the
     dense/expert split and GradientSync. init_weights is skipped (data, not layout)."""
-    from moetrain.config import validate_layout
+    from moetrain.config import ConfigError, validate_layout
     from moetrain.model.tp_plan import apply_tp
     from moetrain.model.transformer import Transformer
     from moetrain.parallel.apply import apply_ep, apply_routing_groups, split_params
@@ -203,6 +203,10 @@ def build_rank(cfg, world: int, rank: int, gpus_per_node: int = 8) -> Built:
     from moetrain.parallel.mesh import LaunchEnv, init_parallel
 
     dp, tp, ep = validate_layout(cfg, world)
+    if cfg.moe.placement == "balanced" and ep > 1:
+        # its ownership and checkpoint-key checks know contiguous expert slices only
+        raise ConfigError("moe.placement=balanced is not checked by check_layouts yet (it checks the static "
+                          "placement's expert slices): use moe.placement=static here")
     local_world = min(gpus_per_node, world)
     env = LaunchEnv(rank, world, rank % local_world, local_world, "torchrun")
     par = init_parallel(dp, tp, ep, env, "cpu")

@@ -207,6 +207,7 @@ def step_checkpoint(ctx: Ctx) -> dict:
 LAYOUTS = [("ep2", 2, ["parallel.ep=2"]), ("ep4", 4, ["parallel.ep=4"]),
            ("tp2_ep2", 4, ["parallel.tp=2", "parallel.ep=2"]), ("fsdp2", 2, ["parallel.fsdp=true"]),
            # moe.placement=balanced: replicas, re-placements (weights + moments moved) every 2 steps
+           # (over cuda:gloo like the rest of this step: ranks share the GPU; NCCL is not exercised)
            ("balanced_ep2", 2, ["parallel.ep=2", "moe.placement=balanced", "moe.redundant_experts=2",
                                 "moe.rebalance_every=2"])]
 
@@ -267,7 +268,11 @@ def step_syncs(ctx: Ctx) -> dict:
         impl = choose_impl("auto", torch.device("cuda", 0), torch.bfloat16, 128, 192)[0]
         world1 = []
     out = {"world1": _count_syncs(ctx, "syncs_world1", world1, 1, 0 if impl == "grouped" else 1),
-           "ep2": _count_syncs(ctx, "syncs_ep2", ["parallel.ep=2", "parallel.backend=gloo"], 2, 1)}
+           "ep2": _count_syncs(ctx, "syncs_ep2", ["parallel.ep=2", "parallel.backend=gloo"], 2, 1),
+           # balanced placement adds no per-step host read (slot tables and the norm's slots stay on the device)
+           "ep2_balanced": _count_syncs(ctx, "syncs_ep2_balanced", ["parallel.ep=2", "parallel.backend=gloo",
+                                                                    "moe.placement=balanced", "moe.redundant_experts=2",
+                                                                    "moe.rebalance_every=1000"], 2, 1)}
     out["expert_impl"] = impl
     return out
 

@@ -41,6 +41,7 @@ def apply_ep(model: nn.Module, par: Parallel, moe=None) -> Optional[ExpertPlacer
         placer.apply()
         return placer
     for mod in layers:
+        assert mod.num_experts % ep == 0, f"{mod.num_experts} experts do not split over ep={ep} (static placement)"
         local = mod.num_experts // ep
         mod.experts.shard_(par.ep_rank * local, local)
     return None

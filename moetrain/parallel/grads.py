@@ -161,9 +161,9 @@ def grad_sq_norms(dense: list, expert: list, ep_group=None, ep: int = 1, count_r
     the mesh dims its DTensor is sharded on (tp, and dp / edp under FSDP), and ep for experts
     (each EP rank holds other experts). Replicas (dp without FSDP, tp for a replicated
     parameter, edp) already agree and are counted once. count_rows (moe.placement=balanced,
-    parallel/replicas.py): id(expert param) -> int64 indices of its dim-0 slots that count, so an
-    expert replicated on several EP ranks is counted once (an index, not a boolean mask: masked
-    selection would read the mask's count on the host)."""
+    parallel/replicas.py): id(expert param) -> the indices (a list) of its dim-0 slots that count,
+    so an expert replicated on several EP ranks is counted once; the slots enter the norm as views
+    (no copy of the gradients, and no boolean mask whose count the host would have to read)."""
     count_rows = count_rows or {}
     # the parameters' device (a rank without any gradient still joins the all-reduces below, and
     # on NCCL with a tensor on its GPU)
@@ -176,7 +176,8 @@ def grad_sq_norms(dense: list, expert: list, ep_group=None, ep: int = 1, count_r
             grads = kinds.setdefault((is_expert, _shard_groups(p) + extra), [])
             if p.grad is not None:
                 rows = count_rows.get(id(p))
-                grads.append(_local(p.grad) if rows is None else _local(p.grad).index_select(0, rows))
+                g = _local(p.grad)
+                grads.extend([g] if rows is None else [g[j] for j in rows])
     vals = [_sq(grads, device) for grads in kinds.values()]
     for group in dict.fromkeys(g for _, gs in kinds for g in gs):     # first-seen order: same on all ranks
         idx = [i for i, (_, gs) in enumerate(kinds) if group in gs]

@@ -46,6 +46,8 @@ from moetrain.moe.placement import Placement, balanced_placement, check_ranks, l
 # re-place a layer only when the new placement lowers its busiest rank's predicted load by this
 # fraction of the old one: smaller gains do not pay for moving weights and moments
 MIN_GAIN = 0.03
+# the replica gradient sum and the re-placement move work in pieces of about this many bytes
+BUCKET_BYTES = 64 * 2 ** 20
 _STATE_VERSION = 1
 
 
@@ -103,15 +105,14 @@ class ExpertPlacer:
         self.window += kept_LE[:, :self.E].to(self.window)
 
     def primary_rows(self) -> dict:
-        """id(expert weight) -> int64 slot indices whose gradient counts in the norm (each expert's
-        first replica), on the device; built once per placement (no per-step host-to-device copy)."""
+        """id(expert weight) -> the slot indices (a list) whose gradient counts in the norm: each
+        expert's first replica. parallel/grads takes views of those slots: no copy, no host sync."""
         out = {}
         for layer, pl in zip(self.layers, self.placements):
             key = (id(layer), pl.ranks)
             if key not in self._rows:
                 self._rows = {k: v for k, v in self._rows.items() if k[0] != id(layer)}
-                keep = [j for j, first in enumerate(pl.primary(self.ep_rank)) if first]
-                self._rows[key] = torch.tensor(keep, dtype=torch.int64, device=self.par.device)
+                self._rows[key] = [j for j, first in enumerate(pl.primary(self.ep_rank)) if first]
             for p in self._weights(layer):
                 out[id(p)] = self._rows[key]
         return out
@@ -124,37 +125,38 @@ class ExpertPlacer:
     # ------------------------------------------------------------------ gradients
 
     def sync_grads(self) -> None:
-        """SUM each replicated expert's gradient over its replicas (one all-reduce, EP group).
-        An expert weight without a gradient gets zeros first, as its slice of the whole stack
-        would at world size 1, so every rank's AdamW keeps the same state for every slot."""
-        rows, dests = [], []
+        """SUM each replicated expert's gradient over its replicas (all-reduces over the EP group,
+        about BUCKET_BYTES each). An expert weight without a gradient gets zeros first, as its
+        slice of the whole stack would at world size 1, so every rank's AdamW keeps the same state
+        for every slot."""
+        rows = []                           # (grads of the layer's weights, slot here or None)
         for layer, pl in zip(self.layers, self.placements):
             ws = self._weights(layer)
             for w in ws:
                 if w.grad is None:
                     w.grad = torch.zeros_like(w)
             grads = [w.grad for w in ws]
-            width = sum(g[0].numel() for g in grads)
             mine = {e: j for j, e in enumerate(pl.ranks[self.ep_rank])}
-            for e in range(self.E):
-                if pl.replicas[e] < 2:
-                    continue
-                j = mine.get(e)
-                rows.append(torch.cat([g[j].reshape(-1) for g in grads]) if j is not None
-                            else grads[0].new_zeros(width))
-                dests.append((grads, j))
+            rows += [(grads, mine.get(e)) for e in range(self.E) if pl.replicas[e] > 1]
         if not rows:
             return
-        flat = torch.stack(rows)
-        dist.all_reduce(flat, group=self.par.ep_group)
-        for row, (grads, j) in zip(flat, dests):
-            if j is None:
-                continue
-            offset = 0
-            for g in grads:
-                n = g[j].numel()
-                g[j].copy_(row[offset:offset + n].view_as(g[j]))
-                offset += n
+        width = sum(g[0].numel() for g in rows[0][0])
+        per = max(1, BUCKET_BYTES // (width * rows[0][0][0].element_size()))
+        for lo in range(0, len(rows), per):
+            chunk = rows[lo:lo + per]
+            flat = rows[0][0][0].new_zeros(len(chunk), width)
+            for i, (grads, j) in enumerate(chunk):
+                if j is not None:
+                    torch.cat([g[j].reshape(-1) for g in grads], out=flat[i])
+            dist.all_reduce(flat, group=self.par.ep_group)
+            for i, (grads, j) in enumerate(chunk):
+                if j is None:
+                    continue
+                offset = 0
+                for g in grads:
+                    n = g[j].numel()
+                    g[j].copy_(flat[i, offset:offset + n].view_as(g[j]))
+                    offset += n
 
     # ------------------------------------------------------------------ re-placement
 
@@ -208,57 +210,57 @@ class ExpertPlacer:
         return out
 
     def _move(self, new: list[Placement], opt) -> int:
-        """Every slot's new contents, from this rank (its expert stays here) or from a holder of
-        the expert under the old placement: one all-to-all over the EP group per dtype. Every
-        rank computes the same plan. Returns the bytes this rank sent."""
-        ep, me = self.ep, self.ep_rank
-        # (layer, src slot on src rank, dst slot on dst rank) per (src, dst), in (layer, dst slot) order
-        plan: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
-        moved = [li for li, (old, nxt) in enumerate(zip(self.placements, new)) if nxt.ranks != old.ranks]
-        for li in moved:
-            where = [{e: j for j, e in enumerate(held)} for held in self.placements[li].ranks]
-            for dst in range(ep):
-                for j, e in enumerate(new[li].ranks[dst]):
-                    holders = [r for r in range(ep) if e in where[r]]
-                    src = dst if dst in holders else holders[dst % len(holders)]
-                    plan.setdefault((src, dst), []).append((li, where[src][e], j))
-        tensors = {li: self._slot_tensors(self.layers[li], opt) for li in moved}
-        out = {li: [torch.empty_like(t) for t in ts] for li, ts in tensors.items()}
+        """Every slot whose expert changes gets the expert's weights and AdamW moments from a
+        holder under the old placement (this rank when it holds the expert): one layer at a time,
+        one all-to-all over the EP group per layer and dtype, so the extra memory is the changed
+        slots of one layer. Every rank computes the same plan. Returns the bytes this rank sent."""
         sent = 0
-        for kind in sorted({(t.dtype, t.device) for ts in tensors.values() for t in ts}, key=str):
-            pick = {li: [i for i, t in enumerate(ts) if (t.dtype, t.device) == kind] for li, ts in tensors.items()}
-            widths = {sum(tensors[li][i][0].numel() for i in idx) for li, idx in pick.items()}
-            assert len(widths) == 1, "MoE layers hold expert tensors of different sizes"
-            width = widths.pop()
+        for li, (old, nxt) in enumerate(zip(self.placements, new)):
+            if nxt.ranks != old.ranks:
+                sent += self._move_layer(li, old, nxt, opt)
+        return sent
 
-            def row(li, j):
-                return torch.cat([tensors[li][i][j].reshape(-1) for i in pick[li]])
+    def _move_layer(self, li: int, old: Placement, nxt: Placement, opt) -> int:
+        ep, me = self.ep, self.ep_rank
+        where = [{e: j for j, e in enumerate(held)} for held in old.ranks]
+        # (src slot on src rank, dst slot on dst rank) per (src, dst), in dst-slot order; slots that
+        # keep their expert are left alone
+        plan: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        for dst in range(ep):
+            for j, e in enumerate(nxt.ranks[dst]):
+                if where[dst].get(e) == j:
+                    continue
+                holders = [r for r in range(ep) if e in where[r]]
+                src = dst if dst in holders else holders[dst % len(holders)]
+                plan.setdefault((src, dst), []).append((where[src][e], j))
+        tensors = self._slot_tensors(self.layers[li], opt)
+        sent = 0
+        for kind in sorted({(t.dtype, t.device) for t in tensors}, key=str):
+            group = [t for t in tensors if (t.dtype, t.device) == kind]
+            width = sum(t[0].numel() for t in group)
 
-            def put(li, j, flat):
-                offset = 0
-                for i in pick[li]:
-                    dst = out[li][i][j]
-                    dst.copy_(flat[offset:offset + dst.numel()].view_as(dst))
-                    offset += dst.numel()
+            def row(j):
+                return torch.cat([t[j].reshape(-1) for t in group])
 
-            for li, j_src, j_dst in plan.get((me, me), []):
-                put(li, j_dst, row(li, j_src))
-            send = [[] if dst == me else [row(li, j) for li, j, _ in plan.get((me, dst), [])] for dst in range(ep)]
+            arrived = {j_dst: row(j_src) for j_src, j_dst in plan.get((me, me), [])}   # copies: safe to overwrite after
+            send = [[] if dst == me else [row(j) for j, _ in plan.get((me, dst), [])] for dst in range(ep)]
             recv = [[] if src == me else plan.get((src, me), []) for src in range(ep)]
-            dtype, device = kind
             rows = [r for rs in send for r in rs]
+            dtype, device = kind
             send_flat = torch.stack(rows) if rows else torch.empty(0, width, dtype=dtype, device=device)
             recv_flat = torch.empty(sum(map(len, recv)), width, dtype=dtype, device=device)
             dist.all_to_all_single(recv_flat, send_flat, [len(r) for r in recv], [len(s) for s in send],
                                    group=self.par.ep_group)
             sent += send_flat.numel() * send_flat.element_size()
-            arrived = iter(recv_flat)
+            incoming = iter(recv_flat)
             for src in range(ep):
-                for li, _, j_dst in recv[src]:
-                    put(li, j_dst, next(arrived))
-        for li, ts in tensors.items():
-            for t, n in zip(ts, out[li]):
-                t.copy_(n)
+                for _, j_dst in recv[src]:
+                    arrived[j_dst] = next(incoming)
+            for j, flat in arrived.items():
+                offset = 0
+                for t in group:
+                    t[j].copy_(flat[offset:offset + t[j].numel()].view_as(t[j]))
+                    offset += t[j].numel()
         return sent
 
     # ------------------------------------------------------------------ checkpoints
@@ -284,11 +286,11 @@ class ExpertPlacer:
             return "note: the checkpoint has no expert placement: starting from the first placement"
         if not isinstance(saved, dict) or saved.get("version") != _STATE_VERSION:
             raise ValueError("its expert placement entry is not a version-1 placement")
-        same = (saved.get("ep"), saved.get("redundant"), saved.get("num_experts")) == (self.ep, self.R, self.E)
-        if not same:
+        saved_at = tuple(_small_int(saved.get(k)) for k in ("ep", "redundant", "num_experts"))
+        if saved_at != (self.ep, self.R, self.E):
             self._install([self.first] * len(self.layers), [[0] * self.E] * len(self.layers))
-            return (f"note: the checkpoint's expert placement was for ep={saved.get('ep')} with "
-                    f"{saved.get('redundant')} redundant experts: starting from the first placement")
+            return (f"note: the checkpoint's expert placement was for ep={saved_at[0]} with {saved_at[1]} "
+                    f"redundant experts of {saved_at[2]}: starting from the first placement")
         ranks, window = saved.get("ranks"), saved.get("window")
         if not isinstance(ranks, list) or len(ranks) != len(self.layers) or not isinstance(window, list) \
                 or len(window) != len(self.layers):
@@ -314,3 +316,9 @@ class ExpertPlacer:
         for layer, pl in zip(self.layers, placements):
             layer.experts.expert_ids = list(pl.ranks[self.ep_rank])
             self._route(layer, pl)
+
+
+def _small_int(v) -> object:
+    """A manifest value for a log line: a plain int as itself, anything else (untrusted: huge
+    lists, strings with newlines) as '<invalid>'."""
+    return v if type(v) is int and abs(v) < 2 ** 31 else "<invalid>"

@@ -69,7 +69,9 @@ def test_balanced_ep2_equals_world1(world1, ep2):
             pre = f"placement.layer{layer}"
             assert sum(r[f"{pre}.replicas"]) == 10 and min(r[f"{pre}.replicas"]) == 1
             assert [len(h) for h in r[f"{pre}.experts_per_rank"]] == [5, 5]
-            assert r[f"{pre}.imbalance_after"] <= r[f"{pre}.imbalance_before"] + 1e-9
+        # a layer that moved predicted a busiest rank at least 3% lower (replicas.MIN_GAIN)
+        moved_layers = [i for i in range(2) if r[f"placement.layer{i}.imbalance_after"] != r[f"placement.layer{i}.imbalance_before"]]
+        assert len(moved_layers) == r["placement.layers_moved"]
 
 
 def test_balanced_ep4_equals_world1(world1, tmp_path):
@@ -83,13 +85,26 @@ def test_balanced_ep4_equals_world1(world1, tmp_path):
     assert max(last["placement.layer0.replicas"]) >= 2 and sum(last["placement.layer0.replicas"]) == 12
 
 
-@pytest.mark.parametrize("extra", [
-    ["parallel.ep=2", "parallel.dp=4"],                 # edp = 2: expert grads summed over edp, then replicas
-    ["parallel.ep=2", "parallel.tp=2"],                 # experts replicated over tp, one placement per tp rank
+MIXED = ["moe.capacity_factor=1.0", "moe.zero_experts.zero=1", "moe.zero_experts.copy=1", "moe.shared_experts=1"]
+
+
+@pytest.mark.parametrize("world,extra", [
+    (4, ["parallel.ep=2", "parallel.dp=4"]),          # edp = 2: expert grads summed over edp, then replicas
+    (4, ["parallel.ep=2", "parallel.tp=2"]),          # experts replicated over tp, one placement per tp rank
+    (2, ["parallel.ep=2"] + MIXED),                   # capacity drops, MoE++ zero/copy experts, a shared expert
 ])
-def test_balanced_with_edp_and_tp_equals_world1(world1, tmp_path, extra):
+def test_balanced_with_edp_and_tp_equals_world1(world1, tmp_path, tmp_path_factory, world, extra):
     args = BASE + extra + ["moe.placement=balanced", "moe.redundant_experts=2", "checkpoint.every=0"]
-    recs = run_dist(_train, 4, (str(tmp_path / "runs"), str(tmp_path / "ckpt"), args))[0]
+    recs = run_dist(_train, world, (str(tmp_path / "runs"), str(tmp_path / "ckpt"), args))[0]
+    if "moe.capacity_factor=1.0" in extra:          # its own world-1 oracle (drops are per local batch:
+        root = tmp_path_factory.mktemp("w1_mixed")  # compare at dp=2 static, which drops the same copies)
+        ref = run_dist(_train, 2, (str(root / "runs"), str(root / "ckpt"),
+                                   BASE + extra + ["checkpoint.every=0"]))[0]
+        torch.testing.assert_close(_curve(recs), _curve(ref), **TOL)
+        torch.testing.assert_close(_curve(recs, "grad_norm"), _curve(ref, "grad_norm"), rtol=1e-4, atol=0)
+        assert max(r["drop_frac"] for r in recs) > 0
+        assert sum(r["placement.layers_moved"] for r in _replacements(recs)) >= 1
+        return
     torch.testing.assert_close(_curve(recs), _curve(world1), **TOL)
     torch.testing.assert_close(_curve(recs, "grad_norm"), _curve(world1, "grad_norm"), rtol=1e-4, atol=0)
     assert sum(r["placement.layers_moved"] for r in _replacements(recs)) >= 2
