@@ -124,7 +124,8 @@ class MoEConfig:
 class ParallelConfig:
     dp: Optional[int] = None       # null = world // tp
     tp: int = 1                    # tensor parallel: attention heads, dense FFNs, vocab
-    ep: int = 1
+    ep: Any = 1                    # expert-parallel size, or "auto": chosen for the world size at every start (resolve_layout)
+    ep_max: Optional[int] = None   # ep=auto: the largest ep to choose (null: no cap)
     etp: bool = False              # expert tensor parallel: each expert's hidden dim split over tp
     fsdp: bool = False             # FSDP2: shard dense params over dp, experts over edp (engine native)
     fsdp_param_dtype: str = "auto"       # FSDP all-gather/compute dtype: auto (bf16 on CUDA) | float32 | bfloat16
@@ -480,8 +481,12 @@ def _validate_parallel(cfg: Config) -> None:
         misfit = grouped_mm_misfit(m.dim, cfg.expert_hidden // (p.tp if p.etp else 1))
         need(misfit is None, "moe.grouped_mm", e.grouped_mm,
              f"{misfit}; use moe.grouped_mm=auto (falls back to loop) or change the sizes")
-    need(p.ep >= 1, "parallel.ep", p.ep, "must be >= 1")
+    need(p.ep == "auto" or (type(p.ep) is int and p.ep >= 1), "parallel.ep", p.ep,
+         "an integer >= 1, or auto (the largest that fits the world size, see parallel.ep_max)")
+    need(p.ep_max is None or p.ep_max >= 1, "parallel.ep_max", p.ep_max, "must be >= 1 or null")
     need(p.dp is None or p.dp >= 1, "parallel.dp", p.dp, "must be >= 1 or null (= world / tp)")
+    if p.ep == "auto":
+        return                     # the ep-dependent rules run once resolve_layout has chosen one
     if e.num_experts == 0:
         need(p.ep == 1, "parallel.ep", p.ep, "a dense model (moe.num_experts=0) needs parallel.ep=1")
     elif e.layer == "peer":
@@ -497,6 +502,8 @@ def _validate_parallel(cfg: Config) -> None:
 def _validate_placement(cfg: Config) -> None:
     """moe.placement / redundant_experts / rebalance_every (moe/placement.py, parallel/replicas.py)."""
     e, p, t = cfg.moe, cfg.parallel, cfg.train
+    if p.ep == "auto":
+        return
     need(e.placement in PLACEMENTS, "moe.placement", e.placement, f"one of {', '.join(PLACEMENTS)}")
     need(e.redundant_experts >= 0, "moe.redundant_experts", e.redundant_experts, "must be >= 0")
     need(e.rebalance_every >= 1, "moe.rebalance_every", e.rebalance_every, "must be >= 1")
@@ -707,8 +714,39 @@ def _deepspeed_version_ok(v: str) -> bool:
     return nums is not None and (0, 19, 8) <= tuple(int(x) for x in nums.groups()) < (0, 20, 0)
 
 
+def resolve_layout(cfg: Config, world_size: int) -> tuple[Config, Optional[str]]:
+    """parallel.ep=auto: the config with the largest ep (<= parallel.ep_max) that every rule accepts
+    at this world size: ep divides dp and the experts (num_experts + redundant_experts under
+    balanced placement, the PEER rows), the router runs expert parallel, ... (validate and
+    validate_layout decide). The global batch is the config's at every size (micro-steps absorb a
+    smaller world). Returns (config, a note saying what was chosen); (cfg, None) for a fixed ep."""
+    p = cfg.parallel
+    if p.ep != "auto":
+        return cfg, None
+    need(world_size % p.tp == 0, "parallel.tp", p.tp, f"must divide the world size {world_size}")
+    dp = p.dp if p.dp is not None else world_size // p.tp
+    cap = min(dp, p.ep_max or dp)
+    why = ""
+    for ep in range(cap, 0, -1):
+        if dp % ep:
+            continue
+        c = replace_keys(cfg, {"parallel.ep": ep})
+        try:
+            validate(c)
+            validate_layout(c, world_size)
+        except ConfigError as exc:
+            why = why or str(exc)
+            continue
+        return c, (f"parallel.ep=auto: ep {ep} at world {world_size} (dp {dp}, tp {p.tp}"
+                   + (f", ep_max {p.ep_max}" if p.ep_max else "") + ")")
+    raise ConfigError(f"parallel.ep=auto finds no expert-parallel size for world {world_size}: {why}")
+
+
 def validate_layout(cfg: Config, world_size: int) -> tuple[int, int, int]:
-    """Resolve (dp, tp, ep) against the world size; also needs no process group."""
+    """Resolve (dp, tp, ep) against the world size; also needs no process group. parallel.ep=auto
+    is resolved here too (resolve_layout; callers that build from cfg should use its config)."""
+    if cfg.parallel.ep == "auto":
+        cfg = resolve_layout(cfg, world_size)[0]
     p, t = cfg.parallel, cfg.train
     need(world_size % p.tp == 0, "parallel.tp", p.tp, f"must divide the world size {world_size}")
     dp = p.dp if p.dp is not None else world_size // p.tp

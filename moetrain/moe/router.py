@@ -65,7 +65,7 @@ class RouterSpec:
         need(self.dropless or e.capacity_factor is not None, "moe.capacity_factor", None,
              f"{why} is capacity-bound by definition (each expert takes C = capacity_factor*top_k*T/E tokens): "
              "set a number, e.g. 1.0")
-        need(self.ep or cfg.parallel.ep == 1, "parallel.ep", cfg.parallel.ep, f"{why} does not run expert parallel")
+        need(self.ep or cfg.parallel.ep in (1, "auto"), "parallel.ep", cfg.parallel.ep, f"{why} does not run expert parallel")
         if e.renormalize_after_drop:
             fits = [s.name for s in ROUTERS.values() if s.token_choice and s.gates != "raw"]
             need(self.token_choice and e.routed_top_k > 1 and self.gates_sum_to_one(e), "moe.renormalize_after_drop",

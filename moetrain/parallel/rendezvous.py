@@ -200,7 +200,11 @@ def open_store(env: LaunchEnv, timeout_s: float, deadline: float):
     world = env.world_size
     use_libuv = os.environ.get("USE_LIBUV", "1") == "1"
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        return dist.TCPStore(addr, port, world, False, timedelta(seconds=timeout_s), use_libuv=use_libuv)
+        # the agent's store outlives the workers: every restart of the worker group (a failure, or
+        # an elastic membership change) gets keys of its own, as torch's env:// rendezvous does;
+        # a restarted group would otherwise read the previous group's arrivals and gloo addresses
+        store = dist.TCPStore(addr, port, world, False, timedelta(seconds=timeout_s), use_libuv=use_libuv)
+        return dist.PrefixStore(f"/worker/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
     if env.rank == 0:
         return dist.TCPStore(addr, port, world, True, timedelta(seconds=timeout_s), wait_for_workers=False,
                              multi_tenant=True, use_libuv=use_libuv)

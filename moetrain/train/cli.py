@@ -50,13 +50,17 @@ def main(argv=None, faults=None) -> int:
     """faults: a moetrain.checkpoint.Faults for the crash-safety tests (None: no faults)."""
     args = _parse(sys.argv[1:] if argv is None else argv)
     # imports after argparse so `--help` is instant
-    from moetrain.config import ConfigError, agreement_view, check_output_dirs, load_config, validate_layout
+    from moetrain.config import (ConfigError, agreement_view, check_output_dirs, load_config, resolve_layout,
+                                 validate_layout)
     from moetrain.data import DataError, load_token_data
     from moetrain.parallel.mesh import LaunchError, init_parallel, read_launch_env, shutdown
 
     try:
         env = read_launch_env()
         cfg = load_config(args.config, args.overrides)
+        cfg, chosen = resolve_layout(cfg, env.world_size)      # parallel.ep=auto: this start's ep
+        if chosen and env.rank == 0:
+            print(f"moetrain: {chosen}", flush=True)
         dp, tp, ep = validate_layout(cfg, env.world_size)
         check_output_dirs(cfg, env.world_size)
         data = load_token_data(cfg.data.source, cfg.data.path, cfg.model.vocab_size, cfg.data.cache_dir)
