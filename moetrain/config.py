@@ -187,6 +187,8 @@ class CheckpointConfig:
     keep_last: int = 3
     resume: str = "none"           # auto | none | <path>
     async_save: bool = False       # overlap checkpoint writing with training (`async` is a keyword)
+    snapshot_every: int = 0        # > 0: in-memory snapshot + peer replica every N steps (checkpoint/snapshot.py)
+    snapshot_dir: str = "/dev/shm/moetrain-snapshots"   # node-local host memory; <dir>/<run_name>/<node>/
 
 
 @dataclass(frozen=True)
@@ -561,6 +563,9 @@ def _validate_outputs(cfg: Config) -> None:
     c = cfg.checkpoint
     need(c.every >= 0, "checkpoint.every", c.every, "must be >= 0 (0 = never save)")
     need(c.keep_last >= 1, "checkpoint.keep_last", c.keep_last, "must be >= 1")
+    need(c.snapshot_every >= 0, "checkpoint.snapshot_every", c.snapshot_every, "must be >= 0 (0 = no snapshots)")
+    need(c.snapshot_every == 0 or cfg.train.engine == "native", "checkpoint.snapshot_every", c.snapshot_every,
+         "needs train.engine=native (DeepSpeed does not checkpoint)")
     need(bool(c.resume), "checkpoint.resume", c.resume, "auto, none or a checkpoint path")
     need(bool(c.dir.strip()), "checkpoint.dir", c.dir, "a non-empty directory path")
     lg = cfg.logging

@@ -111,6 +111,28 @@ class Checkpointer:
                          "saved RNG state keep a fresh one, so random streams differ from an uninterrupted run")
             return
 
+    def resume_snapshot(self, trainer, path: str) -> None:
+        """Every rank: load the in-memory snapshot completed at `path` on this rank's node
+        (checkpoint/snapshot.py), verified and resharded like a disk checkpoint. Saving into
+        checkpoint.dir goes on as before (the snapshot's step is not a disk checkpoint)."""
+        error, cand = None, None
+        try:
+            info = store.verify(path, contents=True)
+            S.check_fits(info.metadata, trainer.model, {"ep": self.par.dims.ep, "tp": self.par.dims.tp}, path)
+            m = info.manifest
+            cand = {"path": path, "step": info.step, "schema": S.optim_schema(info.metadata),
+                    "rng": S.rng_layout(info.metadata, path), "world": m.get("world"), "layout": m.get("layout"),
+                    "placement": m.get("placement")}
+        except CheckpointError as exc:
+            error = str(exc)
+        error = self._agree(error)
+        if error:
+            raise CheckpointError(error)
+        self._load(trainer, cand)
+        lay = cand["layout"] or {}
+        self.log(f"resumed from the in-memory snapshot {path} at step {cand['step']} (saved at world "
+                 f"{cand['world']}: " + " ".join(f"{k} {lay[k]}" for k in ("dp", "tp", "ep") if k in lay) + ")")
+
     def _decide(self, trainer) -> dict:
         """Rank 0: which checkpoints to try, newest first, or one error line. Never raises."""
         out = {"candidates": [], "warnings": [], "notes": [], "error": None}

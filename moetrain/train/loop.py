@@ -277,6 +277,7 @@ class Run:
     last: dict = field(default_factory=dict)    # the last logged record (rank 0; {} elsewhere)
     window_s: float = 0.0               # step time and tokens since the last logged step
     window_tokens: int = 0
+    snapshots: Any = None               # checkpoint.snapshot_every > 0: checkpoint/snapshot.Snapshots
 
     def __enter__(self) -> Run:
         return self
@@ -338,6 +339,9 @@ class Run:
         if logged and par.device.type == "cuda":
             torch.cuda.synchronize(par.device)
         step_ms = (time.perf_counter() - step_start) * 1e3
+        snapshot = self.snapshots is not None and self.snapshots.due(trainer.state.step)
+        if snapshot:              # at the step boundary, outside the step's time
+            self.snapshots.save(trainer)
         self.window_s += step_ms / 1e3
         self.window_tokens += t.global_batch_size * t.seq_len
         evaluate = (t.eval_every > 0 and (step + 1) % t.eval_every == 0) or step + 1 == t.steps
@@ -345,10 +349,13 @@ class Run:
         if self.progress is not None:
             self.progress.update(1)
         if logged:
-            self._log_step(step, sums, stats, step_ms, val_loss, init_val)
+            extra = {"snapshot_ms": round(self.snapshots.last_ms, 2),
+                     "snapshot_mb": round(self.snapshots.last_bytes / 2 ** 20, 3)} if snapshot else {}
+            self._log_step(step, sums, stats, step_ms, val_loss, init_val, extra)
             self.window_s, self.window_tokens = 0.0, 0
 
-    def _log_step(self, step: int, sums: torch.Tensor, stats: StepStats, step_ms: float, val_loss, init_val) -> None:
+    def _log_step(self, step: int, sums: torch.Tensor, stats: StepStats, step_ms: float, val_loss, init_val,
+                  extra: Optional[dict] = None) -> None:
         """Every rank joins the dp reduction and the one all_gather of the step's statistics; rank
         0 writes the record and prints its line."""
         trainer, par, t = self.trainer, self.trainer.par, self.trainer.cfg.train
@@ -368,6 +375,7 @@ class Run:
         rec.update(summarize(rows, par.dims.tp))
         if trainer.replaced is not None:
             rec.update(trainer.replaced.metrics())
+        rec.update(extra or {})
         rec.update(self.gpu.read())
         self.writer.write(rec)
         self.last = rec
@@ -427,6 +435,14 @@ def build_run(cfg: Config, par: Parallel, data: TokenData, log=print, faults=Non
         run.trainer = trainer = build_trainer(cfg, par, data)
         trainer.preempt = watch if watch.enabled else None
         ckpt.resume(trainer)      # checkpoint.resume: sets trainer.state.step, model, optimizer, RNG
+        if cfg.checkpoint.snapshot_every > 0:
+            from moetrain.checkpoint.snapshot import Snapshots
+            run.snapshots = Snapshots(cfg, par, log if par.is_main else (lambda m: None))
+            if cfg.checkpoint.resume != "none":
+                # a newer in-memory snapshot than the disk checkpoint (a restart after losing a node)
+                path = run.snapshots.recover(newer_than=trainer.state.step)
+                if path is not None:
+                    ckpt.resume_snapshot(trainer, path)
         run.writer = RunWriter(open_run_dir(cfg, trainer.state.step), cfg.logging.tensorboard) if par.is_main else None
         run.gpu = GpuStats(par.device)
         if par.is_main:

@@ -1,0 +1,240 @@
+"""In-memory snapshots with a peer replica per rank (checkpoint.snapshot_every): survive the loss of
+a node without going back to the last disk checkpoint.
+
+Every `snapshot_every` steps every rank writes its share of the training state (the checkpoint's
+layout-free dict: experts by global id, DCP format) into a NODE-LOCAL directory in host memory,
+`<checkpoint.snapshot_dir>/<node>/step_N/` (/dev/shm by default: tmpfs is RAM), and sends its
+files to one peer rank on the next node (a ring over nodes: rank r's peer is the rank with the
+same local index on the next node, in node order). Rank 0 also sends DCP's `.metadata` and the
+manifest (file sizes + CRC-32s, as for disk checkpoints) to one rank of every node. After a save,
+a node's directory holds its own ranks' files and the previous node's: with the files of any one
+lost node still on its successor.
+
+Recovery (`recover`, every start, a collective before the resume): every rank reports which
+snapshot files its node holds; the newest step whose files the surviving nodes hold between them
+(and newer than the newest disk checkpoint) is completed on every node, each missing file sent
+by one holder, and resumed from like any checkpoint: verified (sizes, CRC-32s, restricted
+unpickler) and resharded onto the new layout by global expert id (checkpoint/state.py).
+
+Node identity: $MOETRAIN_NODE, else the host name (two torchrun agents on one host in the tests
+set MOETRAIN_NODE). Snapshots never replace disk checkpoints: a whole-job failure loses host
+memory, and checkpoint.every still writes to checkpoint.dir.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from moetrain.checkpoint import state as S
+from moetrain.checkpoint import store
+from moetrain.checkpoint.store import CheckpointError
+
+KEEP = 2                     # snapshots kept per node (the newest may be incomplete on a lost peer)
+
+
+def node_id() -> str:
+    return os.environ.get("MOETRAIN_NODE") or socket.gethostname()
+
+
+class Snapshots:
+    """checkpoint.snapshot_every > 0: save() at the step boundary, recover() at start."""
+
+    def __init__(self, cfg, par, log=print):
+        c = cfg.checkpoint
+        self.every = c.snapshot_every
+        self.par, self.log = par, log
+        self.node = node_id()
+        self.root = os.path.join(c.snapshot_dir, cfg.logging.run_name, self.node)
+        self.nodes: Optional[list[str]] = None      # node of every rank (all_gather at first use)
+        self.last_ms = 0.0
+        self.last_bytes = 0
+
+    # ------------------------------------------------------------------ topology
+
+    def _topology(self) -> list[str]:
+        if self.nodes is None:
+            nodes = [self.node] * self.par.world
+            if self.par.world > 1:
+                dist.all_gather_object(nodes, self.node)
+            self.nodes = nodes
+        return self.nodes
+
+    def _peer(self, rank: int) -> Optional[int]:
+        """The rank with the same index among its node's ranks on the next node (None on one node)."""
+        nodes = self._topology()
+        order = list(dict.fromkeys(nodes))
+        if len(order) < 2:
+            return None
+        mine = [r for r in range(len(nodes)) if nodes[r] == nodes[rank]]
+        nxt = [r for r in range(len(nodes)) if nodes[r] == order[(order.index(nodes[rank]) + 1) % len(order)]]
+        return nxt[mine.index(rank) % len(nxt)]
+
+    def _node_leaders(self) -> dict[str, int]:
+        nodes = self._topology()
+        return {n: nodes.index(n) for n in dict.fromkeys(nodes)}
+
+    # ------------------------------------------------------------------ save
+
+    def due(self, step: int) -> bool:
+        return self.every > 0 and step > 0 and step % self.every == 0
+
+    def save(self, trainer) -> None:
+        """Collective: snapshot the state after `trainer.state.step` steps."""
+        par, step = self.par, trainer.state.step
+        started = time.perf_counter()
+        tmp = os.path.join(self.root, store.TMP_PREFIX + store.step_dirname(step))
+        shutil.rmtree(tmp, ignore_errors=True)
+        flat = S.model_entries(trainer.model, par.mesh)
+        flat.update(S.optim_entries(trainer.model, trainer.opt, par.mesh))
+        flat.update(S.train_entries(step, trainer.state.tokens_seen))
+        flat.update(S.capture_rng(par.rank, par.device))
+        store.save_dcp(flat, tmp, par.world_group if par.world > 1 else None)
+        mine = sorted(f for f in os.listdir(tmp) if f.startswith(f"__{par.rank}_") and f.endswith(".distcp"))
+        files = {f: (os.path.getsize(os.path.join(tmp, f)), store.file_crc32(os.path.join(tmp, f))) for f in mine}
+        every = [None] * par.world
+        dist.all_gather_object(every, files) if par.world > 1 else every.__setitem__(0, files)
+        meta = None
+        if par.rank == 0:
+            mpath = os.path.join(tmp, store.DCP_METADATA)
+            with open(mpath, "rb") as f:
+                meta = f.read()
+            every[0] = dict(every[0], **{store.DCP_METADATA: (len(meta), store.file_crc32(mpath))})
+        sent = self._replicate(tmp, mine)
+        placement = trainer.placer.state() if getattr(trainer, "placer", None) is not None else None   # collective
+        manifest = None
+        if par.rank == 0:
+            all_files = {k: v for d in every for k, v in d.items()}
+            d = trainer.par.dims
+            manifest = dict(format=store.FORMAT, format_version=store.FORMAT_VERSION, step=step, created=time.time(),
+                            tokens_seen=trainer.state.tokens_seen, world=par.world,
+                            layout={"dp": d.dp, "tp": d.tp, "ep": d.ep}, snapshot=True,
+                            expert_tensors=S.expert_tensor_names(trainer.model), buffers=S.buffer_names(trainer.model),
+                            files={k: v[0] for k, v in sorted(all_files.items())},
+                            crc32={k: v[1] for k, v in sorted(all_files.items())})
+            if placement is not None:
+                manifest["placement"] = placement
+        box = [manifest, meta]
+        if par.world > 1:
+            dist.broadcast_object_list(box, src=0, group=par.world_group)
+        manifest, meta = box
+        if par.rank in self._node_leaders().values():       # one writer per node commits its copy
+            if par.rank != 0:
+                with open(os.path.join(tmp, store.DCP_METADATA), "wb") as f:
+                    f.write(meta)
+            with open(os.path.join(tmp, store.MANIFEST), "w") as f:
+                f.write(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+            final = os.path.join(self.root, store.step_dirname(step))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            for old_step, path in store.list_step_dirs(self.root)[KEEP:]:
+                shutil.rmtree(path, ignore_errors=True)
+        if par.world > 1:
+            dist.barrier(group=par.world_group)
+        self.last_ms = (time.perf_counter() - started) * 1e3
+        self.last_bytes = sum(v[0] for v in files.values()) + sent
+
+    def _replicate(self, tmp: str, mine: list[str]) -> int:
+        """Send this rank's files to its peer, receive the files of the ranks whose peer this is.
+        Returns the bytes sent."""
+        par = self.par
+        if par.world == 1:
+            return 0
+        peers = [self._peer(r) for r in range(par.world)]
+        if peers[par.rank] is None:
+            return 0
+        sizes = [None] * par.world
+        dist.all_gather_object(sizes, [(f, os.path.getsize(os.path.join(tmp, f))) for f in mine])
+        sent = 0
+        dev = par.device
+        for src in range(par.world):                  # one rank's files at a time, same order everywhere
+            dst = peers[src]
+            if dst is None or dst == src or self.nodes[dst] == self.nodes[src]:
+                continue
+            for name, size in sizes[src]:
+                if par.rank == src:
+                    with open(os.path.join(tmp, name), "rb") as f:
+                        buf = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8).to(dev)
+                    dist.send(buf, dst, group=par.world_group)
+                    sent += size
+                elif par.rank == dst:
+                    buf = torch.empty(size, dtype=torch.uint8, device=dev)
+                    dist.recv(buf, src, group=par.world_group)
+                    with open(os.path.join(tmp, name), "wb") as f:
+                        f.write(buf.cpu().numpy().tobytes())
+        return sent
+
+    # ------------------------------------------------------------------ recovery
+
+    def _inventory(self) -> dict:
+        """{step: {"files": {name: size present here}, "manifest": its files dict}} of this node."""
+        out = {}
+        if not os.path.isdir(self.root):
+            return out
+        for step, path in store.list_step_dirs(self.root):
+            try:
+                manifest = store.read_manifest(path)
+            except CheckpointError:
+                continue
+            present = {f: os.path.getsize(os.path.join(path, f)) for f in manifest["files"]
+                       if os.path.isfile(os.path.join(path, f))}
+            present[store.MANIFEST] = os.path.getsize(os.path.join(path, store.MANIFEST))
+            out[step] = {"files": present, "want": manifest["files"]}
+        return out
+
+    def recover(self, newer_than: int) -> Optional[str]:
+        """Collective at start: complete the newest snapshot the surviving nodes hold between them
+        (if newer than step `newer_than`) on every node; returns its path on this node, or None."""
+        par = self.par
+        inv = [None] * par.world
+        mine = self._inventory() if par.rank in self._node_leaders().values() else {}
+        if par.world > 1:
+            dist.all_gather_object(inv, mine)
+        else:
+            inv = [mine]
+        steps = sorted({s for d in inv for s in d}, reverse=True)
+        chosen = None
+        for step in steps:
+            if step <= newer_than:
+                break
+            wants = [d[step]["want"] for d in inv if step in d]
+            if any(w != wants[0] for w in wants):
+                continue
+            have = {f for d in inv if step in d for f, size in d[step]["files"].items() if wants[0].get(f) == size}
+            # (every holder has the manifest: it is what made the step visible)
+            if set(wants[0]) <= have:
+                chosen = step
+                break
+        if chosen is None:
+            return None
+        want = dict(next(d[chosen]["want"] for d in inv if chosen in d))
+        holder0 = next(r for r in range(par.world) if chosen in inv[r])
+        want[store.MANIFEST] = inv[holder0][chosen]["files"][store.MANIFEST]      # the manifest travels too
+        leaders = self._node_leaders()
+        final = os.path.join(self.root, store.step_dirname(chosen))
+        if par.rank in leaders.values():
+            os.makedirs(final, exist_ok=True)
+        # every file a node lacks comes from the lowest rank (a node leader) that holds it
+        for name, size in sorted(want.items()):
+            holder = next(r for r in range(par.world) if chosen in inv[r] and inv[r][chosen]["files"].get(name) == size)
+            for node, leader in leaders.items():
+                if chosen in inv[leader] and inv[leader][chosen]["files"].get(name) == size:
+                    continue
+                if par.rank == holder:
+                    with open(os.path.join(final, name), "rb") as f:
+                        dist.send(torch.frombuffer(bytearray(f.read()), dtype=torch.uint8).to(par.device), leader,
+                                  group=par.world_group)
+                elif par.rank == leader:
+                    buf = torch.empty(size, dtype=torch.uint8, device=par.device)
+                    dist.recv(buf, holder, group=par.world_group)
+                    with open(os.path.join(final, name), "wb") as f:
+                        f.write(buf.cpu().numpy().tobytes())
+        if par.world > 1:
+            dist.barrier(group=par.world_group)
+        return final

@@ -1,0 +1,43 @@
+"""In-memory snapshots with a peer replica (checkpoint.snapshot_every, checkpoint/snapshot.py): two
+ranks posing as two nodes (MOETRAIN_NODE a and b); each node's directory holds both ranks' files
+after a save; with node b's memory gone and the newest snapshot gone, a restart completes the older
+snapshot on both nodes from node a's copy and continues it exactly."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+import ckpt_helpers as H
+from _dist import run_dist
+
+pytestmark = pytest.mark.slow
+
+EXTRA = ["parallel.ep=2", "train.steps=8", "checkpoint.every=0", "checkpoint.snapshot_every=2", "checkpoint.resume=auto"]
+
+
+def _train(rank, world, log_dir, ckpt_dir, shm, extra):
+    os.environ["MOETRAIN_NODE"] = "ab"[rank]
+    return H.train(rank, world, log_dir, ckpt_dir, list(extra) + [f"checkpoint.snapshot_dir={shm}"])
+
+
+def test_snapshot_replicas_and_recovery(tmp_path):
+    shm = tmp_path / "shm"
+    first = run_dist(_train, 2, (str(tmp_path / "r1"), str(tmp_path / "ck"), str(shm), EXTRA))[0]
+    nodes = {n: shm / "tiny" / n for n in "ab"}
+    for n, d in nodes.items():        # KEEP=2 newest snapshots per node, each with both ranks' files
+        steps = sorted(os.listdir(d))
+        assert steps == ["step_00000006", "step_00000008"], (n, steps)
+        files = set(os.listdir(d / steps[0]))
+        assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "manifest.json"} <= files, (n, files)
+    manifest = json.loads((nodes["a"] / "step_00000006" / "manifest.json").read_text())
+    assert manifest["snapshot"] and manifest["step"] == 6 and manifest["world"] == 2
+    # node b lost its memory; the newest snapshot is gone everywhere
+    shutil.rmtree(nodes["b"])
+    shutil.rmtree(nodes["a"] / "step_00000008")
+    second = run_dist(_train, 2, (str(tmp_path / "r2"), str(tmp_path / "ck"), str(shm), EXTRA))[0]
+    assert sorted(second) == [7, 8]
+    assert [second[s] for s in (7, 8)] == [first[s] for s in (7, 8)]
+    assert (nodes["b"] / "step_00000006" / "__0_0.distcp").is_file()      # completed on node b again
