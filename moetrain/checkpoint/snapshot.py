@@ -170,6 +170,11 @@ class Snapshots:
                         f.write(buf.cpu().numpy().tobytes())
         return sent
 
+    def remove(self) -> None:
+        """After a run that ended with its final disk checkpoint: free this node's host memory."""
+        if self.par.rank in self._node_leaders().values():
+            shutil.rmtree(self.root, ignore_errors=True)
+
     # ------------------------------------------------------------------ recovery
 
     def _inventory(self) -> dict:

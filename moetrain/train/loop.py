@@ -302,6 +302,8 @@ class Run:
     def finish(self) -> None:
         """After the last step: the final save when checkpointing is on; waits for an async write."""
         self.ckpt.finish(self.trainer)
+        if self.snapshots is not None and self.ckpt.enabled:     # the final disk checkpoint holds it all
+            self.snapshots.remove()
         self._close_outputs()
 
     def close(self) -> None:
