@@ -740,7 +740,7 @@ def resolve_layout(cfg: Config, world_size: int) -> tuple[Config, Optional[str]]
             validate(c)
             validate_layout(c, world_size)
         except ConfigError as exc:
-            why = why or str(exc)
+            why = str(exc)           # the last one tried (ep 1's) names what no ep can fix
             continue
         return c, (f"parallel.ep=auto: ep {ep} at world {world_size} (dp {dp}, tp {p.tp}"
                    + (f", ep_max {p.ep_max}" if p.ep_max else "") + ")")

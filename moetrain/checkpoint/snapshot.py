@@ -22,6 +22,7 @@ memory, and checkpoint.every still writes to checkpoint.dir.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -37,6 +38,7 @@ from moetrain.checkpoint import store
 from moetrain.checkpoint.store import CheckpointError
 
 KEEP = 2                     # snapshots kept per node (the newest may be incomplete on a lost peer)
+CHUNK = 64 * 2 ** 20         # files travel in pieces of this many bytes, through host memory
 
 
 def node_id() -> str:
@@ -51,10 +53,32 @@ class Snapshots:
         self.every = c.snapshot_every
         self.par, self.log = par, log
         self.node = node_id()
-        self.root = os.path.join(c.snapshot_dir, cfg.logging.run_name, self.node)
+        # per user (mode 0700: /dev/shm is world-writable), per run name, per node
+        self.base = os.path.join(c.snapshot_dir, f"uid{os.getuid()}")
+        self.root = os.path.join(self.base, cfg.logging.run_name, self.node)
+        self.identity = run_identity(cfg)
         self.nodes: Optional[list[str]] = None      # node of every rank (all_gather at first use)
+        # file transfers go through host memory on a gloo group (never a whole file on the GPU)
+        self.group = par.world_group
+        if par.world > 1 and par.device.type != "cpu":
+            self.group = dist.new_group(backend="gloo")
         self.last_ms = 0.0
         self.last_bytes = 0
+
+    def _prepare_root(self) -> None:
+        """Node leaders: this user's private directory; leftovers of interrupted saves removed."""
+        os.makedirs(self.base, mode=0o700, exist_ok=True)
+        st = os.stat(self.base)
+        if st.st_uid != os.getuid() or st.st_mode & 0o077:
+            raise CheckpointError(f"checkpoint.snapshot_dir: {self.base} is not a private directory of this user "
+                                  f"(owner uid {st.st_uid}, mode {oct(st.st_mode & 0o777)}): choose another snapshot_dir")
+        os.makedirs(self.root, exist_ok=True)
+        store.remove_stale(self.root)
+
+    def wipe(self) -> None:
+        """A run that does not resume: its node-local snapshots must not be mistaken for its own."""
+        if self.par.rank in self._node_leaders().values():
+            shutil.rmtree(self.root, ignore_errors=True)
 
     # ------------------------------------------------------------------ topology
 
@@ -62,7 +86,7 @@ class Snapshots:
         if self.nodes is None:
             nodes = [self.node] * self.par.world
             if self.par.world > 1:
-                dist.all_gather_object(nodes, self.node)
+                dist.all_gather_object(nodes, self.node, group=self.group)
             self.nodes = nodes
         return self.nodes
 
@@ -89,6 +113,10 @@ class Snapshots:
         """Collective: snapshot the state after `trainer.state.step` steps."""
         par, step = self.par, trainer.state.step
         started = time.perf_counter()
+        if par.rank in self._node_leaders().values():
+            self._prepare_root()
+        if par.world > 1:
+            dist.barrier(group=self.group)
         tmp = os.path.join(self.root, store.TMP_PREFIX + store.step_dirname(step))
         shutil.rmtree(tmp, ignore_errors=True)
         flat = S.model_entries(trainer.model, par.mesh)
@@ -99,7 +127,7 @@ class Snapshots:
         mine = sorted(f for f in os.listdir(tmp) if f.startswith(f"__{par.rank}_") and f.endswith(".distcp"))
         files = {f: (os.path.getsize(os.path.join(tmp, f)), store.file_crc32(os.path.join(tmp, f))) for f in mine}
         every = [None] * par.world
-        dist.all_gather_object(every, files) if par.world > 1 else every.__setitem__(0, files)
+        dist.all_gather_object(every, files, group=self.group) if par.world > 1 else every.__setitem__(0, files)
         meta = None
         if par.rank == 0:
             mpath = os.path.join(tmp, store.DCP_METADATA)
@@ -107,6 +135,8 @@ class Snapshots:
                 meta = f.read()
             every[0] = dict(every[0], **{store.DCP_METADATA: (len(meta), store.file_crc32(mpath))})
         sent = self._replicate(tmp, mine)
+        if par.world > 1:              # every replica written before a node leader renames the directory
+            dist.barrier(group=self.group)
         placement = trainer.placer.state() if getattr(trainer, "placer", None) is not None else None   # collective
         manifest = None
         if par.rank == 0:
@@ -114,7 +144,7 @@ class Snapshots:
             d = trainer.par.dims
             manifest = dict(format=store.FORMAT, format_version=store.FORMAT_VERSION, step=step, created=time.time(),
                             tokens_seen=trainer.state.tokens_seen, world=par.world,
-                            layout={"dp": d.dp, "tp": d.tp, "ep": d.ep}, snapshot=True,
+                            layout={"dp": d.dp, "tp": d.tp, "ep": d.ep}, snapshot=True, run=self.identity,
                             expert_tensors=S.expert_tensor_names(trainer.model), buffers=S.buffer_names(trainer.model),
                             files={k: v[0] for k, v in sorted(all_files.items())},
                             crc32={k: v[1] for k, v in sorted(all_files.items())})
@@ -122,7 +152,7 @@ class Snapshots:
                 manifest["placement"] = placement
         box = [manifest, meta]
         if par.world > 1:
-            dist.broadcast_object_list(box, src=0, group=par.world_group)
+            dist.broadcast_object_list(box, src=0, group=self.group)
         manifest, meta = box
         if par.rank in self._node_leaders().values():       # one writer per node commits its copy
             if par.rank != 0:
@@ -136,7 +166,7 @@ class Snapshots:
             for old_step, path in store.list_step_dirs(self.root)[KEEP:]:
                 shutil.rmtree(path, ignore_errors=True)
         if par.world > 1:
-            dist.barrier(group=par.world_group)
+            dist.barrier(group=self.group)
         self.last_ms = (time.perf_counter() - started) * 1e3
         self.last_bytes = sum(v[0] for v in files.values()) + sent
 
@@ -150,25 +180,34 @@ class Snapshots:
         if peers[par.rank] is None:
             return 0
         sizes = [None] * par.world
-        dist.all_gather_object(sizes, [(f, os.path.getsize(os.path.join(tmp, f))) for f in mine])
+        dist.all_gather_object(sizes, [(f, os.path.getsize(os.path.join(tmp, f))) for f in mine], group=self.group)
         sent = 0
-        dev = par.device
         for src in range(par.world):                  # one rank's files at a time, same order everywhere
             dst = peers[src]
             if dst is None or dst == src or self.nodes[dst] == self.nodes[src]:
                 continue
             for name, size in sizes[src]:
                 if par.rank == src:
-                    with open(os.path.join(tmp, name), "rb") as f:
-                        buf = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8).to(dev)
-                    dist.send(buf, dst, group=par.world_group)
+                    self._send_file(os.path.join(tmp, name), size, dst)
                     sent += size
                 elif par.rank == dst:
-                    buf = torch.empty(size, dtype=torch.uint8, device=dev)
-                    dist.recv(buf, src, group=par.world_group)
-                    with open(os.path.join(tmp, name), "wb") as f:
-                        f.write(buf.cpu().numpy().tobytes())
+                    self._recv_file(os.path.join(tmp, name), size, src)
         return sent
+
+    def _send_file(self, path: str, size: int, dst: int) -> None:
+        buf = torch.empty(min(CHUNK, max(size, 1)), dtype=torch.uint8)
+        with open(path, "rb") as f:
+            for lo in range(0, size, CHUNK):
+                n = f.readinto(memoryview(buf.numpy())[:min(CHUNK, size - lo)])
+                dist.send(buf[:n], dst, group=self.group)
+
+    def _recv_file(self, path: str, size: int, src: int) -> None:
+        buf = torch.empty(min(CHUNK, max(size, 1)), dtype=torch.uint8)
+        with open(path, "wb") as f:
+            for lo in range(0, size, CHUNK):
+                n = min(CHUNK, size - lo)
+                dist.recv(buf[:n], src, group=self.group)
+                f.write(memoryview(buf.numpy())[:n])
 
     def remove(self) -> None:
         """After a run that ended with its final disk checkpoint: free this node's host memory."""
@@ -189,8 +228,10 @@ class Snapshots:
                 continue
             present = {f: os.path.getsize(os.path.join(path, f)) for f in manifest["files"]
                        if os.path.isfile(os.path.join(path, f))}
+            if manifest.get("run") != self.identity:       # another run's (or another config's) snapshot
+                continue
             present[store.MANIFEST] = os.path.getsize(os.path.join(path, store.MANIFEST))
-            out[step] = {"files": present, "want": manifest["files"]}
+            out[step] = {"files": present, "want": manifest["files"], "crc32": manifest.get("crc32")}
         return out
 
     def recover(self, newer_than: int) -> Optional[str]:
@@ -198,9 +239,12 @@ class Snapshots:
         (if newer than step `newer_than`) on every node; returns its path on this node, or None."""
         par = self.par
         inv = [None] * par.world
-        mine = self._inventory() if par.rank in self._node_leaders().values() else {}
+        leader = par.rank in self._node_leaders().values()
+        if leader and os.path.isdir(self.root):
+            store.remove_stale(self.root)
+        mine = self._inventory() if leader else {}
         if par.world > 1:
-            dist.all_gather_object(inv, mine)
+            dist.all_gather_object(inv, mine, group=self.group)
         else:
             inv = [mine]
         steps = sorted({s for d in inv for s in d}, reverse=True)
@@ -208,9 +252,10 @@ class Snapshots:
         for step in steps:
             if step <= newer_than:
                 break
-            wants = [d[step]["want"] for d in inv if step in d]
-            if any(w != wants[0] for w in wants):
+            wants = [(d[step]["want"], d[step]["crc32"]) for d in inv if step in d]
+            if any(w != wants[0] for w in wants):      # two different saves of one step: trust neither
                 continue
+            wants = [w for w, _ in wants]
             have = {f for d in inv if step in d for f, size in d[step]["files"].items() if wants[0].get(f) == size}
             # (every holder has the manifest: it is what made the step visible)
             if set(wants[0]) <= have:
@@ -232,14 +277,22 @@ class Snapshots:
                 if chosen in inv[leader] and inv[leader][chosen]["files"].get(name) == size:
                     continue
                 if par.rank == holder:
-                    with open(os.path.join(final, name), "rb") as f:
-                        dist.send(torch.frombuffer(bytearray(f.read()), dtype=torch.uint8).to(par.device), leader,
-                                  group=par.world_group)
+                    self._send_file(os.path.join(final, name), size, leader)
                 elif par.rank == leader:
-                    buf = torch.empty(size, dtype=torch.uint8, device=par.device)
-                    dist.recv(buf, holder, group=par.world_group)
-                    with open(os.path.join(final, name), "wb") as f:
-                        f.write(buf.cpu().numpy().tobytes())
+                    self._recv_file(os.path.join(final, name), size, holder)
         if par.world > 1:
-            dist.barrier(group=par.world_group)
+            dist.barrier(group=self.group)
         return final
+
+
+def run_identity(cfg) -> str:
+    """What makes a snapshot this run's: the checkpoint directory and everything that decides the
+    model and the data (model, moe, data; the train keys that change the batches or the math).
+    Layout, logging and checkpoint keys may differ (a restart at another world size)."""
+    from moetrain.config import to_dict
+    d = to_dict(cfg)
+    t = d["train"]
+    key = {"checkpoint_dir": os.path.realpath(cfg.checkpoint.dir), "model": d["model"], "moe": d["moe"],
+           "data": {k: v for k, v in d["data"].items() if k != "cache_dir"},
+           "train": {k: t[k] for k in ("seed", "global_batch_size", "seq_len", "steps", "lr", "precision")}}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]

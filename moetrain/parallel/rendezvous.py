@@ -200,11 +200,13 @@ def open_store(env: LaunchEnv, timeout_s: float, deadline: float):
     world = env.world_size
     use_libuv = os.environ.get("USE_LIBUV", "1") == "1"
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        # the agent's store outlives the workers: every restart of the worker group (a failure, or
-        # an elastic membership change) gets keys of its own, as torch's env:// rendezvous does;
-        # a restarted group would otherwise read the previous group's arrivals and gloo addresses
-        store = dist.TCPStore(addr, port, world, False, timedelta(seconds=timeout_s), use_libuv=use_libuv)
-        return dist.PrefixStore(f"/worker/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        # the agent's store outlives the workers, so a restarted worker group would meet the
+        # previous group's keys (arrivals, gloo addresses); no key the workers of one group share
+        # tells the groups apart (TORCHELASTIC_RESTART_COUNT differs between agents: a membership
+        # change does not count as a restart). Elastic jobs should run their agents with
+        # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (launch/torchrun.sh does): then every group gets a
+        # fresh store hosted by its rank 0, the branch below.
+        return dist.TCPStore(addr, port, world, False, timedelta(seconds=timeout_s), use_libuv=use_libuv)
     if env.rank == 0:
         return dist.TCPStore(addr, port, world, True, timedelta(seconds=timeout_s), wait_for_workers=False,
                              multi_tenant=True, use_libuv=use_libuv)

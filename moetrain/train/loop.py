@@ -440,11 +440,13 @@ def build_run(cfg: Config, par: Parallel, data: TokenData, log=print, faults=Non
         if cfg.checkpoint.snapshot_every > 0:
             from moetrain.checkpoint.snapshot import Snapshots
             run.snapshots = Snapshots(cfg, par, log if par.is_main else (lambda m: None))
-            if cfg.checkpoint.resume != "none":
+            if cfg.checkpoint.resume == "auto":
                 # a newer in-memory snapshot than the disk checkpoint (a restart after losing a node)
                 path = run.snapshots.recover(newer_than=trainer.state.step)
                 if path is not None:
                     ckpt.resume_snapshot(trainer, path)
+            else:              # a fresh start or an explicit checkpoint: older snapshots are not this run's
+                run.snapshots.wipe()
         run.writer = RunWriter(open_run_dir(cfg, trainer.state.step), cfg.logging.tensorboard) if par.is_main else None
         run.gpu = GpuStats(par.device)
         if par.is_main:

@@ -26,14 +26,15 @@ def _train(rank, world, log_dir, ckpt_dir, shm, extra):
 def test_snapshot_replicas_and_recovery(tmp_path):
     shm = tmp_path / "shm"
     first = run_dist(_train, 2, (str(tmp_path / "r1"), str(tmp_path / "ck"), str(shm), EXTRA))[0]
-    nodes = {n: shm / "tiny" / n for n in "ab"}
+    nodes = {n: shm / f"uid{os.getuid()}" / "tiny" / n for n in "ab"}
     for n, d in nodes.items():        # KEEP=2 newest snapshots per node, each with both ranks' files
         steps = sorted(os.listdir(d))
         assert steps == ["step_00000006", "step_00000008"], (n, steps)
         files = set(os.listdir(d / steps[0]))
         assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "manifest.json"} <= files, (n, files)
     manifest = json.loads((nodes["a"] / "step_00000006" / "manifest.json").read_text())
-    assert manifest["snapshot"] and manifest["step"] == 6 and manifest["world"] == 2
+    assert manifest["snapshot"] and manifest["step"] == 6 and manifest["world"] == 2 and manifest["run"]
+    assert oct(os.stat(shm / f"uid{os.getuid()}").st_mode & 0o777) == "0o700"
     # node b lost its memory; the newest snapshot is gone everywhere
     shutil.rmtree(nodes["b"])
     shutil.rmtree(nodes["a"] / "step_00000008")
@@ -41,3 +42,10 @@ def test_snapshot_replicas_and_recovery(tmp_path):
     assert sorted(second) == [7, 8]
     assert [second[s] for s in (7, 8)] == [first[s] for s in (7, 8)]
     assert (nodes["b"] / "step_00000006" / "__0_0.distcp").is_file()      # completed on node b again
+    # another run (other seed) with the same name and dirs does not take these snapshots: it starts
+    # from step 0; a fresh start (resume=none) wipes them
+    third = run_dist(_train, 2, (str(tmp_path / "r3"), str(tmp_path / "ck"), str(shm), EXTRA + ["train.seed=7"]))[0]
+    assert sorted(third) == list(range(1, 9))
+    run_dist(_train, 2, (str(tmp_path / "r4"), str(tmp_path / "ck"), str(shm),
+                         [e for e in EXTRA if e != "checkpoint.resume=auto"] + ["checkpoint.resume=none", "train.steps=1"]))
+    assert not any((nodes[n] / "step_00000006").exists() for n in "ab")
