@@ -71,6 +71,9 @@ class PeerConfig:
     top_k: int = 8
     key_dim: int = 64              # query size per head (split into two halves)
     query_bn: bool = True
+    # sparse (rows, values) expert-table gradients + lazy AdamW on the retrieved rows only
+    # (train/lazy_adam.py); false = dense [N, D] gradients and AdamW over every row (the reference)
+    sparse_updates: bool = False
 
 
 @dataclass(frozen=True)
@@ -410,6 +413,7 @@ def _validate_moe(cfg: Config) -> None:
     """moe.*: ranges, then what the chosen router implies (its registry entry, moe/router.py)."""
     m, e = cfg.model, cfg.moe
     need(e.num_experts >= 0, "moe.num_experts", e.num_experts, "must be >= 0 (0 = dense model)")
+    _validate_sparse_updates(cfg)
     if e.num_experts == 0:
         return
     from moetrain.moe.router import ROUTERS      # imports torch, so only once a config is checked
@@ -445,6 +449,19 @@ def _validate_moe(cfg: Config) -> None:
             need(getattr(pc, key) >= 1, f"moe.peer.{key}", getattr(pc, key), "must be >= 1")
         need(pc.key_dim % 2 == 0, "moe.peer.key_dim", pc.key_dim, "must be even (two product-key halves)")
         need(pc.top_k <= pc.num_keys, "moe.peer.top_k", pc.top_k, f"must be <= moe.peer.num_keys={pc.num_keys}")
+
+
+def _validate_sparse_updates(cfg: Config) -> None:
+    """moe.peer.sparse_updates: sparse PEER table gradients + lazy AdamW (train/lazy_adam.py)."""
+    e, t, p = cfg.moe, cfg.train, cfg.parallel
+    if not e.peer.sparse_updates:
+        return
+    need(e.num_experts > 0 and e.layer == "peer", "moe.peer.sparse_updates", True,
+         "needs PEER layers (moe.layer=peer, moe.num_experts > 0)")
+    need(t.engine == "native", "moe.peer.sparse_updates", True,
+         f"needs train.engine=native (got {t.engine}: DeepSpeed reduces dense gradients only)")
+    need(not p.fsdp and p.tp == 1, "moe.peer.sparse_updates", True,
+         "is supported with parallel.fsdp=false and parallel.tp=1 only")
 
 
 def _validate_tp(cfg: Config) -> None:

@@ -122,6 +122,7 @@ class Block(nn.Module):
         if self.is_peer:
             p = e.peer
             self.ffn = PEERLayer(m.dim, p.num_keys, p.heads, p.top_k, p.key_dim, p.query_bn)
+            self.ffn.sparse_grads = p.sparse_updates
         elif self.is_moe:
             self.ffn = MoELayer(e, m.dim, cfg.expert_hidden)
         else:

@@ -12,6 +12,11 @@ and their retrieved ids are all-gathered in the group, each rank adds the contri
 rows it holds, and a reduce-scatter returns every rank its own tokens' sums (the collectives:
 dispatch.RowShardDispatcher, installed by apply_ep). Retrieval (queries, keys) stays replicated.
 
+Sparse table gradients (`sparse_grads`, config moe.peer.sparse_updates): the expert tables'
+gradients are coalesced sparse COO tensors over the rows the batch retrieved (of the rows held
+here), so the backward costs O(tokens x retrieved rows), not O(N); the optimizer then updates only
+those rows (train/lazy_adam.py). The forward math is the same as with dense gradients.
+
 Shape legend: T tokens, D dim, H heads, K retrieved experts per head, n sub-keys, N = n^2.
 """
 from __future__ import annotations
@@ -58,6 +63,7 @@ class PEERLayer(nn.Module):
         self.row_offset = 0            # global id of local row 0 (EP sharding)
         self.dispatcher = None         # dispatch.RowShardDispatcher when the tables are sharded
         self.dense_scoring = None      # None = by table size (DENSE_SCORING_MAX_ROWS_PER_PICK)
+        self.sparse_grads = False      # expert tables get sparse (rows, values) gradients
 
     def shard_(self, offset: int, count: int) -> None:
         for name in ("expert_down", "expert_up"):
@@ -85,9 +91,13 @@ class PEERLayer(nn.Module):
             dense = rows <= DENSE_SCORING_MAX_ROWS_PER_PICK * self.heads * self.top_k
         if dense:
             return self._experts_dense(x_TD, w_THK, local, mine)
-        u = F.embedding(local, self.expert_down)                         # [T, H, K, D]
+        if self.sparse_grads:      # table gradients: sparse over the retrieved rows held here
+            u = gather_rows_sparse_grad(self.expert_down, local, mine)   # [T, H, K, D]
+            v = gather_rows_sparse_grad(self.expert_up, local, mine)
+        else:
+            u = F.embedding(local, self.expert_down)
+            v = F.embedding(local, self.expert_up)
         a = F.gelu(torch.einsum("thkd,td->thk", u, x_TD)) * w_THK * mine
-        v = F.embedding(local, self.expert_up)
         return torch.einsum("thk,thkd->td", a, v)
 
     def _experts_dense(self, x_TD, w_THK, local_THK, mine_THK):
@@ -96,10 +106,14 @@ class PEERLayer(nn.Module):
         gathering H*K rows of u and v per token while the table is small (see module constant)."""
         T = x_TD.shape[0]
         flat = local_THK.reshape(T, -1)
-        s_TR = x_TD @ self.expert_down.t()
+        down, up = self.expert_down, self.expert_up
+        if self.sparse_grads:       # small tables: dense GEMMs, the gradients cut to the retrieved rows
+            touched = local_THK[mine_THK]     # sync ok: sparse gradients have a data-dependent size
+            down, up = SparsifyRowGrad.apply(down, touched), SparsifyRowGrad.apply(up, touched)
+        s_TR = x_TD @ down.t()
         a = F.gelu(s_TR.gather(1, flat)) * (w_THK * mine_THK).reshape(T, -1)
         coef_TR = torch.zeros_like(s_TR).scatter_add(1, flat, a)        # repeats of a row add up
-        return coef_TR @ self.expert_up
+        return coef_TR @ up
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         B, S, D = x_BSD.shape
@@ -109,6 +123,55 @@ class PEERLayer(nn.Module):
             return self._experts(x_TD, w, ids).view(B, S, D)
         xs, ws, ids_all = self.dispatcher.dispatch(x_TD, w, ids)
         return self.dispatcher.combine(self._experts(xs, ws, ids_all), x_TD).view(B, S, D)
+
+
+def sparse_row_sum(rows_M: torch.Tensor, values_MD: torch.Tensor, shape) -> torch.Tensor:
+    """The [R, D] tensor sum_m e_{rows[m]} values[m]^T as a coalesced sparse COO tensor: one entry
+    per distinct row (sorted), repeated rows added."""
+    uniq, inv = torch.unique(rows_M, sorted=True, return_inverse=True)
+    vals = values_MD.new_zeros((uniq.shape[0],) + tuple(values_MD.shape[1:])).index_add_(0, inv, values_MD)
+    return torch.sparse_coo_tensor(uniq.unsqueeze(0), vals, tuple(shape), is_coalesced=True, check_invariants=False)
+
+
+class _GatherRowsSparseGrad(torch.autograd.Function):
+    """table[rows] (any index shape), whose gradient for the table is sparse over the gathered rows
+    where keep is true (the rows held here; the others were clamped stand-ins with weight 0)."""
+
+    @staticmethod
+    def forward(ctx, table_RD, rows, keep):
+        ctx.save_for_backward(rows, keep)
+        ctx.table_shape = table_RD.shape
+        return table_RD.index_select(0, rows.reshape(-1)).view(*rows.shape, table_RD.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, keep = ctx.saved_tensors
+        # sync ok: a sparse gradient's size is the number of rows retrieved (data dependent)
+        flat_keep = keep.reshape(-1)
+        vals = grad.reshape(-1, grad.shape[-1])[flat_keep]
+        return sparse_row_sum(rows.reshape(-1)[flat_keep], vals, ctx.table_shape), None, None
+
+
+def gather_rows_sparse_grad(table_RD: torch.Tensor, rows: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    return _GatherRowsSparseGrad.apply(table_RD, rows, keep)
+
+
+class SparsifyRowGrad(torch.autograd.Function):
+    """Identity on the table; its (dense) gradient is handed back as a sparse tensor over the
+    distinct `rows` only. For the dense-scoring path, where every untouched row's gradient is
+    exactly zero anyway: the optimizer then sees the same touched rows as on the gather path."""
+
+    @staticmethod
+    def forward(ctx, table_RD, rows):
+        ctx.save_for_backward(rows)
+        return table_RD.view_as(table_RD)
+
+    @staticmethod
+    def backward(ctx, grad_RD):
+        (rows,) = ctx.saved_tensors
+        uniq = torch.unique(rows.reshape(-1), sorted=True)
+        return torch.sparse_coo_tensor(uniq.unsqueeze(0), grad_RD.index_select(0, uniq), grad_RD.shape,
+                                       is_coalesced=True, check_invariants=False), None
 
 
 def brute_force_topk(q1_THd, q2_THd, keys1_Hnd, keys2_Hnd, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -66,6 +66,13 @@ def is_expert_param(name: str, module_of: dict[str, nn.Module]) -> bool:
     return isinstance(module_of.get(name.rpartition(".")[0]), GroupedExperts) or is_peer_table(name, module_of)
 
 
+def sparse_grad_params(model: nn.Module) -> list:
+    """The PEER expert tables whose gradients are sparse rows (moe.peer.sparse_updates): summed
+    over edp by parallel/grads.SparseRowSum instead of the dense all-reduce."""
+    return [p for mod in model.modules() if isinstance(mod, PEERLayer) and mod.sparse_grads
+            for name, p in mod.named_parameters(recurse=False) if name.startswith("expert_") and p.requires_grad]
+
+
 def split_params(model: nn.Module) -> tuple[list, list]:
     """(dense params, expert params): they synchronize over different groups."""
     module_of = dict(model.named_modules())

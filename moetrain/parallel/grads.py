@@ -111,14 +111,17 @@ class GradientSync:
     params over edp, each through a BucketedAllReduce; FSDP-managed parameters (DTensors sharded
     over that group) are left out (FSDP reduce-scattered them in backward)."""
 
-    def __init__(self, dense: list, expert: list, par, bucket_mb: float):
+    def __init__(self, dense: list, expert: list, par, bucket_mb: float, sparse: list = ()):
         d = par.dims
         bucket_bytes = bucket_mb * 2 ** 20
         self.reducers = []
+        rowwise = {id(p) for p in sparse}      # sparse-gradient expert params: SparseRowSum (below)
         for params, group, size in ((dense, par.dp_group, d.dp), (expert, par.edp_group, d.edp)):
-            plain = [p for p in params if group not in _shard_groups(p)]
+            plain = [p for p in params if group not in _shard_groups(p) and id(p) not in rowwise]
             if size > 1 and plain:
                 self.reducers.append(BucketedAllReduce(plain, group, bucket_bytes))
+        if sparse:
+            self.reducers.append(SparseRowSum(list(sparse), par.edp_group, d.edp))
 
     def arm(self) -> None:
         for r in self.reducers:
@@ -194,7 +197,7 @@ def _sq(grads: list, device) -> torch.Tensor:
     if not grads:
         return torch.zeros((), dtype=torch.float32, device=device)
     # one multi-tensor kernel for all norms instead of two small kernels per parameter
-    return torch.stack(torch._foreach_norm(grads)).float().pow(2).sum()
+    return torch.stack(torch._foreach_norm([_norm_operand(g) for g in grads])).float().pow(2).sum()
 
 
 def clip_grad_norm(dense: list, expert: list, max_norm: float, ep_group, ep: int,
@@ -212,3 +215,57 @@ def clip_grad_norm(dense: list, expert: list, max_norm: float, ep_group, ep: int
                 torch._foreach_mul_(same, scale)
     return total
 
+
+# ---- sparse (rows, values) gradients: PEER expert tables with moe.peer.sparse_updates ----------
+
+class SparseRowSum:
+    """SUM sparse row gradients over `group` (edp) without densifying: each rank's coalesced
+    (rows, values) are all-gathered (counts first, then both padded to the largest count) and
+    coalesced again, duplicate rows adding up. O(touched rows x D) bytes, never [N, D]. With a
+    group of one rank it only coalesces (autograd concatenated the micro-steps' gradients). Every
+    rank calls the same collectives in parameter order, also a rank whose tokens touched none of
+    a table's rows (its gradient is then an empty sparse tensor)."""
+
+    def __init__(self, params: list, group, size: int):
+        self.params, self.group, self.size = params, group, size
+
+    def arm(self) -> None:
+        pass
+
+    def finish(self) -> None:
+        for p in self.params:
+            g = p.grad if p.grad is not None else _empty_rows(p)
+            g = g.coalesce()
+            if self.size > 1:
+                g = _all_gather_rows(g, self.group, self.size)
+            p.grad = g
+
+
+def _empty_rows(p: torch.Tensor) -> torch.Tensor:
+    return torch.sparse_coo_tensor(torch.zeros(1, 0, dtype=torch.long, device=p.device),
+                                   p.new_zeros((0,) + tuple(p.shape[1:])), p.shape, is_coalesced=True,
+                                   check_invariants=False)
+
+
+def _all_gather_rows(g: torch.Tensor, group, size: int) -> torch.Tensor:
+    rows, vals = g.indices()[0], g.values()
+    count = torch.tensor([rows.shape[0]], dtype=torch.long, device=rows.device)
+    counts = [torch.empty_like(count) for _ in range(size)]
+    dist.all_gather(counts, count, group=group)
+    counts = [int(c) for c in counts]          # sync ok: a sparse gradient's size is data dependent
+    pad = max(counts) - rows.shape[0]
+    rows_p = torch.cat([rows, rows.new_zeros(pad)])
+    vals_p = torch.cat([vals, vals.new_zeros((pad,) + tuple(vals.shape[1:]))])
+    all_rows = [torch.empty_like(rows_p) for _ in range(size)]
+    all_vals = [torch.empty_like(vals_p) for _ in range(size)]
+    dist.all_gather(all_rows, rows_p, group=group)
+    dist.all_gather(all_vals, vals_p, group=group)
+    rows_cat = torch.cat([r[:c] for r, c in zip(all_rows, counts)])
+    vals_cat = torch.cat([v[:c] for v, c in zip(all_vals, counts)])
+    return torch.sparse_coo_tensor(rows_cat.unsqueeze(0), vals_cat, g.shape, check_invariants=False).coalesce()
+
+
+def _norm_operand(g: torch.Tensor) -> torch.Tensor:
+    """What the norm is taken of: a sparse gradient's values (coalesced, so each row counts once;
+    the same norm as its dense form), any other gradient itself."""
+    return g.coalesce().values() if g.is_sparse else g

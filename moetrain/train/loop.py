@@ -32,7 +32,7 @@ from moetrain.data import TokenData, eval_batches, sample_batch
 from moetrain.metrics import GpuStats, RunWriter, StepStats, summarize
 from moetrain.model.tp_plan import apply_tp
 from moetrain.model.transformer import Transformer
-from moetrain.parallel.apply import apply_ep, apply_routing_groups, split_params
+from moetrain.parallel.apply import apply_ep, apply_routing_groups, sparse_grad_params, split_params
 from moetrain.parallel.fsdp import apply_fsdp, fsdp_dtypes
 from moetrain.parallel.grads import GradientSync, clip_grad_norm
 from moetrain.parallel.mesh import Parallel
@@ -258,8 +258,8 @@ def build_trainer(cfg: Config, par: Parallel, data: TokenData) -> Trainer:
         from moetrain.train.ds_engine import DeepSpeedEngine
         engine = DeepSpeedEngine(cfg, par, model, expert)
         return Trainer(cfg, par, data, model, engine.optimizer, dense, expert, TrainState(), engine)
-    opt = build_optimizer(model, cfg.train)
-    grad_sync = GradientSync(dense, expert, par, cfg.parallel.grad_bucket_mb)
+    opt = build_optimizer(model, cfg.train, lazy=cfg.moe.peer.sparse_updates)
+    grad_sync = GradientSync(dense, expert, par, cfg.parallel.grad_bucket_mb, sparse=sparse_grad_params(model))
     return Trainer(cfg, par, data, model, opt, dense, expert, TrainState(), grad_sync=grad_sync, placer=placer)
 
 
