@@ -174,7 +174,7 @@ class ExpertPlacer:
         load = self.window.clone()
         if self.par.dims.dp > 1:
             dist.all_reduce(load, group=self.par.dp_group)
-        load_LE = load.cpu().tolist()
+        load_LE = load.cpu().tolist()      # sync ok: once per re-placement (every rebalance_every steps)
         self.window.zero_()
         before, after, moved, new = [], [], [], []
         for pl, load_E in zip(self.placements, load_LE):
@@ -275,7 +275,7 @@ class ExpertPlacer:
         load = self.window.clone()
         if self.par.dims.dp > 1:
             dist.all_reduce(load, group=self.par.dp_group)
-        return load.cpu().tolist()
+        return load.cpu().tolist()         # sync ok: at a checkpoint save
 
     def restore(self, saved) -> Optional[str]:
         """Before the checkpoint's weights are loaded: take its placement when it was saved at this
