@@ -36,6 +36,7 @@ import torch.distributed as dist
 from moetrain.checkpoint import state as S
 from moetrain.checkpoint import store
 from moetrain.checkpoint.store import CheckpointError
+from moetrain.errors import first_line
 
 KEEP = 2                     # snapshots kept per node (the newest may be incomplete on a lost peer)
 CHUNK = 64 * 2 ** 20         # files travel in pieces of this many bytes, through host memory
@@ -110,33 +111,49 @@ class Snapshots:
         return self.every > 0 and step > 0 and step % self.every == 0
 
     def save(self, trainer) -> None:
-        """Collective: snapshot the state after `trainer.state.step` steps."""
+        """Collective: snapshot the state after `trainer.state.step` steps. A snapshot that cannot
+        be written (host memory full, an unusable snapshot_dir) is skipped on every rank with one
+        warning line, and training goes on (disk checkpoints are unaffected)."""
         par, step = self.par, trainer.state.step
         started = time.perf_counter()
-        if par.rank in self._node_leaders().values():
-            self._prepare_root()
-        if par.world > 1:
-            dist.barrier(group=self.group)
+        leader = par.rank in self._node_leaders().values()
         tmp = os.path.join(self.root, store.TMP_PREFIX + store.step_dirname(step))
-        shutil.rmtree(tmp, ignore_errors=True)
+        why = None
+        if leader:
+            try:
+                self._prepare_root()
+                shutil.rmtree(tmp, ignore_errors=True)
+            except (OSError, CheckpointError) as exc:
+                why = first_line(exc)
+        why = self._agree(why)
+        if why:
+            return self._skip(step, why, tmp)
         flat = S.model_entries(trainer.model, par.mesh)
         flat.update(S.optim_entries(trainer.model, trainer.opt, par.mesh))
         flat.update(S.train_entries(step, trainer.state.tokens_seen))
         flat.update(S.capture_rng(par.rank, par.device))
-        store.save_dcp(flat, tmp, par.world_group if par.world > 1 else None)
-        mine = sorted(f for f in os.listdir(tmp) if f.startswith(f"__{par.rank}_") and f.endswith(".distcp"))
-        files = {f: (os.path.getsize(os.path.join(tmp, f)), store.file_crc32(os.path.join(tmp, f))) for f in mine}
-        every = [None] * par.world
-        dist.all_gather_object(every, files, group=self.group) if par.world > 1 else every.__setitem__(0, files)
-        meta = None
-        if par.rank == 0:
-            mpath = os.path.join(tmp, store.DCP_METADATA)
-            with open(mpath, "rb") as f:
-                meta = f.read()
-            every[0] = dict(every[0], **{store.DCP_METADATA: (len(meta), store.file_crc32(mpath))})
-        sent = self._replicate(tmp, mine)
-        if par.world > 1:              # every replica written before a node leader renames the directory
-            dist.barrier(group=self.group)
+        try:
+            store.save_dcp(flat, tmp, par.world_group if par.world > 1 else None)   # raises on every rank alike
+        except CheckpointError as exc:
+            return self._skip(step, str(exc), tmp)
+        files, meta, why = {}, None, None
+        try:
+            mine = sorted(f for f in os.listdir(tmp) if f.startswith(f"__{par.rank}_") and f.endswith(".distcp"))
+            files = {f: (os.path.getsize(os.path.join(tmp, f)), store.file_crc32(os.path.join(tmp, f))) for f in mine}
+            if par.rank == 0:
+                mpath = os.path.join(tmp, store.DCP_METADATA)
+                with open(mpath, "rb") as f:
+                    meta = f.read()
+                files[store.DCP_METADATA] = (len(meta), store.file_crc32(mpath))
+        except OSError as exc:
+            why, files = first_line(exc), {}
+        every = [files] * par.world
+        if par.world > 1:
+            dist.all_gather_object(every, files, group=self.group)
+        sent, replica_error = self._replicate(tmp, [f for f in files if f != store.DCP_METADATA])
+        why = self._agree(why or replica_error)     # also: every replica written before a leader renames
+        if why:
+            return self._skip(step, why, tmp)
         placement = trainer.placer.state() if getattr(trainer, "placer", None) is not None else None   # collective
         manifest = None
         if par.rank == 0:
@@ -154,60 +171,111 @@ class Snapshots:
         if par.world > 1:
             dist.broadcast_object_list(box, src=0, group=self.group)
         manifest, meta = box
-        if par.rank in self._node_leaders().values():       # one writer per node commits its copy
-            if par.rank != 0:
-                with open(os.path.join(tmp, store.DCP_METADATA), "wb") as f:
-                    f.write(meta)
-            with open(os.path.join(tmp, store.MANIFEST), "w") as f:
-                f.write(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-            final = os.path.join(self.root, store.step_dirname(step))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            for old_step, path in store.list_step_dirs(self.root)[KEEP:]:
-                shutil.rmtree(path, ignore_errors=True)
-        if par.world > 1:
-            dist.barrier(group=self.group)
+        final = os.path.join(self.root, store.step_dirname(step))
+        if leader:                      # one writer per node commits its copy
+            try:
+                if par.rank != 0:
+                    with open(os.path.join(tmp, store.DCP_METADATA), "wb") as f:
+                        f.write(meta)
+                with open(os.path.join(tmp, store.MANIFEST), "w") as f:
+                    f.write(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(tmp, final)
+                for _, path in store.list_step_dirs(self.root)[KEEP:]:
+                    shutil.rmtree(path, ignore_errors=True)
+            except OSError as exc:
+                why = first_line(exc)
+        why = self._agree(why)
+        if why:                         # a node without its copy: no node keeps this step
+            if leader:
+                shutil.rmtree(final, ignore_errors=True)
+            return self._skip(step, why, tmp)
         self.last_ms = (time.perf_counter() - started) * 1e3
         self.last_bytes = sum(v[0] for v in files.values()) + sent
 
-    def _replicate(self, tmp: str, mine: list[str]) -> int:
+    def _agree(self, why: Optional[str]) -> Optional[str]:
+        """Every rank: the first rank's error (or None), so all ranks take the same branch."""
+        if self.par.world == 1:
+            return why
+        every = [None] * self.par.world
+        dist.all_gather_object(every, why, group=self.group)
+        return next((w for w in every if w), None)
+
+    def _skip(self, step: int, why: str, tmp: str) -> None:
+        if self.par.rank in self._node_leaders().values():
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.log(f"warning: in-memory snapshot of step {step} skipped ({why[:300]}); training goes on")
+        self.last_ms, self.last_bytes = 0.0, 0
+
+    def _replicate(self, tmp: str, mine: list[str]) -> tuple[int, Optional[str]]:
         """Send this rank's files to its peer, receive the files of the ranks whose peer this is.
-        Returns the bytes sent."""
+        Returns (bytes sent, this rank's error or None): a failed read or write still sends or
+        drains every chunk, so the ranks stay in step."""
         par = self.par
         if par.world == 1:
-            return 0
+            return 0, None
         peers = [self._peer(r) for r in range(par.world)]
         if peers[par.rank] is None:
-            return 0
+            return 0, None
         sizes = [None] * par.world
         dist.all_gather_object(sizes, [(f, os.path.getsize(os.path.join(tmp, f))) for f in mine], group=self.group)
-        sent = 0
+        sent, why = 0, None
         for src in range(par.world):                  # one rank's files at a time, same order everywhere
             dst = peers[src]
             if dst is None or dst == src or self.nodes[dst] == self.nodes[src]:
                 continue
             for name, size in sizes[src]:
                 if par.rank == src:
-                    self._send_file(os.path.join(tmp, name), size, dst)
+                    why = self._send_file(os.path.join(tmp, name), size, dst) or why
                     sent += size
                 elif par.rank == dst:
-                    self._recv_file(os.path.join(tmp, name), size, src)
-        return sent
+                    why = self._recv_file(os.path.join(tmp, name), size, src) or why
+        return sent, why
 
-    def _send_file(self, path: str, size: int, dst: int) -> None:
-        buf = torch.empty(min(CHUNK, max(size, 1)), dtype=torch.uint8)
-        with open(path, "rb") as f:
+    def _send_file(self, path: str, size: int, dst: int) -> Optional[str]:
+        buf = torch.zeros(min(CHUNK, max(size, 1)), dtype=torch.uint8)
+        why = None
+        try:
+            f = open(path, "rb")
+        except OSError as exc:
+            f, why = None, first_line(exc)
+        try:
             for lo in range(0, size, CHUNK):
-                n = f.readinto(memoryview(buf.numpy())[:min(CHUNK, size - lo)])
+                n = min(CHUNK, size - lo)
+                if f is not None and why is None:
+                    try:
+                        f.readinto(memoryview(buf.numpy())[:n])
+                    except OSError as exc:
+                        why = first_line(exc)
                 dist.send(buf[:n], dst, group=self.group)
+        finally:
+            if f is not None:
+                f.close()
+        return why
 
-    def _recv_file(self, path: str, size: int, src: int) -> None:
+    def _recv_file(self, path: str, size: int, src: int) -> Optional[str]:
         buf = torch.empty(min(CHUNK, max(size, 1)), dtype=torch.uint8)
-        with open(path, "wb") as f:
+        why = None
+        try:
+            f = open(path, "wb")
+        except OSError as exc:
+            f, why = None, first_line(exc)
+        try:
             for lo in range(0, size, CHUNK):
                 n = min(CHUNK, size - lo)
                 dist.recv(buf[:n], src, group=self.group)
-                f.write(memoryview(buf.numpy())[:n])
+                if f is not None and why is None:
+                    try:
+                        f.write(memoryview(buf.numpy())[:n])
+                    except OSError as exc:      # e.g. host memory (tmpfs) full: keep draining
+                        why = first_line(exc)
+        finally:
+            if f is not None:
+                try:
+                    f.close()
+                except OSError as exc:
+                    why = why or first_line(exc)
+        return why
 
     def remove(self) -> None:
         """After a run that ended with its final disk checkpoint: free this node's host memory."""
@@ -268,8 +336,12 @@ class Snapshots:
         want[store.MANIFEST] = inv[holder0][chosen]["files"][store.MANIFEST]      # the manifest travels too
         leaders = self._node_leaders()
         final = os.path.join(self.root, store.step_dirname(chosen))
+        why = None
         if par.rank in leaders.values():
-            os.makedirs(final, exist_ok=True)
+            try:
+                os.makedirs(final, exist_ok=True)
+            except OSError as exc:
+                why = first_line(exc)
         # every file a node lacks comes from the lowest rank (a node leader) that holds it
         for name, size in sorted(want.items()):
             holder = next(r for r in range(par.world) if chosen in inv[r] and inv[r][chosen]["files"].get(name) == size)
@@ -277,11 +349,14 @@ class Snapshots:
                 if chosen in inv[leader] and inv[leader][chosen]["files"].get(name) == size:
                     continue
                 if par.rank == holder:
-                    self._send_file(os.path.join(final, name), size, leader)
+                    why = self._send_file(os.path.join(final, name), size, leader) or why
                 elif par.rank == leader:
-                    self._recv_file(os.path.join(final, name), size, holder)
-        if par.world > 1:
-            dist.barrier(group=self.group)
+                    why = self._recv_file(os.path.join(final, name), size, holder) or why
+        why = self._agree(why)
+        if why:                 # the disk checkpoint (already loaded) stays the starting point
+            self.log(f"warning: the in-memory snapshot of step {chosen} could not be completed on every node "
+                     f"({why[:300]}): resuming from the disk checkpoint instead")
+            return None
         return final
 
 

@@ -278,6 +278,7 @@ class Run:
     window_s: float = 0.0               # step time and tokens since the last logged step
     window_tokens: int = 0
     snapshots: Any = None               # checkpoint.snapshot_every > 0: checkpoint/snapshot.Snapshots
+    snapshot_step: int = 0              # the step of the last snapshot taken or resumed from
 
     def __enter__(self) -> Run:
         return self
@@ -302,8 +303,11 @@ class Run:
     def finish(self) -> None:
         """After the last step: the final save when checkpointing is on; waits for an async write."""
         self.ckpt.finish(self.trainer)
-        if self.snapshots is not None and self.ckpt.enabled:     # the final disk checkpoint holds it all
-            self.snapshots.remove()
+        snaps, step = self.snapshots, self.trainer.state.step
+        if snaps is not None and self.ckpt.enabled:     # the final disk checkpoint holds it all
+            snaps.remove()
+        elif snaps is not None and snaps.due(step) and step > self.snapshot_step:
+            snaps.save(self.trainer)                   # no disk checkpoints: the last step's state too
         self._close_outputs()
 
     def close(self) -> None:
@@ -324,6 +328,12 @@ class Run:
         trainer, par = self.trainer, self.trainer.par
         t, lg = trainer.cfg.train, trainer.cfg.logging
         self.ckpt.on_step(trainer)    # saves when step % checkpoint.every == 0 (previous step fully logged)
+        # in-memory snapshot of the state after the previous step, also once that step is logged (a
+        # snapshot taken before its step's record was written would resume past an unlogged step)
+        snapshot = self.snapshots is not None and self.snapshots.due(step) and step > self.snapshot_step
+        if snapshot:
+            self.snapshots.save(trainer)
+            self.snapshot_step = step
         logged = (step + 1) % lg.every == 0 or step + 1 == t.steps or step == 0 or (
             trainer.placer is not None and trainer.placer.due(step + 1))     # a re-placement is always logged
         num_layers = len(trainer.model.moe_layers())
@@ -341,9 +351,6 @@ class Run:
         if logged and par.device.type == "cuda":
             torch.cuda.synchronize(par.device)
         step_ms = (time.perf_counter() - step_start) * 1e3
-        snapshot = self.snapshots is not None and self.snapshots.due(trainer.state.step)
-        if snapshot:              # at the step boundary, outside the step's time
-            self.snapshots.save(trainer)
         self.window_s += step_ms / 1e3
         self.window_tokens += t.global_batch_size * t.seq_len
         evaluate = (t.eval_every > 0 and (step + 1) % t.eval_every == 0) or step + 1 == t.steps
@@ -447,6 +454,7 @@ def build_run(cfg: Config, par: Parallel, data: TokenData, log=print, faults=Non
                     ckpt.resume_snapshot(trainer, path)
             else:              # a fresh start or an explicit checkpoint: older snapshots are not this run's
                 run.snapshots.wipe()
+            run.snapshot_step = trainer.state.step
         run.writer = RunWriter(open_run_dir(cfg, trainer.state.step), cfg.logging.tensorboard) if par.is_main else None
         run.gpu = GpuStats(par.device)
         if par.is_main:

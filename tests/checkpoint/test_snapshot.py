@@ -49,3 +49,11 @@ def test_snapshot_replicas_and_recovery(tmp_path):
     run_dist(_train, 2, (str(tmp_path / "r4"), str(tmp_path / "ck"), str(shm),
                          [e for e in EXTRA if e != "checkpoint.resume=auto"] + ["checkpoint.resume=none", "train.steps=1"]))
     assert not any((nodes[n] / "step_00000006").exists() for n in "ab")
+
+
+def test_unwritable_snapshot_dir_skips_snapshots_and_trains_on(tmp_path):
+    """snapshot_dir under a regular file: every snapshot is skipped with a warning, on every rank
+    alike, and the run trains to the end."""
+    (tmp_path / "afile").write_text("x")
+    got = run_dist(_train, 2, (str(tmp_path / "r"), str(tmp_path / "ck"), str(tmp_path / "afile" / "shm"), EXTRA))[0]
+    assert sorted(got) == list(range(1, 9))
