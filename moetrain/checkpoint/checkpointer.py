@@ -322,10 +322,7 @@ class Checkpointer:
         self.wait()                      # at most one save in flight; it must be committed first
         step, par = trainer.state.step, self.par
         started = time.perf_counter()
-        flat: dict[str, Any] = S.model_entries(trainer.model, par.mesh)
-        flat.update(S.optim_entries(trainer.model, trainer.opt, par.mesh))
-        flat.update(S.train_entries(step, trainer.state.tokens_seen))
-        flat.update(S.capture_rng(par.rank, par.device))
+        flat: dict[str, Any] = S.save_entries(trainer, par)
         fields = self._manifest_fields(trainer)
         tmp = store.tmp_dir_for(self.root, step)
         future = store.save_dcp(flat, tmp, self.group, async_save=self.async_save)

@@ -128,10 +128,7 @@ class Snapshots:
         why = self._agree(why)
         if why:
             return self._skip(step, why, tmp)
-        flat = S.model_entries(trainer.model, par.mesh)
-        flat.update(S.optim_entries(trainer.model, trainer.opt, par.mesh))
-        flat.update(S.train_entries(step, trainer.state.tokens_seen))
-        flat.update(S.capture_rng(par.rank, par.device))
+        flat = S.save_entries(trainer, par)
         try:
             store.save_dcp(flat, tmp, par.world_group if par.world > 1 else None)   # raises on every rank alike
         except CheckpointError as exc:
@@ -233,42 +230,33 @@ class Snapshots:
         return sent, why
 
     def _send_file(self, path: str, size: int, dst: int) -> Optional[str]:
+        return self._transfer(path, size, dst, send=True)
+
+    def _recv_file(self, path: str, size: int, src: int) -> Optional[str]:
+        return self._transfer(path, size, src, send=False)
+
+    def _transfer(self, path: str, size: int, peer: int, send: bool) -> Optional[str]:
+        """Send the file at `path` to `peer`, or receive it from `peer` into `path`, in CHUNK
+        pieces through host memory. Returns this rank's error or None: a failed open, read or write
+        (e.g. tmpfs full) still moves every chunk, so both ranks stay in step."""
         buf = torch.zeros(min(CHUNK, max(size, 1)), dtype=torch.uint8)
         why = None
         try:
-            f = open(path, "rb")
+            f = open(path, "rb" if send else "wb")
         except OSError as exc:
             f, why = None, first_line(exc)
         try:
             for lo in range(0, size, CHUNK):
-                n = min(CHUNK, size - lo)
+                piece = buf[:min(CHUNK, size - lo)]
+                if not send:
+                    dist.recv(piece, peer, group=self.group)
                 if f is not None and why is None:
                     try:
-                        f.readinto(memoryview(buf.numpy())[:n])
+                        (f.readinto if send else f.write)(memoryview(piece.numpy()))
                     except OSError as exc:
                         why = first_line(exc)
-                dist.send(buf[:n], dst, group=self.group)
-        finally:
-            if f is not None:
-                f.close()
-        return why
-
-    def _recv_file(self, path: str, size: int, src: int) -> Optional[str]:
-        buf = torch.empty(min(CHUNK, max(size, 1)), dtype=torch.uint8)
-        why = None
-        try:
-            f = open(path, "wb")
-        except OSError as exc:
-            f, why = None, first_line(exc)
-        try:
-            for lo in range(0, size, CHUNK):
-                n = min(CHUNK, size - lo)
-                dist.recv(buf[:n], src, group=self.group)
-                if f is not None and why is None:
-                    try:
-                        f.write(memoryview(buf.numpy())[:n])
-                    except OSError as exc:      # e.g. host memory (tmpfs) full: keep draining
-                        why = first_line(exc)
+                if send:
+                    dist.send(piece, peer, group=self.group)
         finally:
             if f is not None:
                 try:
@@ -285,7 +273,8 @@ class Snapshots:
     # ------------------------------------------------------------------ recovery
 
     def _inventory(self) -> dict:
-        """{step: {"files": {name: size present here}, "manifest": its files dict}} of this node."""
+        """{step: {"files": {name: size present here}, "want": the manifest's files, "crc32": its
+        CRC-32s}} of this node's snapshots that carry this run's identity."""
         out = {}
         if not os.path.isdir(self.root):
             return out

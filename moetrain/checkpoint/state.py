@@ -335,6 +335,16 @@ def check_fits(metadata, model: nn.Module, sizes: dict[str, int], where: str, hi
     return []
 
 
+def save_entries(trainer, par) -> dict[str, torch.Tensor]:
+    """Everything a checkpoint (or an in-memory snapshot) of this rank holds: model and optimizer
+    under their global keys, the step counters and this rank's RNG states."""
+    flat = model_entries(trainer.model, par.mesh)
+    flat.update(optim_entries(trainer.model, trainer.opt, par.mesh))
+    flat.update(train_entries(trainer.state.step, trainer.state.tokens_seen))
+    flat.update(capture_rng(par.rank, par.device))
+    return flat
+
+
 def train_entries(step: int, tokens_seen: int) -> dict[str, torch.Tensor]:
     return {STEP_KEY: torch.tensor(step, dtype=torch.int64), TOKENS_KEY: torch.tensor(tokens_seen, dtype=torch.int64)}
 

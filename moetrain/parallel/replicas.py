@@ -171,10 +171,7 @@ class ExpertPlacer:
         if not self.due(step_done):
             return None
         start = time.perf_counter()
-        load = self.window.clone()
-        if self.par.dims.dp > 1:
-            dist.all_reduce(load, group=self.par.dp_group)
-        load_LE = load.cpu().tolist()      # sync ok: once per re-placement (every rebalance_every steps)
+        load_LE = self._window_totals()
         self.window.zero_()
         before, after, moved, new = [], [], [], []
         for pl, load_E in zip(self.placements, load_LE):
@@ -272,10 +269,11 @@ class ExpertPlacer:
                 "window": self._window_totals()}
 
     def _window_totals(self) -> list:
+        """The window's kept copies per layer and expert, summed over the data-parallel group."""
         load = self.window.clone()
         if self.par.dims.dp > 1:
             dist.all_reduce(load, group=self.par.dp_group)
-        return load.cpu().tolist()         # sync ok: at a checkpoint save
+        return load.cpu().tolist()         # sync ok: per re-placement and per checkpoint save
 
     def restore(self, saved) -> Optional[str]:
         """Before the checkpoint's weights are loaded: take its placement when it was saved at this
