@@ -110,10 +110,11 @@ class Snapshots:
     def due(self, step: int) -> bool:
         return self.every > 0 and step > 0 and step % self.every == 0
 
-    def save(self, trainer) -> None:
-        """Collective: snapshot the state after `trainer.state.step` steps. A snapshot that cannot
-        be written (host memory full, an unusable snapshot_dir) is skipped on every rank with one
-        warning line, and training goes on (disk checkpoints are unaffected)."""
+    def save(self, trainer) -> bool:
+        """Collective: snapshot the state after `trainer.state.step` steps; True when committed. A
+        snapshot that cannot be written (host memory full, an unusable snapshot_dir) is skipped on
+        every rank with one warning line (False), and training goes on (disk checkpoints are
+        unaffected)."""
         par, step = self.par, trainer.state.step
         started = time.perf_counter()
         leader = par.rank in self._node_leaders().values()
@@ -189,6 +190,7 @@ class Snapshots:
             return self._skip(step, why, tmp)
         self.last_ms = (time.perf_counter() - started) * 1e3
         self.last_bytes = sum(v[0] for v in files.values()) + sent
+        return True
 
     def _agree(self, why: Optional[str]) -> Optional[str]:
         """Every rank: the first rank's error (or None), so all ranks take the same branch."""
@@ -198,11 +200,12 @@ class Snapshots:
         dist.all_gather_object(every, why, group=self.group)
         return next((w for w in every if w), None)
 
-    def _skip(self, step: int, why: str, tmp: str) -> None:
+    def _skip(self, step: int, why: str, tmp: str) -> bool:
         if self.par.rank in self._node_leaders().values():
             shutil.rmtree(tmp, ignore_errors=True)
         self.log(f"warning: in-memory snapshot of step {step} skipped ({why[:300]}); training goes on")
         self.last_ms, self.last_bytes = 0.0, 0
+        return False
 
     def _replicate(self, tmp: str, mine: list[str]) -> tuple[int, Optional[str]]:
         """Send this rank's files to its peer, receive the files of the ranks whose peer this is.

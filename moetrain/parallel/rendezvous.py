@@ -95,6 +95,17 @@ def describe_disagreement(mine: dict, ref: dict, rank: int) -> str:
 _AGREE_ROUND = [0]      # init_parallel calls in this process: keys of a reused (torchrun agent) store stay apart
 
 
+def _group_tag() -> str:
+    """Keeps one worker group's start-up keys apart from an earlier group's in a store that
+    outlives groups (torchrun's shared agent store: the restart count, which agrees between agents
+    that restart together). A fresh store per group (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, what
+    elastic jobs use) needs no tag, and must not have this one: an agent that joins an elastic job
+    later starts counting from 0 while the others are at their n-th group."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") + "/"
+    return ""
+
+
 def _wait_key(store, key: str, deadline: float) -> bool:
     """Poll for `key` until the deadline. Polling check() instead of store.wait(): a wait that
     times out makes c10d print warnings, and this runs exactly when something is wrong."""
@@ -122,7 +133,7 @@ def agree_at_startup(store, rank: int, world: int, payload: dict, timeout_s: flo
     rank whose wait timed out), left/all_left (the linger). `deadline` (time.monotonic()): when
     this rank's rendezvous wait began + timeout_s, so connecting and agreeing share one timeout."""
     _AGREE_ROUND[0] += 1
-    p = f"moetrain/startup/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{_AGREE_ROUND[0]}/"
+    p = f"moetrain/startup/{_group_tag()}{_AGREE_ROUND[0]}/"
     if deadline is None:
         deadline = time.monotonic() + timeout_s
     blob = json.dumps(payload, sort_keys=True, default=str)

@@ -412,6 +412,16 @@ class Run:
             path = os.path.join(ckpt.root, step_dirname(step))
             msg = (f"preempted by {name} at step {step}: checkpoint {step_dirname(step)} saved in {ckpt.root}; "
                    "resume with checkpoint.resume=auto")
+        elif self.snapshots is not None:
+            # an elastic agent stops the workers with SIGTERM when a node joins: the state of this
+            # step then lives on in host memory (and its peer replica) for the regrown group
+            ckpt.wait()
+            if step > self.snapshot_step and self.snapshots.save(trainer):
+                self.snapshot_step = step
+            path = None
+            msg = (f"preempted by {name} at step {step}: checkpointing is off (checkpoint.every=0); the in-memory "
+                   f"snapshot of step {self.snapshot_step} resumes it under checkpoint.resume=auto while this "
+                   "job's nodes keep their snapshot_dir")
         else:
             ckpt.wait()
             path = None

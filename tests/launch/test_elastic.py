@@ -1,15 +1,14 @@
-"""Elastic expert parallelism under torchrun (issue 21, first part): two "nodes" (two torchrun agents,
---nnodes 1:2, c10d rendezvous on localhost, 2 ranks each), parallel.ep=auto, dropless. One agent and
-its workers are killed with SIGKILL mid-run: the other continues at world 2 with ep 2 from the
-last disk checkpoint or in-memory snapshot (checkpoint.resume=auto, experts by global id). Every
-step's loss equals an uninterrupted world-4 run's to the cross-layout tolerance.
+"""Elastic expert parallelism under torchrun (issue 21): two "nodes" (two torchrun agents, --nnodes
+1:2, c10d rendezvous on localhost, 2 ranks each), parallel.ep=auto, dropless. One agent and its
+workers are killed with SIGKILL mid-run: the other continues at world 2 with ep 2 from the last
+disk checkpoint or in-memory snapshot (checkpoint.resume=auto, experts by global id). Every step's
+loss equals an uninterrupted world-4 run's to the cross-layout tolerance.
 
 With in-memory snapshots (checkpoint.snapshot_every=1, no disk checkpoints at all, node b's
 snapshot memory deleted with it) the survivors resume from node a's copies of the step before the
-failure. Not here yet: growing back. With the agents' shared store turned off the scale-up
-restart works in torch (the running workers get SIGTERM, save and exit; the new group of 4 starts
-and chooses ep 4), but in our localhost runs that group then lost a gloo connection and never
-trained a step."""
+failure; then node b's agent is started again and the job grows back to world 4 with ep 4: the
+agents stop the world-2 workers with SIGTERM, which snapshot the step they stopped at, and the
+new group of 4 resumes from it (node b, which lost its memory, gets its files from node a)."""
 from __future__ import annotations
 
 import json
@@ -28,7 +27,7 @@ from _launch import REPO, finish, free_port, launch_env, start, tail
 
 pytestmark = pytest.mark.slow
 
-STEPS = 24
+STEPS = 40
 CFG = ["model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.max_seq_len=32", "model.ffn_hidden=64",
        "moe.num_experts=8", "moe.top_k=2", "moe.capacity_factor=null", "train.seq_len=32",
        "train.global_batch_size=8", "train.micro_batch_size=2", f"train.steps={STEPS}", "train.warmup_steps=2",
@@ -89,26 +88,42 @@ def _world(rec: dict) -> int:
     return len(rec.get("ranks.step_ms", []))
 
 
-@pytest.mark.parametrize("mode", ["disk", "snapshot"])
-def test_shrink_under_torchrun(tmp_path, mode):
-    """disk: checkpoints every 2 steps. snapshot: no disk checkpoints, an in-memory snapshot every step
-    (node b's snapshot directory is deleted with the node: only node a's replicas remain)."""
-    keep = ["checkpoint.every=2"] if mode == "disk" else [
-        "checkpoint.every=0", "checkpoint.snapshot_every=1", f"checkpoint.snapshot_dir={tmp_path / 'shm'}"]
-    ref_log = tmp_path / "ref.log"
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict:
+    """Every step's loss of the uninterrupted world-4 run (ep 4)."""
+    tmp = tmp_path_factory.mktemp("ref")
+    ref_log = tmp / "ref.log"
     ref = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
-                          "-m", "moetrain.train", *_overrides(tmp_path, "ref")], cwd=REPO, env=launch_env(),
+                          "-m", "moetrain.train", *_overrides(tmp, "ref")], cwd=REPO, env=launch_env(),
                          stdout=open(ref_log, "wb"), stderr=subprocess.STDOUT, timeout=300)
     assert ref.returncode == 0, tail(ref_log)
-    want = {r["step"]: r["loss"] for r in _records(tmp_path / "runs" / "ref" / "metrics.jsonl")}
+    want = {r["step"]: r["loss"] for r in _records(tmp / "runs" / "ref" / "metrics.jsonl")}
     assert sorted(want) == list(range(1, STEPS + 1))
+    return want
 
+
+def _kill_tree(p: subprocess.Popen) -> None:
+    for pid in _tree(p.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.parametrize("mode", ["disk", "snapshot"])
+def test_shrink_under_torchrun(tmp_path, mode, reference):
+    """disk: checkpoints every 2 steps; shrinks to world 2 and finishes there. snapshot: no disk
+    checkpoints, an in-memory snapshot every step (node b's snapshot directory is deleted with the
+    node: only node a's replicas remain); shrinks, then grows back to world 4 when node b returns."""
+    keep = ["checkpoint.every=2"] if mode == "disk" else [
+        "checkpoint.every=0", "checkpoint.snapshot_every=1", f"checkpoint.snapshot_dir={tmp_path / 'shm'}"]
+    want = reference
     port = free_port()
     agent = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1:2", "--nproc_per_node", "2",
              "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", uuid.uuid4().hex[:8],
              "--max_restarts", "6", "--rdzv_conf", "last_call_timeout=3,join_timeout=120",
              "-m", "moetrain.train", *_overrides(tmp_path, "el"), *keep]
-    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    logs = [tmp_path / "a.log", tmp_path / "b.log", tmp_path / "b2.log"]
     metrics = tmp_path / "runs" / "el" / "metrics.jsonl"
     # each worker group gets a fresh store hosted by its rank 0 (launch/torchrun.sh sets this too):
     # torch's shared agent store keeps the previous group's keys and, on a scale-up, does not
@@ -119,31 +134,31 @@ def test_shrink_under_torchrun(tmp_path, mode):
     _wait(lambda: _listening(port), 60, "agent a's rendezvous store", logs[:1])
     b = start(agent, logs[1], launch_env(MOETRAIN_NODE="b", **env))
     procs = [a, b]
+    grow_s = None
     try:
         _wait(lambda: any(r["step"] >= 5 and _world(r) == 4 for r in _records(metrics)), 180, "5 steps at world 4",
               logs[:2])
         killed_after = max(r["step"] for r in _records(metrics))
         t_kill = time.monotonic()
-        for pid in _tree(b.pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _kill_tree(b)
         b.wait()
         shutil.rmtree(tmp_path / "shm" / f"uid{os.getuid()}" / "el" / "b", ignore_errors=True)   # node b's memory is gone
         first2 = _wait(lambda: next((r for r in _records(metrics) if _world(r) == 2), None), 240,
                        "a step at world 2 after the kill", logs[:1])
         shrink_s = time.monotonic() - t_kill
-        codes = finish([a], timeout_s=300)
+        if mode == "snapshot":        # node b comes back (a fresh machine: no snapshot memory)
+            seen = len(_records(metrics))
+            t_join = time.monotonic()
+            procs.append(start(agent, logs[2], launch_env(MOETRAIN_NODE="b", **env)))
+            _wait(lambda: any(_world(r) == 4 for r in _records(metrics)[seen:]), 240,
+                  "a step at world 4 after node b rejoined", logs)
+            grow_s = time.monotonic() - t_join
+        codes = finish([a] + procs[2:], timeout_s=300)
     finally:
         for p in procs:
             if p.poll() is None:
-                for pid in _tree(p.pid):
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-    assert codes == [0], "\n".join(f"--- {p}:\n{tail(p, 60)}" for p in logs)
+                _kill_tree(p)
+    assert codes == [0] * len(codes), "\n".join(f"--- {p}:\n{tail(p, 60)}" for p in logs)
     recs = _records(metrics)
     got = {}
     for r in recs:                       # a step redone after a resume: the last record wins
@@ -152,16 +167,27 @@ def test_shrink_under_torchrun(tmp_path, mode):
     steps = sorted(got)
     torch.testing.assert_close(torch.tensor([got[s] for s in steps], dtype=torch.float64),
                                torch.tensor([want[s] for s in steps], dtype=torch.float64), rtol=2e-5, atol=0)
-    worlds = [_world(r) for r in recs]
-    assert worlds[0] == 4 and worlds[-1] == 2
+    worlds = [w for i, w in enumerate(_world(r) for r in recs) if i == 0 or w != _world(recs[i - 1])]
+    assert worlds == ([4, 2, 4] if mode == "snapshot" else [4, 2]), worlds
     text = logs[0].read_text()
     assert "parallel.ep=auto: ep 2 at world 2" in text
+    lost = killed_after - (first2["step"] - 1)
+    print(f"\nelastic ({mode}): killed after step {killed_after}, resumed at world 2 from step {first2['step'] - 1} "
+          f"({lost} steps redone), first world-2 step {shrink_s:.1f}s after the kill")
+    assert 0 <= lost <= (2 if mode == "disk" else 1) + 1      # the save interval (+ the step in flight)
     if mode == "snapshot":
         assert "resumed from the in-memory snapshot" in text, tail(logs[0], 80)
         snaps = [r for r in recs if "snapshot_ms" in r]
         print(f"snapshots: {len(snaps)} logged, median {sorted(r['snapshot_ms'] for r in snaps)[len(snaps) // 2]:.1f} ms, "
               f"{max(r['snapshot_mb'] for r in snaps):.3f} MiB per rank (own + replica sent)")
-    lost = killed_after - (first2["step"] - 1)
-    print(f"\nelastic ({mode}): killed after step {killed_after}, resumed at world 2 from step {first2['step'] - 1} "
-          f"({lost} steps redone), first world-2 step {shrink_s:.1f}s after the kill")
-    assert 0 <= lost <= (2 if mode == "disk" else 1) + 1      # the save interval (+ the step in flight)
+        # the world-2 workers were stopped by SIGTERM, snapshotted the step they stopped at, and the
+        # group of 4 (ep 4) resumed from exactly that step: nothing redone
+        stopped = [int(line.split(" at step ")[1].split(":")[0]) for line in text.splitlines()
+                   if "preempted by SIGTERM at step" in line]
+        assert len(stopped) == 1 and f"snapshot of step {stopped[0]} resumes it" in text, tail(logs[0], 80)
+        last2 = max(i for i, r in enumerate(recs) if _world(r) == 2)
+        first4 = recs[last2 + 1]
+        assert recs[last2]["step"] == stopped[0] and first4["step"] == stopped[0] + 1, (recs[last2], first4)
+        assert text.count("parallel.ep=auto: ep 4 at world 4") == 2      # rank 0 (node a) says so at each start
+        print(f"grow: node b rejoined, world 4 from step {stopped[0]} (0 steps redone), first world-4 step "
+              f"{grow_s:.1f}s after its agent started")
