@@ -19,6 +19,10 @@
 #   --rdzv-id ID         job id shared by all nodes [RDZV_ID; default $SLURM_JOB_ID or "moetrain"]
 #   --max-restarts N     restart the worker group up to N times after a failure [MAX_RESTARTS;
 #                        default 0]; combine with checkpoint.resume=auto to continue, not redo
+#   --rdzv-conf K=V,...  c10d rendezvous options [RDZV_CONF; default torch's], e.g. for elastic
+#                        jobs keep_alive_interval=1,keep_alive_max_attempt=3: a dead node leaves
+#                        the rendezvous after ~3 s instead of torch's 15 (README "Surviving node
+#                        failures")
 #   --config FILE        moetrain config [CONFIG; default configs/tiny_cpu.yaml]
 #   PYTHON               interpreter [default python3]
 #   MOETRAIN_IFNAME      network interface for NCCL and gloo (sets NCCL_SOCKET_IFNAME and
@@ -42,6 +46,7 @@ nnodes=${NNODES:-1}
 endpoint=${RDZV_ENDPOINT:-}
 rdzv_id=${RDZV_ID:-${SLURM_JOB_ID:-moetrain}}
 max_restarts=${MAX_RESTARTS:-0}
+rdzv_conf=${RDZV_CONF:-}
 config=${CONFIG:-configs/tiny_cpu.yaml}
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -50,6 +55,7 @@ while [ $# -gt 0 ]; do
     --rdzv-endpoint|--rdzv_endpoint) need "$1" "${2:-}"; endpoint=$2; shift 2 ;;
     --rdzv-id|--rdzv_id) need "$1" "${2:-}"; rdzv_id=$2; shift 2 ;;
     --max-restarts|--max_restarts) need "$1" "${2:-}"; max_restarts=$2; shift 2 ;;
+    --rdzv-conf|--rdzv_conf) need "$1" "${2:-}"; rdzv_conf=$2; shift 2 ;;
     --config|-c) need "$1" "${2:-}"; config=$2; shift 2 ;;
     --) shift; break ;;
     *) break ;;
@@ -70,6 +76,7 @@ else
     exit 2
   fi
   rdzv=(--rdzv-backend c10d --rdzv-endpoint "$endpoint" --rdzv-id "$rdzv_id")
+  [ -n "$rdzv_conf" ] && rdzv+=(--rdzv-conf "$rdzv_conf")
 fi
 
 # Restarted workers must not reuse a dead peer's rendezvous store address (pytorch/pytorch#135712):

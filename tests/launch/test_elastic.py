@@ -36,6 +36,11 @@ CFG = ["model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.max_seq_len
        "checkpoint.resume=auto", "checkpoint.keep_last=3"]
 
 
+# a dead node leaves the rendezvous after 3 missed 1-s heartbeats (torch's default: 3 x 5 s, which
+# was 16 of the 20 s from the kill to the first world-2 step)
+RDZV_CONF = "last_call_timeout=3,join_timeout=120,keep_alive_interval=1,keep_alive_max_attempt=3"
+
+
 def _overrides(tmp: Path, name: str) -> list[str]:
     return CFG + [f"logging.dir={tmp / 'runs'}", f"logging.run_name={name}", f"checkpoint.dir={tmp / ('ck_' + name)}"]
 
@@ -121,7 +126,7 @@ def test_shrink_under_torchrun(tmp_path, mode, reference):
     port = free_port()
     agent = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1:2", "--nproc_per_node", "2",
              "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", uuid.uuid4().hex[:8],
-             "--max_restarts", "6", "--rdzv_conf", "last_call_timeout=3,join_timeout=120",
+             "--max_restarts", "6", "--rdzv_conf", RDZV_CONF,
              "-m", "moetrain.train", *_overrides(tmp_path, "el"), *keep]
     logs = [tmp_path / "a.log", tmp_path / "b.log", tmp_path / "b2.log"]
     metrics = tmp_path / "runs" / "el" / "metrics.jsonl"
