@@ -4,8 +4,9 @@ workers are killed with SIGKILL mid-run: the other continues at world 2 with ep 
 disk checkpoint or in-memory snapshot (checkpoint.resume=auto, experts by global id). Every step's
 loss equals an uninterrupted world-4 run's to the cross-layout tolerance.
 
-With in-memory snapshots (checkpoint.snapshot_every=1, no disk checkpoints at all, node b's
-snapshot memory deleted with it) the survivors resume from node a's copies of the step before the
+With in-memory snapshots (checkpoint.snapshot_every=1, no disk checkpoints at all) one worker of
+node a is killed first: both agents restart the group of 4 from the snapshots. Then node b is
+killed, its snapshot memory deleted with it, and the survivors resume from node a's copies of the step before the
 failure; then node b's agent is started again and the job grows back to world 4 with ep 4: the
 agents stop the world-2 workers with SIGTERM, which snapshot the step they stopped at, and the
 new group of 4 resumes from it (node b, which lost its memory, gets its files from node a)."""
@@ -140,9 +141,21 @@ def test_shrink_under_torchrun(tmp_path, mode, reference):
     b = start(agent, logs[1], launch_env(MOETRAIN_NODE="b", **env))
     procs = [a, b]
     grow_s = None
+    kill_at = 5
     try:
-        _wait(lambda: any(r["step"] >= 5 and _world(r) == 4 for r in _records(metrics)), 180, "5 steps at world 4",
-              logs[:2])
+        if mode == "snapshot":     # first one worker of node a dies: the group of 4 restarts from the snapshots
+            _wait(lambda: any(r["step"] >= 3 for r in _records(metrics)), 180, "3 steps at world 4", logs[:2])
+            worker_killed_after = max(r["step"] for r in _records(metrics))
+            t_wk = time.monotonic()
+            os.kill(_tree(a.pid)[-1], signal.SIGKILL)
+            _wait(lambda: "resumed from the in-memory snapshot" in logs[0].read_text(), 120,
+                  "a restart from the snapshot after a worker was killed", logs[:2])
+            _wait(lambda: any(r["step"] > worker_killed_after for r in _records(metrics)), 120,
+                  "the step after the worker kill", logs[:2])
+            restart_s = time.monotonic() - t_wk
+            kill_at = worker_killed_after + 4
+        _wait(lambda: any(r["step"] >= kill_at and _world(r) == 4 for r in _records(metrics)), 180,
+              f"{kill_at} steps at world 4", logs[:2])
         killed_after = max(r["step"] for r in _records(metrics))
         t_kill = time.monotonic()
         _kill_tree(b)
@@ -181,7 +194,14 @@ def test_shrink_under_torchrun(tmp_path, mode, reference):
           f"({lost} steps redone), first world-2 step {shrink_s:.1f}s after the kill")
     assert 0 <= lost <= (2 if mode == "disk" else 1) + 1      # the save interval (+ the step in flight)
     if mode == "snapshot":
-        assert "resumed from the in-memory snapshot" in text, tail(logs[0], 80)
+        # three starts from a snapshot: after the worker kill (world 4), the node kill (world 2), the grow (world 4)
+        resumed = [line.split(" at step ")[1] for line in text.splitlines()
+                   if line.startswith("moetrain: resumed from the in-memory snapshot")]
+        starts = [line.split(" (")[0] for line in text.splitlines() if line.startswith("moetrain: world ")]
+        assert len(resumed) == 3 and starts == ["moetrain: world " + w for w in "4424"], (resumed, starts)
+        assert resumed[0].endswith("(saved at world 4: dp 4 tp 1 ep 4)"), resumed
+        print(f"worker kill: killed after step {worker_killed_after}, the group of 4 resumed at step "
+              f"{resumed[0].split()[0]}; step {worker_killed_after + 1} done {restart_s:.1f}s after the kill")
         snaps = [r for r in recs if "snapshot_ms" in r]
         print(f"snapshots: {len(snaps)} logged, median {sorted(r['snapshot_ms'] for r in snaps)[len(snaps) // 2]:.1f} ms, "
               f"{max(r['snapshot_mb'] for r in snaps):.3f} MiB per rank (own + replica sent)")
@@ -193,6 +213,6 @@ def test_shrink_under_torchrun(tmp_path, mode, reference):
         last2 = max(i for i, r in enumerate(recs) if _world(r) == 2)
         first4 = recs[last2 + 1]
         assert recs[last2]["step"] == stopped[0] and first4["step"] == stopped[0] + 1, (recs[last2], first4)
-        assert text.count("parallel.ep=auto: ep 4 at world 4") == 2      # rank 0 (node a) says so at each start
+        assert text.count("parallel.ep=auto: ep 4 at world 4") == 3      # rank 0 (node a) says so at each start
         print(f"grow: node b rejoined, world 4 from step {stopped[0]} (0 steps redone), first world-4 step "
               f"{grow_s:.1f}s after its agent started")
