@@ -113,11 +113,12 @@ class Checkpointer:
 
     def resume_snapshot(self, trainer, path: str) -> None:
         """Every rank: load the in-memory snapshot completed at `path` on this rank's node
-        (checkpoint/snapshot.py), verified and resharded like a disk checkpoint. Saving into
+        (checkpoint/snapshot.py), resharded like a disk checkpoint. Every file's CRC-32 was checked
+        once per node by recover(); each rank checks sizes and .metadata's CRC again. Saving into
         checkpoint.dir goes on as before (the snapshot's step is not a disk checkpoint)."""
         error, cand = None, None
         try:
-            info = store.verify(path, contents=True)
+            info = store.verify(path)
             S.check_fits(info.metadata, trainer.model, {"ep": self.par.dims.ep, "tp": self.par.dims.tp}, path)
             m = info.manifest
             cand = {"path": path, "step": info.step, "schema": S.optim_schema(info.metadata),

@@ -16,8 +16,10 @@ snapshot files its node holds; the newest step whose files the surviving nodes h
 by one holder, and resumed from like any checkpoint: verified (sizes, CRC-32s, restricted
 unpickler) and resharded onto the new layout by global expert id (checkpoint/state.py).
 
-Node identity: $MOETRAIN_NODE, else the host name (two torchrun agents on one host in the tests
-set MOETRAIN_NODE). Snapshots never replace disk checkpoints: a whole-job failure loses host
+Node identity: $MOETRAIN_NODE, else the host name and boot id (two torchrun agents on one host in
+the tests set MOETRAIN_NODE). A rank that cannot see the snapshot its node's leader committed (two
+machines given one MOETRAIN_NODE, containers with private /dev/shm given one name) turns snapshots
+off for the run, with one warning naming the node. Snapshots never replace disk checkpoints: a whole-job failure loses host
 memory, and checkpoint.every still writes to checkpoint.dir.
 """
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -35,6 +38,7 @@ import torch.distributed as dist
 
 from moetrain.checkpoint import state as S
 from moetrain.checkpoint import store
+from moetrain.checkpoint.lock import boot_id
 from moetrain.checkpoint.store import CheckpointError
 from moetrain.errors import first_line
 
@@ -42,8 +46,18 @@ KEEP = 2                     # snapshots kept per node (the newest may be incomp
 CHUNK = 64 * 2 ** 20         # files travel in pieces of this many bytes, through host memory
 
 
+NODE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+
+
 def node_id() -> str:
-    return os.environ.get("MOETRAIN_NODE") or socket.gethostname()
+    """$MOETRAIN_NODE, else host name + boot id: two machines that share a host name (cloned
+    images, containers) are still two nodes, and a node's directory changes only with a reboot,
+    which empties tmpfs anyway."""
+    name = os.environ.get("MOETRAIN_NODE")
+    if name:
+        return name
+    boot = boot_id()[:8]
+    return f"{socket.gethostname()}-{boot}" if boot else socket.gethostname()
 
 
 class Snapshots:
@@ -65,6 +79,7 @@ class Snapshots:
             self.group = dist.new_group(backend="gloo")
         self.last_ms = 0.0
         self.last_bytes = 0
+        self.shared_checked = False     # every rank saw its node leader's first committed snapshot
 
     def _prepare_root(self) -> None:
         """Node leaders: this user's private directory; leftovers of interrupted saves removed."""
@@ -84,10 +99,16 @@ class Snapshots:
     # ------------------------------------------------------------------ topology
 
     def _topology(self) -> list[str]:
+        """The node of every rank (collective at first use); a node name unfit for a directory
+        name raises the same CheckpointError on every rank."""
         if self.nodes is None:
             nodes = [self.node] * self.par.world
             if self.par.world > 1:
                 dist.all_gather_object(nodes, self.node, group=self.group)
+            bad = next((r for r, n in enumerate(nodes) if not isinstance(n, str) or not NODE_NAME.fullmatch(n)), None)
+            if bad is not None:
+                raise CheckpointError(f"rank {bad}'s node name {str(nodes[bad])[:80]!r} ($MOETRAIN_NODE, else the host "
+                                      "name) is not usable as a directory name: use letters, digits, '.', '_', '-'")
             self.nodes = nodes
         return self.nodes
 
@@ -184,6 +205,16 @@ class Snapshots:
             except OSError as exc:
                 why = first_line(exc)
         why = self._agree(why)
+        if not why and not self.shared_checked:     # once per run: does every rank see its node's copy?
+            if not os.path.isfile(os.path.join(final, store.MANIFEST)):
+                why = (f"rank {par.rank} cannot see the snapshot its node's first rank wrote under node name "
+                       f"{self.node!r}: two machines (or containers with private /dev/shm) share that name; set "
+                       "MOETRAIN_NODE to one distinct name per machine")
+            why = self._agree(why)
+            self.shared_checked = not why
+            if why:                     # it would fail alike every time: snapshots off for this run
+                self.every = 0
+                why = "snapshots are off for this run: " + why
         if why:                         # a node without its copy: no node keeps this step
             if leader:
                 shutil.rmtree(final, ignore_errors=True)
@@ -295,8 +326,11 @@ class Snapshots:
         return out
 
     def recover(self, newer_than: int) -> Optional[str]:
-        """Collective at start: complete the newest snapshot the surviving nodes hold between them
-        (if newer than step `newer_than`) on every node; returns its path on this node, or None."""
+        """Collective at start: the newest snapshot the surviving nodes hold between them (if newer
+        than step `newer_than`), completed on every node and verified there by the node's leader
+        (sizes and CRC-32 of every file); returns its path on this node, or None. A snapshot that
+        cannot be completed or fails verification on any node is dropped with one warning and the
+        next older one is tried; the disk checkpoint (already loaded) is the last resort."""
         par = self.par
         inv = [None] * par.world
         leader = par.rank in self._node_leaders().values()
@@ -307,49 +341,65 @@ class Snapshots:
             dist.all_gather_object(inv, mine, group=self.group)
         else:
             inv = [mine]
-        steps = sorted({s for d in inv for s in d}, reverse=True)
-        chosen = None
-        for step in steps:
+        for step in self._complete_steps(inv, newer_than):
+            final = os.path.join(self.root, store.step_dirname(step))
+            why = self._complete(inv, step, final)
+            if why is None and leader:
+                try:
+                    store.verify(final, contents=True)
+                except CheckpointError as exc:
+                    why = first_line(exc)
+            why = self._agree(why)
+            if not why:
+                return final
+            if leader:          # never chosen again
+                shutil.rmtree(final, ignore_errors=True)
+            self.log(f"warning: the in-memory snapshot of step {step} could not be completed or verified on every "
+                     f"node ({why[:300]}): dropped; trying an older snapshot, else the disk checkpoint")
+        return None
+
+    @staticmethod
+    def _complete_steps(inv: list, newer_than: int) -> list[int]:
+        """Steps newer than `newer_than`, newest first, whose files the nodes hold between them
+        (every holder agreeing on the manifest's files and CRC-32s)."""
+        out = []
+        for step in sorted({s for d in inv for s in d}, reverse=True):
             if step <= newer_than:
                 break
             wants = [(d[step]["want"], d[step]["crc32"]) for d in inv if step in d]
             if any(w != wants[0] for w in wants):      # two different saves of one step: trust neither
                 continue
-            wants = [w for w, _ in wants]
-            have = {f for d in inv if step in d for f, size in d[step]["files"].items() if wants[0].get(f) == size}
+            want = wants[0][0]
+            have = {f for d in inv if step in d for f, size in d[step]["files"].items() if want.get(f) == size}
             # (every holder has the manifest: it is what made the step visible)
-            if set(wants[0]) <= have:
-                chosen = step
-                break
-        if chosen is None:
-            return None
-        want = dict(next(d[chosen]["want"] for d in inv if chosen in d))
-        holder0 = next(r for r in range(par.world) if chosen in inv[r])
-        want[store.MANIFEST] = inv[holder0][chosen]["files"][store.MANIFEST]      # the manifest travels too
+            if set(want) <= have:
+                out.append(step)
+        return out
+
+    def _complete(self, inv: list, step: int, final: str) -> Optional[str]:
+        """Collective: every file of snapshot `step` that a node lacks comes from the lowest rank
+        (a node leader) that holds it. Returns this rank's error or None."""
+        par = self.par
+        want = dict(next(d[step]["want"] for d in inv if step in d))
+        holder0 = next(r for r in range(par.world) if step in inv[r])
+        want[store.MANIFEST] = inv[holder0][step]["files"][store.MANIFEST]      # the manifest travels too
         leaders = self._node_leaders()
-        final = os.path.join(self.root, store.step_dirname(chosen))
         why = None
         if par.rank in leaders.values():
             try:
                 os.makedirs(final, exist_ok=True)
             except OSError as exc:
                 why = first_line(exc)
-        # every file a node lacks comes from the lowest rank (a node leader) that holds it
         for name, size in sorted(want.items()):
-            holder = next(r for r in range(par.world) if chosen in inv[r] and inv[r][chosen]["files"].get(name) == size)
+            holder = next(r for r in range(par.world) if step in inv[r] and inv[r][step]["files"].get(name) == size)
             for node, leader in leaders.items():
-                if chosen in inv[leader] and inv[leader][chosen]["files"].get(name) == size:
+                if step in inv[leader] and inv[leader][step]["files"].get(name) == size:
                     continue
                 if par.rank == holder:
                     why = self._send_file(os.path.join(final, name), size, leader) or why
                 elif par.rank == leader:
                     why = self._recv_file(os.path.join(final, name), size, holder) or why
-        why = self._agree(why)
-        if why:                 # the disk checkpoint (already loaded) stays the starting point
-            self.log(f"warning: the in-memory snapshot of step {chosen} could not be completed on every node "
-                     f"({why[:300]}): resuming from the disk checkpoint instead")
-            return None
-        return final
+        return why
 
 
 def run_identity(cfg) -> str:

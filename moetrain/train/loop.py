@@ -412,7 +412,7 @@ class Run:
             path = os.path.join(ckpt.root, step_dirname(step))
             msg = (f"preempted by {name} at step {step}: checkpoint {step_dirname(step)} saved in {ckpt.root}; "
                    "resume with checkpoint.resume=auto")
-        elif self.snapshots is not None:
+        elif self.snapshots is not None and self.snapshots.every > 0:
             # an elastic agent stops the workers with SIGTERM when a node joins: the state of this
             # step then lives on in host memory (and its peer replica) for the regrown group
             ckpt.wait()

@@ -1,7 +1,8 @@
 """In-memory snapshots with a peer replica (checkpoint.snapshot_every, checkpoint/snapshot.py): two
 ranks posing as two nodes (MOETRAIN_NODE a and b); each node's directory holds both ranks' files
-after a save; with node b's memory gone and the newest snapshot gone, a restart completes the older
-snapshot on both nodes from node a's copy and continues it exactly."""
+after a save; with node b's memory gone and node a's copy of the newest snapshot corrupted, a
+restart drops that one, completes the older snapshot on both nodes from node a's copy and continues
+it exactly."""
 from __future__ import annotations
 
 import json
@@ -11,6 +12,7 @@ import shutil
 import pytest
 
 import ckpt_helpers as H
+from moetrain.checkpoint import store
 from _dist import run_dist
 
 pytestmark = pytest.mark.slow
@@ -35,13 +37,19 @@ def test_snapshot_replicas_and_recovery(tmp_path):
     manifest = json.loads((nodes["a"] / "step_00000006" / "manifest.json").read_text())
     assert manifest["snapshot"] and manifest["step"] == 6 and manifest["world"] == 2 and manifest["run"]
     assert oct(os.stat(shm / f"uid{os.getuid()}").st_mode & 0o777) == "0o700"
-    # node b lost its memory; the newest snapshot is gone everywhere
+    # node b lost its memory; node a's copy of the newest snapshot has one flipped byte (same size:
+    # only the CRC-32 check after completing it finds it): dropped, the older one is resumed
     shutil.rmtree(nodes["b"])
-    shutil.rmtree(nodes["a"] / "step_00000008")
+    bad = nodes["a"] / "step_00000008" / "__1_0.distcp"
+    data = bytearray(bad.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    bad.write_bytes(bytes(data))
     second = run_dist(_train, 2, (str(tmp_path / "r2"), str(tmp_path / "ck"), str(shm), EXTRA))[0]
     assert sorted(second) == [7, 8]
     assert [second[s] for s in (7, 8)] == [first[s] for s in (7, 8)]
     assert (nodes["b"] / "step_00000006" / "__0_0.distcp").is_file()      # completed on node b again
+    for n in "ab":                    # step 8 saved again by the resumed run, intact
+        store.verify(str(nodes[n] / "step_00000008"), contents=True)
     # another run (other seed) with the same name and dirs does not take these snapshots: it starts
     # from step 0; a fresh start (resume=none) wipes them
     third = run_dist(_train, 2, (str(tmp_path / "r3"), str(tmp_path / "ck"), str(shm), EXTRA + ["train.seed=7"]))[0]
@@ -57,3 +65,51 @@ def test_unwritable_snapshot_dir_skips_snapshots_and_trains_on(tmp_path):
     (tmp_path / "afile").write_text("x")
     got = run_dist(_train, 2, (str(tmp_path / "r"), str(tmp_path / "ck"), str(tmp_path / "afile" / "shm"), EXTRA))[0]
     assert sorted(got) == list(range(1, 9))
+
+
+def _train_named(rank, world, log_dir, ckpt_dir, shm, names):
+    from moetrain.checkpoint import CheckpointError
+    os.environ["MOETRAIN_NODE"] = names[rank]
+    try:
+        H.train(rank, world, log_dir, ckpt_dir, EXTRA + [f"checkpoint.snapshot_dir={shm}"])
+    except CheckpointError as exc:
+        return str(exc)
+    return "trained"
+
+
+def test_unusable_node_name_is_one_error_on_every_rank(tmp_path):
+    """A node name that would leave snapshot_dir ($MOETRAIN_NODE '../x') is refused before any file
+    is written, with the same line on every rank (the name is one rank's environment)."""
+    got = run_dist(_train_named, 2, (str(tmp_path / "r"), str(tmp_path / "ck"), str(tmp_path / "shm"), ["a", "../x"]))
+    assert got[0] == got[1] and "rank 1's node name '../x'" in got[0] and "directory name" in got[0], got
+    assert not (tmp_path / "x").exists() and not (tmp_path / "shm" / "x").exists()
+
+
+def test_default_node_name_is_host_and_boot(monkeypatch):
+    from moetrain.checkpoint.lock import boot_id
+    from moetrain.checkpoint.snapshot import NODE_NAME, node_id
+    monkeypatch.delenv("MOETRAIN_NODE", raising=False)
+    name = node_id()
+    assert NODE_NAME.fullmatch(name)
+    if boot_id():
+        assert name.endswith("-" + boot_id()[:8])
+
+
+def _train_in(rank, world, log_dir, ckpt_dir, cwd):
+    os.environ["MOETRAIN_NODE"] = "n"
+    os.chdir(cwd[rank])
+    return H.train(rank, world, log_dir, ckpt_dir, EXTRA + ["checkpoint.snapshot_dir=shm"])
+
+
+def test_two_machines_with_one_node_name_skip_snapshots(tmp_path):
+    """Two "machines" (ranks whose relative snapshot_dir is a different directory) given one node
+    name: the second rank cannot see the snapshot its node leader committed; every snapshot is
+    skipped (none is kept that the ring never replicated) and training goes on."""
+    cwd = [tmp_path / "x", tmp_path / "y"]
+    for d in cwd:
+        d.mkdir()
+    got = run_dist(_train_in, 2, (str(tmp_path / "r"), str(tmp_path / "ck"), [str(d) for d in cwd]))[0]
+    assert sorted(got) == list(range(1, 9))
+    for d in cwd:
+        root = d / "shm" / f"uid{os.getuid()}" / "tiny" / "n"
+        assert not root.is_dir() or not [p for p in os.listdir(root) if p.startswith("step_")], os.listdir(root)
