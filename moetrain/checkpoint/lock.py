@@ -12,7 +12,7 @@ local file systems, NFSv3+, Lustre and GPFS:
   (link(2): one RPC, the server refuses an existing name; what open(2) recommends for NFS). A
   retransmitted LINK whose first reply was lost says EEXIST although it worked: the unique file's
   link count (2) tells. Without hard links: O_CREAT|O_EXCL. Readers see no lock or a whole one.
-- Heartbeat: a daemon thread of the owner touches the lock's mtime every heartbeat_s (30 s),
+- Heartbeat: a daemon thread of the owner touches the lock's mtime every heartbeat_s (5 s),
   after checking the token is still its own (else the loss is recorded; check() raises it).
   Ages are "mtime of a file we just created" minus "the lock's mtime", never the local clock: on
   NFS both are the server's stamps (utime(path, None) sets server time), so skew between hosts
@@ -23,8 +23,12 @@ Stale, taken over with a warning line: (1) the owner ran on this machine (same h
 and pid namespace) and its pid is gone, a zombie, or another process (start time differs): at
 once, e.g. a SIGKILLed or os._exit()ed run; (2) the owner is an earlier attempt of this job
 (same job, lower Slurm/torchelastic restart count: the launcher stopped it before restarting);
-(3) no heartbeat for stale_s (300 s; argument or MOETRAIN_CKPT_LOCK_STALE_S), the only evidence
-from another host. An owner visibly alive on this machine is live whatever its heartbeat.
+(3) an owner on another host from this same job (an elastic restart after the node of rank 0
+was lost: torchelastic stops one worker group before it starts the next, and the restart counts
+of agents that joined at different times do not compare): no heartbeat for 4 heartbeat periods
+(20 s); the new owner waits that long rather than refusing; (4) no heartbeat for stale_s (300 s;
+argument or MOETRAIN_CKPT_LOCK_STALE_S), the only evidence from another host. An owner visibly
+alive on this machine is live whatever its heartbeat.
 Garbage (not our JSON, e.g. empty) is refused while fresh, since an O_EXCL creator may be between
 create and write, and taken over once unchanged for stale_s: nobody heartbeats it.
 
@@ -76,7 +80,9 @@ class DirLock:
         self.root = root
         self.path = os.path.join(root, LOCK_NAME)
         self.stale_s = float(stale_s if stale_s is not None else os.environ.get(STALE_ENV) or DEFAULT_STALE_S)
-        self.heartbeat_s = float(heartbeat_s if heartbeat_s is not None else min(30.0, self.stale_s / 4))
+        self.heartbeat_s = float(heartbeat_s if heartbeat_s is not None else min(5.0, self.stale_s / 4))
+        # an owner elsewhere from this same job is stale after this long without heartbeat
+        self.same_job_stale_s = min(self.stale_s, 4 * self.heartbeat_s)
         self.token: Optional[str] = None
         self._state: dict = {}
         self._finalizer = None
@@ -106,16 +112,27 @@ class DirLock:
 
     def _take(self, token: str, tmp: str, now: float) -> Optional[str]:
         warning = None
-        for attempt in range(10):
+        # an owner from this job on another host: wait until it is live for sure (it heartbeats) or
+        # stale (a previous worker group on a lost node)
+        wait_until = time.monotonic() + self.same_job_stale_s + 2 * self.heartbeat_s
+        attempt = 0
+        while attempt < 10:
             if _link_or_excl(tmp, self.path):
                 self._start(token)
                 return warning
             seen = _read(self.path)
             if seen is None:
+                attempt += 1
                 continue                          # released meanwhile: try again
             reason = self._stale_reason(seen, now)
+            if reason is None and self._same_job_elsewhere(seen) and time.monotonic() < wait_until:
+                time.sleep(min(1.0, self.heartbeat_s))
+                os.utime(tmp, None)               # the file system's "now" again
+                now = os.stat(tmp).st_mtime
+                continue
             if reason is None:
                 raise CheckpointLockError(self._refusal(seen, now))
+            attempt += 1
             if self._break(seen, now):
                 held = f" held{_who(seen.info)}" if seen.info else ""
                 warning = f"taking over the lock {self.path}{held}: {reason}"
@@ -161,9 +178,18 @@ class DirLock:
         job, attempt = _job()
         if job and info.get("job") == job and _earlier(info.get("attempt"), attempt):
             return f"it is an earlier attempt of this job ({job})"
+        if self._same_job_elsewhere(seen) and age > self.same_job_stale_s:
+            return (f"it is an earlier worker group of this job ({job}) on another host, without heartbeat for "
+                    f"{age:.0f}s (a lost node)")
         if age > self.stale_s:
             return f"no heartbeat for {age:.0f}s (stale after {self.stale_s:.0f}s)"
         return None
+
+    @staticmethod
+    def _same_job_elsewhere(seen: _Seen) -> bool:
+        job = _job()[0]
+        return bool(job) and seen.info is not None and seen.info.get("job") == job \
+            and _local_verdict(seen.info) is None
 
     def _break(self, seen: _Seen, now: float) -> bool:
         """Remove the stale lock `seen` if we win the right to; True when we removed it."""
@@ -316,11 +342,19 @@ def _who(info: Optional[dict]) -> str:
             f"user {info.get('user')}, started {info.get('started')})")
 
 
-def _machine() -> tuple[str, str, str]:
+def boot_id() -> str:
+    """This machine's boot id ('' where there is no /proc): one value per machine and boot."""
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
-            boot = f.read().strip()
-        pidns = os.readlink("/proc/self/ns/pid")
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _machine() -> tuple[str, str, str]:
+    boot = boot_id()
+    try:
+        pidns = os.readlink("/proc/self/ns/pid") if boot else ""
     except OSError:
         boot = pidns = ""
     return socket.gethostname(), boot, pidns

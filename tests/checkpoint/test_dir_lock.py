@@ -264,9 +264,6 @@ def test_without_hard_links_o_excl_is_used(tmp_path, monkeypatch):
 def test_an_earlier_attempt_of_the_same_job_is_taken_over(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "abc")
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
-    _foreign(tmp_path, job="torchelastic abc", attempt=[0, 1])       # the same attempt: refused
-    with pytest.raises(CheckpointLockError, match="job torchelastic abc"):
-        DirLock(str(tmp_path)).acquire()
     _foreign(tmp_path, job="torchelastic abc", attempt=[0, 0])       # the attempt before: stopped
     lock = DirLock(str(tmp_path))
     assert "it is an earlier attempt of this job (torchelastic abc)" in lock.acquire()
@@ -292,3 +289,35 @@ def test_file_system_errors_are_one_line(tmp_path):
     with pytest.raises(CheckpointLockError, match=r"^cannot lock checkpoint.dir .*afile: FileExistsError") as exc:
         DirLock(str(tmp_path / "afile")).acquire()
     _one_line(exc)
+
+
+def test_this_jobs_owner_on_another_host_is_stale_once_it_stops_heartbeating(tmp_path, monkeypatch):
+    """An elastic restart after the node of rank 0 was lost: the lock's owner is this job (any
+    restart count: a rejoined agent counts from 0) on another host. It is waited for: taken over
+    after 4 heartbeat periods without heartbeat, refused while it heartbeats."""
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "abc")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    _foreign(tmp_path, job="torchelastic abc", attempt=[0, 3])       # fresh, then silent
+    lock = DirLock(str(tmp_path), heartbeat_s=0.1)
+    t0 = time.monotonic()
+    warning = lock.acquire()
+    assert 0.3 < time.monotonic() - t0 < 5
+    assert "an earlier worker group of this job (torchelastic abc) on another host" in warning
+    lock.release()
+    path = _foreign(tmp_path, job="torchelastic abc", attempt=[0, 3])
+    stop = threading.Event()
+
+    def beat():                       # the owner is alive elsewhere: its heartbeat goes on
+        while not stop.wait(0.05):
+            os.utime(path, None)
+    t = threading.Thread(target=beat, daemon=True)
+    t.start()
+    try:
+        with pytest.raises(CheckpointLockError, match="in use by another run"):
+            DirLock(str(tmp_path), heartbeat_s=0.1).acquire()
+    finally:
+        stop.set()
+        t.join()
+    _foreign(tmp_path, job="torchelastic other", attempt=[0, 3])     # another job: the 300 s rule
+    with pytest.raises(CheckpointLockError, match="in use by another run"):
+        DirLock(str(tmp_path), heartbeat_s=0.1).acquire()
