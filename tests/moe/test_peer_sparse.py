@@ -289,14 +289,17 @@ def _train(rank, world, log_dir, extra):
     return _losses(log_dir) if rank == 0 else None
 
 
-@pytest.mark.parametrize("extra", [["parallel.ep=2"], ["parallel.ep=1"], ["parallel.ep=2", "moe.peer.num_keys=32"],
-                                   ["parallel.ep=1", "moe.peer.num_keys=32"]],
-                         ids=["ep2", "dp2_edp2", "ep2_N1024", "dp2_edp2_N1024"])
-def test_sparse_layouts_equal_world1(tmp_path, extra):
+@pytest.mark.parametrize("world,extra", [(2, ["parallel.ep=2"]), (2, ["parallel.ep=1"]),
+                                         (2, ["parallel.ep=2", "moe.peer.num_keys=32"]),
+                                         (2, ["parallel.ep=1", "moe.peer.num_keys=32"]),
+                                         (4, ["parallel.ep=2", "moe.peer.num_keys=32"])],
+                         ids=["ep2", "dp2_edp2", "ep2_N1024", "dp2_edp2_N1024", "ep2_edp2_N1024"])
+def test_sparse_layouts_equal_world1(tmp_path, world, extra):
     """ep=2: each table shard gets its own rows; ep=1 at world 2: the sparse rows are summed over
-    edp=2 by the all-gather (SparseRowSum). N=64 scores all rows, N=1024 gathers (rows untouched)."""
+    edp=2 by the all-gather (SparseRowSum); world 4 with ep=2: both (each shard's rows summed over
+    its edp=2 pair). N=64 scores all rows, N=1024 gathers (rows untouched)."""
     want = _train(0, 1, str(tmp_path / "w1"), [e for e in extra if "num_keys" in e])
-    got = run_dist(_train, 2, (str(tmp_path / "w2"), extra))[0]
+    got = run_dist(_train, world, (str(tmp_path / "w2"), extra))[0]
     assert sorted(got) == sorted(want) == [1, 2, 3, 4]
     torch.testing.assert_close(torch.tensor([got[s] for s in sorted(got)]),
                                torch.tensor([want[s] for s in sorted(want)]), rtol=2e-5, atol=0)
