@@ -378,15 +378,8 @@ class Checkpointer:
         self.log(msg)
 
     def _manifest_fields(self, trainer) -> dict:
-        d = self.par.dims
-        return {"tokens_seen": trainer.state.tokens_seen, "world": self.par.world,
-                "layout": {"dp": d.dp, "tp": d.tp, "ep": d.ep},
-                "num_experts": self.cfg.moe.num_experts,
-                "expert_tensors": S.expert_tensor_names(trainer.model),
-                "buffers": S.buffer_names(trainer.model),
-                "async_save": self.async_save, "torch_version": torch.__version__,
-                **({"placement": trainer.placer.state()} if getattr(trainer, "placer", None) is not None else {}),
-                "config": to_dict(self.cfg)}
+        return {**S.manifest_fields(trainer, self.par), "num_experts": self.cfg.moe.num_experts,
+                "async_save": self.async_save, "torch_version": torch.__version__, "config": to_dict(self.cfg)}
 
     def _agree(self, error: Optional[str]) -> Optional[str]:
         """Every rank: the error of the lowest rank that has one, or None when none has."""

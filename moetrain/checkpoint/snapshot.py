@@ -173,19 +173,14 @@ class Snapshots:
         why = self._agree(why or replica_error)     # also: every replica written before a leader renames
         if why:
             return self._skip(step, why, tmp)
-        placement = trainer.placer.state() if getattr(trainer, "placer", None) is not None else None   # collective
+        fields = S.manifest_fields(trainer, par)        # collective (the placement)
         manifest = None
         if par.rank == 0:
             all_files = {k: v for d in every for k, v in d.items()}
-            d = trainer.par.dims
             manifest = dict(format=store.FORMAT, format_version=store.FORMAT_VERSION, step=step, created=time.time(),
-                            tokens_seen=trainer.state.tokens_seen, world=par.world,
-                            layout={"dp": d.dp, "tp": d.tp, "ep": d.ep}, snapshot=True, run=self.identity,
-                            expert_tensors=S.expert_tensor_names(trainer.model), buffers=S.buffer_names(trainer.model),
+                            snapshot=True, run=self.identity, **fields,
                             files={k: v[0] for k, v in sorted(all_files.items())},
                             crc32={k: v[1] for k, v in sorted(all_files.items())})
-            if placement is not None:
-                manifest["placement"] = placement
         box = [manifest, meta]
         if par.world > 1:
             dist.broadcast_object_list(box, src=0, group=self.group)

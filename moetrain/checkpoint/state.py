@@ -345,6 +345,18 @@ def save_entries(trainer, par) -> dict[str, torch.Tensor]:
     return flat
 
 
+def manifest_fields(trainer, par) -> dict:
+    """Collective (the expert placement's state): what a checkpoint's or a snapshot's manifest
+    records about the state it holds: tokens seen, the layout it was saved at, its expert tensors
+    and buffers, and the balanced placement when there is one."""
+    d = par.dims
+    out = {"tokens_seen": trainer.state.tokens_seen, "world": par.world, "layout": {"dp": d.dp, "tp": d.tp, "ep": d.ep},
+           "expert_tensors": expert_tensor_names(trainer.model), "buffers": buffer_names(trainer.model)}
+    if getattr(trainer, "placer", None) is not None:
+        out["placement"] = trainer.placer.state()
+    return out
+
+
 def train_entries(step: int, tokens_seen: int) -> dict[str, torch.Tensor]:
     return {STEP_KEY: torch.tensor(step, dtype=torch.int64), TOKENS_KEY: torch.tensor(tokens_seen, dtype=torch.int64)}
 
