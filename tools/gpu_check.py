@@ -15,6 +15,8 @@ Steps (each a subprocess with a time limit; a failed step does not stop the othe
   deepspeed    train.engine=deepspeed, ZeRO-1 (30 steps)
   checkpoint   20 steps saving at 10 and 20, then a second run resumed from step 10: its losses
                for steps 11-20 equal the first run's bit for bit (train.deterministic)
+  snapshot     ep 2 over cuda:gloo with in-memory snapshots every 2 steps, no disk checkpoints;
+               a second run recovers the snapshot before the last: its losses equal bit for bit
   layouts      2 and 4 ranks on the one GPU over cuda:gloo (ep=2, ep=4, tp=2 x ep=2, FSDP),
                fp32 + train.deterministic, dropless: each loss curve equals world 1's (rtol 1e-4)
   bench        tools/bench_moe.py --device cuda at the issue's sizes (k=2, E=8,32,128; k=8 at E=128)
@@ -204,6 +206,36 @@ def step_checkpoint(ctx: Ctx) -> dict:
     return {"steps": total, "resumed_from": every, "bitwise_equal": True}
 
 
+def step_snapshot(ctx: Ctx) -> dict:
+    """In-memory snapshots of CUDA state (DCP into host memory, files moved on the gloo side
+    group): ep 2 on the one GPU over cuda:gloo, a snapshot every 2 steps and no disk checkpoints;
+    the last snapshot removed, a second run with resume=auto recovers the one before and its last
+    two losses equal the first run's bit for bit."""
+    total = ctx.steps(8, 4)
+    shm = os.path.join(ctx.out, "shm")
+    common = ["train.deterministic=true", "moe.capacity_factor=null", "parallel.ep=2", "parallel.backend=gloo",
+              "checkpoint.every=0", "checkpoint.snapshot_every=2", f"checkpoint.snapshot_dir={shm}",
+              f"checkpoint.dir={os.path.join(ctx.out, 'ckpt', 'snapshot')}", "checkpoint.resume=auto"]
+    a = ctx.train("snap_full", common, total, nproc=2)
+    base = os.path.join(shm, f"uid{os.getuid()}")
+    nodes = os.listdir(os.path.join(base, "snap_full"))
+    if len(nodes) != 1:
+        raise CheckFailed(f"expected one node's snapshots under {base}/snap_full, found {nodes}")
+    mine = os.path.join(base, "snap_resumed", nodes[0])        # the second run's name, same node
+    shutil.copytree(os.path.join(base, "snap_full", nodes[0]), mine)
+    shutil.rmtree(os.path.join(mine, f"step_{total:08d}"))
+    b = ctx.train("snap_resumed", common, total, nproc=2, logged=2)
+    if "resumed from the in-memory snapshot" not in b["stdout"]:
+        raise CheckFailed("the second run did not resume from the in-memory snapshot")
+    if b["losses"] != a["losses"][-2:]:
+        raise CheckFailed(f"losses after the snapshot {b['losses']} differ from the uninterrupted run's "
+                          f"{a['losses'][-2:]}")
+    snaps = sorted(r["snapshot_ms"] for r in a["records"] if "snapshot_ms" in r)
+    return {"steps": total, "resumed_from": total - 2, "bitwise_equal": True,
+            "snapshot_ms_median": snaps[len(snaps) // 2] if snaps else None,
+            "snapshot_mb": max((r["snapshot_mb"] for r in a["records"] if "snapshot_mb" in r), default=None)}
+
+
 LAYOUTS = [("ep2", 2, ["parallel.ep=2"]), ("ep4", 4, ["parallel.ep=4"]),
            ("tp2_ep2", 4, ["parallel.tp=2", "parallel.ep=2"]), ("fsdp2", 2, ["parallel.fsdp=true"]),
            # moe.placement=balanced: replicas, re-placements (weights + moments moved) every 2 steps
@@ -278,7 +310,8 @@ def step_syncs(ctx: Ctx) -> dict:
 
 
 STEPS = {"env": step_env, "pytest_gpu": step_pytest_gpu, "impls": step_impls, "recipes": step_recipes,
-         "deepspeed": step_deepspeed, "checkpoint": step_checkpoint, "layouts": step_layouts, "bench": step_bench,
+         "deepspeed": step_deepspeed, "checkpoint": step_checkpoint, "snapshot": step_snapshot, "layouts": step_layouts,
+         "bench": step_bench,
          "syncs": step_syncs}
 
 

@@ -30,13 +30,14 @@ def test_dry_run_passes_every_step(tmp_path):
     failed = [(s["name"], s.get("error")) for s in summary["steps"] if not s["ok"]]
     assert proc.returncode == 0 and summary["ok"] and not failed, (failed, proc.stdout[-2000:])
     steps = {s["name"]: s for s in summary["steps"]}
-    assert list(steps) == ["env", "pytest_gpu", "impls", "recipes", "deepspeed", "checkpoint", "layouts", "bench",
-                           "syncs"]
+    assert list(steps) == ["env", "pytest_gpu", "impls", "recipes", "deepspeed", "checkpoint", "snapshot", "layouts",
+                           "bench", "syncs"]
     assert summary["dry_run"] and summary["machine"]["torch"]
     assert set(steps["impls"]["details"]) >= {"grouped", "bmm", "loop"}
     assert steps["impls"]["details"]["grouped"]["experts"].startswith("grouped")
     assert len(steps["recipes"]["details"]) >= 10
     assert steps["checkpoint"]["details"]["bitwise_equal"] is True
+    assert steps["snapshot"]["details"]["bitwise_equal"] is True and steps["snapshot"]["details"]["snapshot_mb"] > 0
     assert set(steps["layouts"]["details"]) == {"world1", "ep2", "ep4", "tp2_ep2", "fsdp2", "balanced_ep2"}
     assert {r["impl"] for r in steps["bench"]["details"]["records"] if r["system"] == "moetrain"} == \
         {"grouped", "bmm", "loop"}
