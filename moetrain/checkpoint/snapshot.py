@@ -42,6 +42,7 @@ from moetrain.checkpoint.lock import boot_id
 from moetrain.checkpoint.store import CheckpointError
 from moetrain.errors import first_line
 
+VERIFIED = ".verified"        # a recovering node leader's token: its ranks see the copy it checked
 KEEP = 2                     # snapshots kept per node (the newest may be incomplete on a lost peer)
 CHUNK = 64 * 2 ** 20         # files travel in pieces of this many bytes, through host memory
 
@@ -195,8 +196,7 @@ class Snapshots:
                     f.write(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
                 shutil.rmtree(final, ignore_errors=True)
                 os.replace(tmp, final)
-                for _, path in store.list_step_dirs(self.root)[KEEP:]:
-                    shutil.rmtree(path, ignore_errors=True)
+                self._prune(step)
             except OSError as exc:
                 why = first_line(exc)
         why = self._agree(why)
@@ -218,6 +218,16 @@ class Snapshots:
         self.last_bytes = sum(v[0] for v in files.values()) + sent
         return True
 
+    def _prune(self, step: int) -> None:
+        """Node leaders: keep the KEEP newest snapshots up to `step`; any newer one belongs to a
+        timeline this run left (a recovery that fell back past it) or to another config's run."""
+        kept = 0
+        for s, path in store.list_step_dirs(self.root):
+            if s > step or kept >= KEEP:
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                kept += 1
+
     def _agree(self, why: Optional[str]) -> Optional[str]:
         """Every rank: the first rank's error (or None), so all ranks take the same branch."""
         if self.par.world == 1:
@@ -227,8 +237,8 @@ class Snapshots:
         return next((w for w in every if w), None)
 
     def _skip(self, step: int, why: str, tmp: str) -> bool:
-        if self.par.rank in self._node_leaders().values():
-            shutil.rmtree(tmp, ignore_errors=True)
+        # every rank (a rank whose node name is shared with another machine wrote into its own memory)
+        shutil.rmtree(tmp, ignore_errors=True)
         self.log(f"warning: in-memory snapshot of step {step} skipped ({why[:300]}); training goes on")
         self.last_ms, self.last_bytes = 0.0, 0
         return False
@@ -342,16 +352,45 @@ class Snapshots:
             if why is None and leader:
                 try:
                     store.verify(final, contents=True)
-                except CheckpointError as exc:
+                except CheckpointError as exc:     # a corrupt copy: never chosen again
                     why = first_line(exc)
-            why = self._agree(why)
+                    shutil.rmtree(final, ignore_errors=True)
+            why = self._agree(why) or self._agree(self._same_copy(final))
             if not why:
+                if leader:      # newer snapshots belong to a timeline this run leaves now
+                    self._prune(step)
                 return final
-            if leader:          # never chosen again
-                shutil.rmtree(final, ignore_errors=True)
             self.log(f"warning: the in-memory snapshot of step {step} could not be completed or verified on every "
-                     f"node ({why[:300]}): dropped; trying an older snapshot, else the disk checkpoint")
+                     f"node ({why[:300]}): trying an older snapshot, else the disk checkpoint")
         return None
+
+    def _same_copy(self, final: str) -> Optional[str]:
+        """Collective: every rank sees the copy its node leader verified (a random token the
+        leader wrote into it), not a same-named directory on another machine. This rank's error."""
+        par = self.par
+        leader = self._node_leaders()[self.node]
+        token = os.urandom(8).hex() if par.rank == leader else None
+        why = None
+        if token is not None:
+            try:
+                with open(os.path.join(final, VERIFIED), "w") as f:
+                    f.write(token)
+            except OSError as exc:
+                why = first_line(exc)
+        tokens = [token] * par.world
+        if par.world > 1:
+            dist.all_gather_object(tokens, token, group=self.group)
+        if why is None and par.rank != leader:
+            try:
+                with open(os.path.join(final, VERIFIED)) as f:
+                    seen = f.read()
+            except OSError:
+                seen = None
+            if seen != tokens[leader]:
+                why = (f"rank {par.rank} does not see the snapshot its node's first rank verified under node name "
+                       f"{self.node!r}: two machines (or containers with private /dev/shm) share that name; set "
+                       "MOETRAIN_NODE to one distinct name per machine")
+        return why
 
     @staticmethod
     def _complete_steps(inv: list, newer_than: int) -> list[int]:

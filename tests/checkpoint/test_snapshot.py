@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -54,6 +55,11 @@ def test_snapshot_replicas_and_recovery(tmp_path):
     # from step 0; a fresh start (resume=none) wipes them
     third = run_dist(_train, 2, (str(tmp_path / "r3"), str(tmp_path / "ck"), str(shm), EXTRA + ["train.seed=7"]))[0]
     assert sorted(third) == list(range(1, 9))
+    for n in "ab":                    # its own snapshots replaced the other run's (newer-numbered) ones
+        assert sorted(os.listdir(nodes[n])) == ["step_00000006", "step_00000008"]
+        for step in (6, 8):
+            m = json.loads((nodes[n] / f"step_{step:08d}" / "manifest.json").read_text())
+            assert m["run"] != manifest["run"], (n, step)
     run_dist(_train, 2, (str(tmp_path / "r4"), str(tmp_path / "ck"), str(shm),
                          [e for e in EXTRA if e != "checkpoint.resume=auto"] + ["checkpoint.resume=none", "train.steps=1"]))
     assert not any((nodes[n] / "step_00000006").exists() for n in "ab")
@@ -113,3 +119,23 @@ def test_two_machines_with_one_node_name_skip_snapshots(tmp_path):
     for d in cwd:
         root = d / "shm" / f"uid{os.getuid()}" / "tiny" / "n"
         assert not root.is_dir() or not [p for p in os.listdir(root) if p.startswith("step_")], os.listdir(root)
+
+
+def _train_in_named(rank, world, log_dir, ckpt_dir, cwd, names):
+    os.environ["MOETRAIN_NODE"] = names[rank]
+    os.chdir(cwd[rank])
+    return H.train(rank, world, log_dir, ckpt_dir, EXTRA + ["checkpoint.snapshot_dir=shm"])
+
+
+def test_recovery_needs_every_rank_to_see_its_leaders_verified_copy(tmp_path):
+    """Snapshots made as nodes a and b in one directory; then rank 1 runs on "another machine"
+    (its relative snapshot_dir elsewhere, holding an identical copy) under node name a too: it
+    cannot see the token rank 0 wrote into the copy it verified, so no snapshot is resumed and
+    the run starts over instead of loading files nobody checked."""
+    x, y = tmp_path / "x", tmp_path / "y"
+    x.mkdir()
+    run_dist(_train_in_named, 2, (str(tmp_path / "r1"), str(tmp_path / "ck"), [str(x), str(x)], ["a", "b"]))
+    rel = Path("shm") / f"uid{os.getuid()}" / "tiny" / "a"
+    shutil.copytree(x / rel, y / rel)
+    got = run_dist(_train_in_named, 2, (str(tmp_path / "r2"), str(tmp_path / "ck"), [str(x), str(y)], ["a", "a"]))[0]
+    assert sorted(got) == list(range(1, 9))
