@@ -279,6 +279,7 @@ class Run:
     window_tokens: int = 0
     snapshots: Any = None               # checkpoint.snapshot_every > 0: checkpoint/snapshot.Snapshots
     snapshot_step: int = 0              # the step of the last snapshot taken or resumed from
+    snapshot_held: bool = False         # one exists: taken by this run or resumed from
 
     def __enter__(self) -> Run:
         return self
@@ -332,7 +333,7 @@ class Run:
         # snapshot taken before its step's record was written would resume past an unlogged step)
         snapshot = self.snapshots is not None and self.snapshots.due(step) and step > self.snapshot_step
         if snapshot:
-            self.snapshots.save(trainer)
+            self.snapshot_held = self.snapshots.save(trainer) or self.snapshot_held
             self.snapshot_step = step
         logged = (step + 1) % lg.every == 0 or step + 1 == t.steps or step == 0 or (
             trainer.placer is not None and trainer.placer.due(step + 1))     # a re-placement is always logged
@@ -417,11 +418,12 @@ class Run:
             # step then lives on in host memory (and its peer replica) for the regrown group
             ckpt.wait()
             if step > self.snapshot_step and self.snapshots.save(trainer):
-                self.snapshot_step = step
+                self.snapshot_step, self.snapshot_held = step, True
             path = None
-            msg = (f"preempted by {name} at step {step}: checkpointing is off (checkpoint.every=0); the in-memory "
-                   f"snapshot of step {self.snapshot_step} resumes it under checkpoint.resume=auto while this "
-                   "job's nodes keep their snapshot_dir")
+            msg = (f"preempted by {name} at step {step}: checkpointing is off (checkpoint.every=0); " + (
+                f"the in-memory snapshot of step {self.snapshot_step} resumes it under checkpoint.resume=auto while "
+                "this job's nodes keep their snapshot_dir" if self.snapshot_held else
+                "no in-memory snapshot could be taken, nothing was saved"))
         else:
             ckpt.wait()
             path = None
@@ -462,6 +464,7 @@ def build_run(cfg: Config, par: Parallel, data: TokenData, log=print, faults=Non
                 path = run.snapshots.recover(newer_than=trainer.state.step)
                 if path is not None:
                     ckpt.resume_snapshot(trainer, path)
+                    run.snapshot_held = True
             else:              # a fresh start or an explicit checkpoint: older snapshots are not this run's
                 run.snapshots.wipe()
             run.snapshot_step = trainer.state.step
