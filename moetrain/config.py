@@ -588,8 +588,8 @@ def _validate_outputs(cfg: Config) -> None:
     lg = cfg.logging
     need(bool(lg.dir.strip()), "logging.dir", lg.dir, "a non-empty directory path")
     need(lg.every >= 1, "logging.every", lg.every, "must be >= 1")
-    need(bool(lg.run_name) and "/" not in lg.run_name, "logging.run_name", lg.run_name,
-         "a non-empty name without '/'")
+    need(bool(lg.run_name) and "/" not in lg.run_name and lg.run_name not in (".", ".."), "logging.run_name",
+         lg.run_name, "a non-empty name without '/', not '.' or '..'")
 
 
 def _usable_dir(key: str, value: str, path: str) -> None:

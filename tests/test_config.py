@@ -366,3 +366,9 @@ def test_output_dirs_that_cannot_be_written_are_one_line(tmp_path):
         check_output_dirs(cfg)
     check_output_dirs(load_config(TINY, [f"logging.dir={tmp_path / 'new' / 'deeper'}"]))
     assert sorted(os.listdir(tmp_path)) == ["afile"]          # the probe leaves nothing behind
+
+
+@pytest.mark.parametrize("name", ["..", ".", "a/b"])
+def test_run_name_that_would_leave_its_directory_is_refused(name):
+    msg = config_error(TINY, [f"logging.run_name={name}"])
+    assert "logging.run_name" in msg and "not '.' or '..'" in msg
