@@ -16,7 +16,9 @@
 #                        visible GPUs, else 2]
 #   --nnodes N|MIN:MAX   nodes [NNODES; default 1]
 #   --rdzv-endpoint H:P  c10d rendezvous host:port, required when nnodes != 1 [RDZV_ENDPOINT]
-#   --rdzv-id ID         job id shared by all nodes [RDZV_ID; default $SLURM_JOB_ID or "moetrain"]
+#   --rdzv-id ID         job id shared by all nodes [RDZV_ID; default $SLURM_JOB_ID, else
+#                        moetrain-<endpoint>: two jobs with one id count as one job (checkpoint.dir
+#                        lock takeover rules), and two live jobs never share an endpoint]
 #   --max-restarts N     restart the worker group up to N times after a failure [MAX_RESTARTS;
 #                        default 0]; combine with checkpoint.resume=auto to continue, not redo
 #   --rdzv-conf K=V,...  c10d rendezvous options [RDZV_CONF; default torch's], e.g. for elastic
@@ -44,7 +46,7 @@ default_nproc() {
 nproc_per_node=${NPROC_PER_NODE:-}
 nnodes=${NNODES:-1}
 endpoint=${RDZV_ENDPOINT:-}
-rdzv_id=${RDZV_ID:-${SLURM_JOB_ID:-moetrain}}
+rdzv_id=${RDZV_ID:-${SLURM_JOB_ID:-}}
 max_restarts=${MAX_RESTARTS:-0}
 rdzv_conf=${RDZV_CONF:-}
 config=${CONFIG:-configs/tiny_cpu.yaml}
@@ -75,6 +77,7 @@ else
     echo "torchrun.sh: --nnodes $nnodes needs --rdzv-endpoint HOST:PORT (the same on every node)" >&2
     exit 2
   fi
+  rdzv_id=${rdzv_id:-moetrain-${endpoint//[^A-Za-z0-9]/-}}
   rdzv=(--rdzv-backend c10d --rdzv-endpoint "$endpoint" --rdzv-id "$rdzv_id")
   [ -n "$rdzv_conf" ] && rdzv+=(--rdzv-conf "$rdzv_conf")
 fi
