@@ -16,7 +16,8 @@ local file systems, NFSv3+, Lustre and GPFS:
   after checking the token is still its own (else the loss is recorded; check() raises it).
   Ages are "mtime of a file we just created" minus "the lock's mtime", never the local clock: on
   NFS both are the server's stamps (utime(path, None) sets server time), so skew between hosts
-  never enters; Lustre/GPFS clients stamp with their own NTP-synced clocks, far within stale_s.
+  never enters; Lustre/GPFS clients stamp with their own NTP-synced clocks, far within stale_s
+  (the same-job rule below, 20 s, assumes NTP keeps them within a few seconds).
   open()+fstat (close-to-open) revalidates NFS's attribute cache.
 
 Stale, taken over with a warning line: (1) the owner ran on this machine (same host name, boot id
@@ -212,7 +213,7 @@ class DirLock:
         return (f"checkpoint.dir {self.root} is in use by another run: {self.path} is held{_who(seen.info)}, "
                 f"last heartbeat {age:.0f}s ago; stop that run or choose another checkpoint.dir (a lock is "
                 f"taken over once its owner is gone: at once on its host, after {self.stale_s:.0f}s "
-                "without heartbeat elsewhere)").replace("\n", " ")
+                f"without heartbeat elsewhere, {self.same_job_stale_s:.0f}s for this same job)").replace("\n", " ")
 
 
 # ----------------------------------------------------------------------------- file operations

@@ -184,8 +184,9 @@ def _startup_failed(store, p: str, rank: int, world: int, timeout_s: float, wher
     arrived, absent = int(fields[1]), [a for a in (fields[2] if len(fields) > 2 else "").split(",") if a]
     missing = f"; missing: rank{'s' if len(absent) > 1 else ''} {_listed(absent)}" if absent else ""
     _leave(store, p, rank, arrived)
-    hint = ("; under torchrun's shared agent store, agents that joined at different times never meet here: run "
-            "the agents with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (launch/torchrun.sh does)"
+    hint = ("; if this is an elastic job whose agents joined at different times: under torchrun's shared agent "
+            "store they never meet here, run the agents with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+            "(launch/torchrun.sh does)"
             if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" else "")
     raise LaunchError(f"only {arrived} of {world} ranks arrived at the rendezvous{where} within {timeout_s:g} s "
                       f"({RENDEZVOUS_TIMEOUT_ENV}){missing}: are all ranks started? (a rank that failed "
