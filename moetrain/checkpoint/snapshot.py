@@ -17,10 +17,12 @@ by one holder, and resumed from like any checkpoint: verified (sizes, CRC-32s, r
 unpickler) and resharded onto the new layout by global expert id (checkpoint/state.py).
 
 Node identity: $MOETRAIN_NODE, else the host name and boot id (two torchrun agents on one host in
-the tests set MOETRAIN_NODE). A rank that cannot see the snapshot its node's leader committed (two
-machines given one MOETRAIN_NODE, containers with private /dev/shm given one name) turns snapshots
-off for the run, with one warning naming the node. Snapshots never replace disk checkpoints: a whole-job failure loses host
-memory, and checkpoint.every still writes to checkpoint.dir.
+the tests set MOETRAIN_NODE). Every rank must see a token its node's leader writes into the
+snapshot directory (two machines given one MOETRAIN_NODE, containers with private /dev/shm given
+one name do not): after the first save, else snapshots are off for the run with one warning
+naming the node; at recovery, else that snapshot is not resumed. Snapshots never replace disk
+checkpoints: a whole-job failure loses host memory, and checkpoint.every still writes to
+checkpoint.dir.
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ from moetrain.checkpoint.lock import boot_id
 from moetrain.checkpoint.store import CheckpointError
 from moetrain.errors import first_line
 
-VERIFIED = ".verified"        # a recovering node leader's token: its ranks see the copy it checked
+VERIFIED = ".seen-by-leader"  # a node leader's token: its ranks see the directory it wrote or checked
 KEEP = 2                     # snapshots kept per node (the newest may be incomplete on a lost peer)
 CHUNK = 64 * 2 ** 20         # files travel in pieces of this many bytes, through host memory
 
@@ -80,7 +82,7 @@ class Snapshots:
             self.group = dist.new_group(backend="gloo")
         self.last_ms = 0.0
         self.last_bytes = 0
-        self.shared_checked = False     # every rank saw its node leader's first committed snapshot
+        self.shared_checked = False     # every rank saw its node leader's token in a committed snapshot
 
     def _prepare_root(self) -> None:
         """Node leaders: this user's private directory; leftovers of interrupted saves removed."""
@@ -201,11 +203,7 @@ class Snapshots:
                 why = first_line(exc)
         why = self._agree(why)
         if not why and not self.shared_checked:     # once per run: does every rank see its node's copy?
-            if not os.path.isfile(os.path.join(final, store.MANIFEST)):
-                why = (f"rank {par.rank} cannot see the snapshot its node's first rank wrote under node name "
-                       f"{self.node!r}: two machines (or containers with private /dev/shm) share that name; set "
-                       "MOETRAIN_NODE to one distinct name per machine")
-            why = self._agree(why)
+            why = self._agree(self._same_copy(final))
             self.shared_checked = not why
             if why:                     # it would fail alike every time: snapshots off for this run
                 self.every = 0
@@ -365,8 +363,9 @@ class Snapshots:
         return None
 
     def _same_copy(self, final: str) -> Optional[str]:
-        """Collective: every rank sees the copy its node leader verified (a random token the
-        leader wrote into it), not a same-named directory on another machine. This rank's error."""
+        """Collective: every rank sees the snapshot directory its node leader wrote or verified (a
+        random token the leader writes into it), not a same-named directory on another machine
+        (two machines given one MOETRAIN_NODE, containers with private /dev/shm). This rank's error."""
         par = self.par
         leader = self._node_leaders()[self.node]
         token = os.urandom(8).hex() if par.rank == leader else None
@@ -387,7 +386,7 @@ class Snapshots:
             except OSError:
                 seen = None
             if seen != tokens[leader]:
-                why = (f"rank {par.rank} does not see the snapshot its node's first rank verified under node name "
+                why = (f"rank {par.rank} does not see the snapshot its node's first rank wrote under node name "
                        f"{self.node!r}: two machines (or containers with private /dev/shm) share that name; set "
                        "MOETRAIN_NODE to one distinct name per machine")
         return why
