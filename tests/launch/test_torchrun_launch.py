@@ -2,8 +2,6 @@
 torchrun agents, --nnodes 2, c10d rendezvous on 127.0.0.1), each a 3-step tiny EP run."""
 from __future__ import annotations
 
-import uuid
-
 import pytest
 from _launch import REPO, assert_trained, finish, free_port, launch_env, start, tail, tiny_overrides
 pytestmark = pytest.mark.slow     # python -m pytest -m 'not slow': the quick inner loop
@@ -11,9 +9,10 @@ pytestmark = pytest.mark.slow     # python -m pytest -m 'not slow': the quick in
 
 def test_two_node_torchrun_on_localhost(tmp_path):
     endpoint = f"127.0.0.1:{free_port()}"
-    rdzv_id = f"test-{uuid.uuid4().hex[:8]}"
+    # no --rdzv-id (the default: moetrain-<endpoint>) and --rdzv-conf: torchrun accepts both
     cmd = ["bash", str(REPO / "launch/torchrun.sh"), "--nnodes", "2", "--nproc-per-node", "1",
-           "--rdzv-endpoint", endpoint, "--rdzv-id", rdzv_id, "--max-restarts", "0",
+           "--rdzv-endpoint", endpoint, "--max-restarts", "0",
+           "--rdzv-conf", "keep_alive_interval=1,keep_alive_max_attempt=3",
            "--config", "configs/tiny_cpu.yaml", *tiny_overrides(tmp_path)]
     logs = [tmp_path / f"node{i}.log" for i in range(2)]
     procs = [start(cmd, log, launch_env()) for log in logs]
