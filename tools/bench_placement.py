@@ -204,6 +204,9 @@ def rank_main(rank: int, world: int, port: int, args) -> None:
                      f"{rec['pays_after_steps']} steps" if "move_ms" in rec else ""))
         for rec in out:
             print(json.dumps(rec))
+    # every rank tears down together: a gloo peer closing its pairs while another rank's group is
+    # being destroyed aborted that rank once in CI ("terminate called without an active exception")
+    dist.barrier()
     dist.destroy_process_group()
 
 
